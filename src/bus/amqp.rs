@@ -1,0 +1,402 @@
+//! The RabbitMQ bus: an exclusive queue per session, bound to its room's fanout
+//! exchange.
+//!
+//! Topology, with `<prefix>` from `--prefix`:
+//! - `<prefix>.room.<room>`: a fanout exchange, auto-deleted when its last queue
+//!   unbinds, so empty rooms leave nothing behind.
+//! - `<prefix>.user.<user>`: the session's queue; exclusive, so the broker refuses a
+//!   second holder of the user id anywhere in the cluster (`405 RESOURCE_LOCKED` →
+//!   `user_taken`). It is bounded (`x-max-length`, `x-overflow: drop-head`): a
+//!   client too slow to keep up loses its oldest messages instead of growing the
+//!   broker's memory.
+//!
+//! Each session gets its own channel. A channel-level error (user taken, an
+//! exchange deleted under our feet) closes only that channel, never another
+//! user's; publisher confirms and per-channel ordering make acks meaningful and
+//! keep each sender's messages in order.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use lapin::Acker;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Consumer, ExchangeKind, PublisherConfirm};
+use tracing::{debug, warn};
+
+use super::pool::{Pool, PooledConnection};
+use super::{BusError, Inbox, Lease, Publisher, Subscription};
+use crate::names::{RoomName, UserId};
+
+/// Deliveries the broker may push to a session before the session acknowledges
+/// them. Bounds what a slow socket can pile up in this process; the rest waits in
+/// the session's queue on the broker.
+pub const PREFETCH: u16 = 256;
+
+/// AMQP reply codes we act on.
+const NOT_FOUND: u16 = 404;
+const RESOURCE_LOCKED: u16 = 405;
+
+/// Retries of a declaration that met a queue still held by a previous session of
+/// the same user (it may be closing on another node), before `user_taken`.
+const TAKEN_RETRIES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+];
+
+#[derive(Clone)]
+pub struct AmqpBus {
+    pool: Pool,
+    prefix: Arc<str>,
+    queue_max_length: u32,
+}
+
+impl AmqpBus {
+    pub fn new(pool: Pool, prefix: &str, queue_max_length: u32) -> Self {
+        Self {
+            pool,
+            prefix: prefix.into(),
+            queue_max_length,
+        }
+    }
+
+    pub fn exchange_name(&self, room: &RoomName) -> String {
+        format!("{}.room.{room}", self.prefix)
+    }
+
+    pub fn queue_name(&self, user: &UserId) -> String {
+        format!("{}.user.{user}", self.prefix)
+    }
+
+    pub fn readiness(&self) -> Result<(), String> {
+        self.pool.readiness()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn subscribe(
+        &self,
+        room: &RoomName,
+        user: &UserId,
+    ) -> Result<Subscription, BusError> {
+        let exchange = self.exchange_name(room);
+        let queue = self.queue_name(user);
+        let conn = self.pool.pick().ok_or_else(|| {
+            BusError::Unavailable(self.pool.readiness().err().unwrap_or_default())
+        })?;
+        let mut taken_retries = TAKEN_RETRIES.iter();
+        let mut vanished_exchange_retries = 3;
+        loop {
+            let channel = conn.open_channel().await.map_err(unavailable)?;
+            match self.declare(&channel, &exchange, &queue).await {
+                Ok(consumer) => {
+                    debug!(%queue, %exchange, channel = channel.id(), "subscribed");
+                    return Ok(Subscription {
+                        publisher: Publisher::Amqp(AmqpPublisher {
+                            channel: channel.clone(),
+                            exchange: exchange.clone(),
+                        }),
+                        inbox: Inbox::Amqp(AmqpInbox {
+                            consumer,
+                            unsettled: None,
+                        }),
+                        lease: Lease::Amqp(AmqpLease {
+                            state: Some(LeaseState {
+                                conn: conn.clone(),
+                                channel,
+                                queue,
+                            }),
+                        }),
+                    });
+                }
+                Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => {
+                    // The broker closed this channel; the queue belongs to another
+                    // connection, i.e. another session of this user id.
+                    conn.channel_closed();
+                    match taken_retries.next() {
+                        Some(delay) => tokio::time::sleep(*delay).await,
+                        None => return Err(BusError::UserTaken),
+                    }
+                }
+                Err(e) if reply_code(&e) == Some(NOT_FOUND) && vanished_exchange_retries > 0 => {
+                    // The room's auto-delete exchange went away between our declare
+                    // and bind (its last member left). Our queue survives on this
+                    // connection; declare both again on a fresh channel.
+                    conn.channel_closed();
+                    vanished_exchange_retries -= 1;
+                }
+                Err(e) => {
+                    warn!(%queue, error = %e, "subscribe failed");
+                    release(LeaseState {
+                        conn: conn.clone(),
+                        channel,
+                        queue,
+                    })
+                    .await;
+                    return Err(unavailable(e));
+                }
+            }
+        }
+    }
+
+    pub async fn is_connected(&self, user: &UserId) -> Result<bool, BusError> {
+        let conn = self.pool.pick().ok_or_else(|| {
+            BusError::Unavailable(self.pool.readiness().err().unwrap_or_default())
+        })?;
+        let channel = conn.open_channel().await.map_err(unavailable)?;
+        let declared = channel
+            .queue_declare(
+                self.queue_name(user).into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        conn.channel_closed();
+        match declared {
+            Ok(_) => {
+                let _ = channel.close(200, "checked".into()).await;
+                Ok(true)
+            }
+            // A passive declare of a missing queue closes the channel with 404.
+            Err(e) if reply_code(&e) == Some(NOT_FOUND) => Ok(false),
+            // Another connection's exclusive queue: someone holds the id.
+            Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => Ok(true),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn declare(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        queue: &str,
+    ) -> lapin::Result<Consumer> {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions { global: false })
+            .await?;
+        channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(self.queue_max_length.into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("drop-head".into()),
+        );
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .basic_consume(
+                queue.into(),
+                queue.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+}
+
+fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
+
+fn unavailable(e: lapin::Error) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+pub struct AmqpPublisher {
+    channel: Channel,
+    exchange: String,
+}
+
+impl AmqpPublisher {
+    pub async fn publish(&self, payload: Bytes) -> Result<AmqpConfirm, BusError> {
+        self.channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default(),
+            )
+            .await
+            .map(AmqpConfirm)
+            .map_err(unavailable)
+    }
+}
+
+/// Resolves when the broker confirms (or refuses) one publish.
+pub struct AmqpConfirm(PublisherConfirm);
+
+impl Future for AmqpConfirm {
+    type Output = Result<(), BusError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|confirmation| match confirmation {
+                Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => Ok(()),
+                Ok(Confirmation::Nack(_)) => Err(BusError::Unavailable(
+                    "the broker refused the message".into(),
+                )),
+                Err(e) => Err(unavailable(e)),
+            })
+    }
+}
+
+pub struct AmqpInbox {
+    consumer: Consumer,
+    /// The newest delivery not yet acknowledged; acking it with `multiple` settles
+    /// everything before it too, one ack per batch instead of per message.
+    unsettled: Option<Acker>,
+}
+
+impl AmqpInbox {
+    pub async fn recv(&mut self) -> Result<String, BusError> {
+        let next = self.consumer.next().await;
+        self.take(next)
+    }
+
+    pub fn try_recv(&mut self) -> Option<Result<String, BusError>> {
+        let next = self.consumer.next().now_or_never()?;
+        Some(self.take(next))
+    }
+
+    fn take(
+        &mut self,
+        next: Option<lapin::Result<lapin::message::Delivery>>,
+    ) -> Result<String, BusError> {
+        match next {
+            Some(Ok(delivery)) => {
+                self.unsettled = Some(delivery.acker);
+                // Only Warren publishes to these exchanges, and only serde_json
+                // output; a foreign non-UTF-8 message is replaced, not trusted.
+                Ok(String::from_utf8(delivery.data)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+            }
+            Some(Err(e)) => Err(unavailable(e)),
+            None => Err(BusError::Unavailable(
+                "the broker cancelled the subscription".into(),
+            )),
+        }
+    }
+
+    pub async fn settle(&mut self) {
+        if let Some(acker) = self.unsettled.take()
+            && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
+        {
+            debug!(error = %e, "ack failed; the channel is gone");
+        }
+    }
+}
+
+struct LeaseState {
+    conn: Arc<PooledConnection>,
+    channel: Channel,
+    queue: String,
+}
+
+pub struct AmqpLease {
+    state: Option<LeaseState>,
+}
+
+impl AmqpLease {
+    pub async fn release(mut self) {
+        if let Some(state) = self.state.take() {
+            release(state).await;
+        }
+    }
+}
+
+impl Drop for AmqpLease {
+    fn drop(&mut self) {
+        // A session that panicked still must not leak its queue.
+        if let Some(state) = self.state.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(release(state));
+        }
+    }
+}
+
+/// Delete the queue and close the channel. If the session's channel is already
+/// dead but its connection lives, the exclusive queue lives too: delete it through
+/// a fresh channel. If the connection is dead, the broker has deleted the queue.
+async fn release(state: LeaseState) {
+    let LeaseState {
+        conn,
+        channel,
+        queue,
+    } = state;
+    let deleted = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    if deleted.is_ok() {
+        let _ = channel.close(200, "session ended".into()).await;
+    } else if conn.is_connected() {
+        match conn.connection.create_channel().await {
+            Ok(fresh) => {
+                if let Err(e) = fresh
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                {
+                    warn!(%queue, error = %e, "could not delete the session queue");
+                }
+                let _ = fresh.close(200, "session ended".into()).await;
+            }
+            Err(e) => warn!(%queue, error = %e, "could not delete the session queue"),
+        }
+    }
+    conn.channel_closed();
+    debug!(%queue, "released");
+}

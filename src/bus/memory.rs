@@ -1,0 +1,213 @@
+//! The embedded in-process bus: one node, no broker, the same semantics.
+//!
+//! A room is a `tokio::sync::broadcast` channel of serialised frames; a user id is
+//! an entry in a set, refused while taken just as RabbitMQ refuses a second
+//! declaration of an exclusive queue. Frames are shared (`Bytes`), never copied
+//! or re-serialised per room member until the socket needs its own `String`.
+//!
+//! Slow receivers: each room keeps the last [`ROOM_BUFFER`] frames. A receiver
+//! that falls further behind loses the oldest frames it has not read (like the
+//! RabbitMQ queues' `x-overflow: drop-head`), and the loss is logged.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::broadcast;
+use tracing::warn;
+
+use super::{BusError, Inbox, Lease, Publisher, Subscription};
+use crate::names::{RoomName, UserId};
+
+/// Frames a room holds for its slowest reader. A broadcast channel allocates its
+/// whole ring up front, so this is per room, not per member.
+pub const ROOM_BUFFER: usize = 1024;
+
+#[derive(Clone, Default)]
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Live rooms. A std Mutex: it is never held across an await.
+    rooms: Mutex<HashMap<RoomName, broadcast::Sender<Bytes>>>,
+    /// User ids with a live subscription: the embedded twin of exclusive queues.
+    users: Mutex<HashSet<UserId>>,
+}
+
+impl MemoryBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn subscribe(&self, room: &RoomName, user: &UserId) -> Result<Subscription, BusError> {
+        if !self.inner.users.lock().unwrap().insert(user.clone()) {
+            return Err(BusError::UserTaken);
+        }
+        let (sender, receiver) = {
+            let mut rooms = self.inner.rooms.lock().unwrap();
+            let sender = rooms
+                .entry(room.clone())
+                .or_insert_with(|| broadcast::channel(ROOM_BUFFER).0)
+                .clone();
+            let receiver = sender.subscribe();
+            (sender, receiver)
+        };
+        Ok(Subscription {
+            publisher: Publisher::Memory(MemoryPublisher { sender }),
+            inbox: Inbox::Memory(MemoryInbox { receiver }),
+            lease: Lease::Memory(MemoryLease {
+                bus: self.clone(),
+                room: room.clone(),
+                user: Some(user.clone()),
+            }),
+        })
+    }
+
+    pub fn is_connected(&self, user: &UserId) -> bool {
+        self.inner.users.lock().unwrap().contains(user)
+    }
+
+    /// Rooms with at least one member; for tests and diagnostics.
+    pub fn room_count(&self) -> usize {
+        self.inner.rooms.lock().unwrap().len()
+    }
+
+    /// Users with a live subscription; for tests and diagnostics.
+    pub fn user_count(&self) -> usize {
+        self.inner.users.lock().unwrap().len()
+    }
+}
+
+pub struct MemoryPublisher {
+    sender: broadcast::Sender<Bytes>,
+}
+
+impl MemoryPublisher {
+    pub fn publish(&self, payload: Bytes) -> Result<(), BusError> {
+        // An error only means nobody is subscribed, which cannot happen while the
+        // publisher's own session holds a receiver; either way nothing is lost.
+        let _ = self.sender.send(payload);
+        Ok(())
+    }
+}
+
+pub struct MemoryInbox {
+    receiver: broadcast::Receiver<Bytes>,
+}
+
+impl MemoryInbox {
+    pub async fn recv(&mut self) -> Result<String, BusError> {
+        loop {
+            match self.receiver.recv().await {
+                Ok(frame) => return Ok(to_text(frame)),
+                Err(broadcast::error::RecvError::Lagged(lost)) => {
+                    warn!(lost, "slow receiver dropped the oldest frames");
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(BusError::Unavailable("room closed".into()));
+                }
+            }
+        }
+    }
+
+    pub fn try_recv(&mut self) -> Option<Result<String, BusError>> {
+        loop {
+            match self.receiver.try_recv() {
+                Ok(frame) => return Some(Ok(to_text(frame))),
+                Err(broadcast::error::TryRecvError::Empty) => return None,
+                Err(broadcast::error::TryRecvError::Lagged(lost)) => {
+                    warn!(lost, "slow receiver dropped the oldest frames");
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    return Some(Err(BusError::Unavailable("room closed".into())));
+                }
+            }
+        }
+    }
+}
+
+fn to_text(frame: Bytes) -> String {
+    // Only the server publishes, and it publishes serde_json output: always UTF-8.
+    String::from_utf8_lossy(&frame).into_owned()
+}
+
+pub struct MemoryLease {
+    bus: MemoryBus,
+    room: RoomName,
+    user: Option<UserId>,
+}
+
+impl MemoryLease {
+    pub fn release(mut self) {
+        self.free();
+    }
+
+    fn free(&mut self) {
+        let Some(user) = self.user.take() else { return };
+        self.bus.inner.users.lock().unwrap().remove(&user);
+        let mut rooms = self.bus.inner.rooms.lock().unwrap();
+        if rooms
+            .get(&self.room)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            rooms.remove(&self.room);
+        }
+    }
+}
+
+impl Drop for MemoryLease {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(room: &str, user: &str) -> (RoomName, UserId) {
+        (RoomName::parse(room).unwrap(), UserId::parse(user).unwrap())
+    }
+
+    #[tokio::test]
+    async fn fans_out_in_order_and_isolates_rooms() {
+        let bus = MemoryBus::new();
+        let (lobby, alice) = names("lobby", "alice");
+        let (_, bob) = names("lobby", "bob");
+        let (other, carol) = names("other", "carol");
+        let a = bus.subscribe(&lobby, &alice).unwrap();
+        let mut b = bus.subscribe(&lobby, &bob).unwrap();
+        let mut c = bus.subscribe(&other, &carol).unwrap();
+        for i in 0..3 {
+            a.publisher
+                .publish(Bytes::from(format!("{i}")))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        for i in 0..3 {
+            assert_eq!(b.inbox.recv().await.unwrap(), format!("{i}"));
+        }
+        assert!(c.inbox.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_user_id_is_exclusive_until_released() {
+        let bus = MemoryBus::new();
+        let (lobby, alice) = names("lobby", "alice");
+        let first = bus.subscribe(&lobby, &alice).unwrap();
+        assert_eq!(
+            bus.subscribe(&lobby, &alice).err(),
+            Some(BusError::UserTaken)
+        );
+        let Subscription { inbox, lease, .. } = first;
+        drop(inbox);
+        lease.release().await;
+        assert_eq!(bus.room_count(), 0);
+        assert_eq!(bus.user_count(), 0);
+        assert!(bus.subscribe(&lobby, &alice).is_ok());
+    }
+}

@@ -1,0 +1,190 @@
+//! The bus: how a session reaches every other session in its room.
+//!
+//! One abstraction, two homes:
+//! - [`amqp`]: RabbitMQ. Every session gets its own exclusive queue
+//!   (`<prefix>.user.<user>`) bound to its room's fanout exchange
+//!   (`<prefix>.room.<room>`), on a channel of its own multiplexed over a small
+//!   pool of AMQP connections ([`pool`]).
+//! - [`memory`]: the embedded in-process bus, one node, the same semantics.
+//!
+//! A session only sees [`Subscription`]: a [`Publisher`] to send into the room, an
+//! [`Inbox`] of delivered frames (already-serialised JSON, forwarded as is), and a
+//! [`Lease`] whose release deletes the session's queue. The session code does not
+//! know which bus it talks to.
+
+pub mod amqp;
+pub mod memory;
+pub mod pool;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use thiserror::Error;
+
+use crate::names::{RoomName, UserId};
+
+/// What can go wrong on the bus, as the session needs to tell it apart.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum BusError {
+    /// Another session (on this node or any other) holds this user id.
+    #[error("user id is already connected")]
+    UserTaken,
+    /// The broker is unreachable or refused the operation; retry later.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The bus a node runs on. Cheap to clone.
+#[derive(Clone)]
+pub enum Bus {
+    Memory(memory::MemoryBus),
+    Amqp(amqp::AmqpBus),
+}
+
+impl Bus {
+    /// Subscribe `user` to `room`. When this returns, anything published to the
+    /// room afterwards reaches the returned inbox.
+    pub async fn subscribe(
+        &self,
+        room: &RoomName,
+        user: &UserId,
+    ) -> Result<Subscription, BusError> {
+        match self {
+            Bus::Memory(bus) => bus.subscribe(room, user),
+            Bus::Amqp(bus) => bus.subscribe(room, user).await,
+        }
+    }
+
+    /// Whether `user` holds a subscription anywhere the bus reaches (a passive
+    /// declare of its queue on RabbitMQ). Lets a plain GET tell why an upgrade
+    /// would be refused, for browsers that cannot read a refused upgrade's status.
+    pub async fn is_connected(&self, user: &UserId) -> Result<bool, BusError> {
+        match self {
+            Bus::Memory(bus) => Ok(bus.is_connected(user)),
+            Bus::Amqp(bus) => bus.is_connected(user).await,
+        }
+    }
+
+    /// `Ok` when new sessions can subscribe and publish, else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        match self {
+            Bus::Memory(_) => Ok(()),
+            Bus::Amqp(bus) => bus.readiness(),
+        }
+    }
+
+    /// Which bus this is, for logs and `/readyz`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Bus::Memory(_) => "memory",
+            Bus::Amqp(_) => "amqp",
+        }
+    }
+
+    /// Close broker connections. Call after every session has released its lease.
+    pub async fn close(&self) {
+        match self {
+            Bus::Memory(_) => {}
+            Bus::Amqp(bus) => bus.close().await,
+        }
+    }
+}
+
+/// One session's place on the bus.
+pub struct Subscription {
+    pub publisher: Publisher,
+    pub inbox: Inbox,
+    pub lease: Lease,
+}
+
+/// Sends already-serialised frames into the session's room.
+pub enum Publisher {
+    Memory(memory::MemoryPublisher),
+    Amqp(amqp::AmqpPublisher),
+}
+
+impl Publisher {
+    /// Publish `payload` to the room. Frames published through one publisher reach
+    /// every receiver in the order they were published. The returned [`Confirm`]
+    /// resolves when the bus has taken responsibility for the frame.
+    pub async fn publish(&self, payload: Bytes) -> Result<Confirm, BusError> {
+        match self {
+            Publisher::Memory(p) => Ok(Confirm::Done(Some(p.publish(payload)))),
+            Publisher::Amqp(p) => p.publish(payload).await.map(Confirm::Amqp),
+        }
+    }
+}
+
+/// The bus's answer to one publish.
+pub enum Confirm {
+    Done(Option<Result<(), BusError>>),
+    Amqp(amqp::AmqpConfirm),
+}
+
+impl Future for Confirm {
+    type Output = Result<(), BusError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Confirm::Done(result) => Poll::Ready(
+                result
+                    .take()
+                    .unwrap_or_else(|| Err(BusError::Unavailable("confirm polled twice".into()))),
+            ),
+            Confirm::Amqp(confirm) => Pin::new(confirm).poll(cx),
+        }
+    }
+}
+
+/// Frames delivered to this session, in order, as JSON text.
+pub enum Inbox {
+    Memory(memory::MemoryInbox),
+    Amqp(amqp::AmqpInbox),
+}
+
+impl Inbox {
+    /// The next delivered frame. An error means the session can no longer receive
+    /// (the broker went away) and should end.
+    pub async fn recv(&mut self) -> Result<String, BusError> {
+        match self {
+            Inbox::Memory(i) => i.recv().await,
+            Inbox::Amqp(i) => i.recv().await,
+        }
+    }
+
+    /// A frame that is ready now, without waiting; lets the session batch writes.
+    pub fn try_recv(&mut self) -> Option<Result<String, BusError>> {
+        match self {
+            Inbox::Memory(i) => i.try_recv(),
+            Inbox::Amqp(i) => i.try_recv(),
+        }
+    }
+
+    /// Tell the bus every frame received so far has been handed to the socket, so
+    /// it may send more (the AMQP prefetch window).
+    pub async fn settle(&mut self) {
+        match self {
+            Inbox::Memory(_) => {}
+            Inbox::Amqp(i) => i.settle().await,
+        }
+    }
+}
+
+/// The session's hold on its queue and its user id on the bus.
+pub enum Lease {
+    Memory(memory::MemoryLease),
+    Amqp(amqp::AmqpLease),
+}
+
+impl Lease {
+    /// Delete the session's queue and free its user id. Every session calls this
+    /// when it ends; dropping a lease unreleased spawns the same cleanup.
+    pub async fn release(self) {
+        match self {
+            Lease::Memory(l) => l.release(),
+            Lease::Amqp(l) => l.release().await,
+        }
+    }
+}

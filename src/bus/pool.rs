@@ -1,0 +1,267 @@
+//! A small pool of AMQP connections that session channels are multiplexed over.
+//!
+//! Opening an AMQP connection per WebSocket would cost the broker a process tree
+//! and a TCP socket per user; instead a node keeps a few connections
+//! (`--amqp-connections`) and gives each session its own *channel* on the least
+//! loaded one. RabbitMQ allows 2,047 channels per connection; we stop at
+//! [`MAX_CHANNELS_PER_CONNECTION`].
+//!
+//! Each slot has a supervisor task that connects, watches the connection, and on
+//! loss reconnects with exponential backoff and jitter, trying the configured
+//! URLs in order. Sessions whose channels died with the connection learn it from
+//! their own consumer and close with 1013; new sessions land on the new connection.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::{Channel, Connection, ConnectionProperties};
+use rand::Rng;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Channels a pooled connection carries at most (RabbitMQ's default limit is 2,047).
+pub const MAX_CHANNELS_PER_CONNECTION: usize = 2000;
+
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// How long to wait before reconnect attempt `attempt` (0-based): exponential,
+/// capped, with "equal jitter" (half fixed, half random) so that many nodes
+/// losing one broker do not come back in lockstep.
+pub fn backoff(attempt: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16));
+    let ceiling = exp.min(BACKOFF_CAP);
+    let half = ceiling / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+/// One live AMQP connection and how many session channels ride on it.
+pub struct PooledConnection {
+    pub connection: Connection,
+    /// Session channels open on this connection; picks the least loaded one.
+    channels: AtomicUsize,
+}
+
+impl PooledConnection {
+    /// Open a channel and count it. Pair with [`PooledConnection::channel_closed`].
+    pub async fn open_channel(&self) -> lapin::Result<Channel> {
+        self.channels.fetch_add(1, Ordering::Relaxed);
+        match self.connection.create_channel().await {
+            Ok(channel) => Ok(channel),
+            Err(e) => {
+                self.channel_closed();
+                Err(e)
+            }
+        }
+    }
+
+    pub fn channel_closed(&self) {
+        self.channels.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    fn load(&self) -> usize {
+        self.channels.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    /// The current connection of each slot, `None` while (re)connecting. A std
+    /// RwLock: held only to clone or swap an `Arc`.
+    slots: Vec<RwLock<Option<Arc<PooledConnection>>>>,
+    urls: Vec<String>,
+    name: String,
+    /// Why the broker is unusable, for `/readyz`, when no slot is connected.
+    last_error: Mutex<String>,
+    stop: CancellationToken,
+    supervisors: TaskTracker,
+}
+
+impl Pool {
+    /// Start `size` supervised connections to the first reachable of `urls` and wait
+    /// for each one's first attempt, so readiness is known when this returns. A
+    /// broker that is down is not an error here: the supervisors keep trying.
+    pub async fn start(urls: Vec<String>, size: usize, name: &str) -> Self {
+        let inner = Arc::new(PoolInner {
+            slots: (0..size.max(1)).map(|_| RwLock::new(None)).collect(),
+            urls,
+            name: name.to_owned(),
+            last_error: Mutex::new("connecting to the broker".into()),
+            stop: CancellationToken::new(),
+            supervisors: TaskTracker::new(),
+        });
+        let mut first_attempts = Vec::new();
+        for slot in 0..inner.slots.len() {
+            let (tx, rx) = oneshot::channel();
+            first_attempts.push(rx);
+            inner.supervisors.spawn(supervise(inner.clone(), slot, tx));
+        }
+        for rx in first_attempts {
+            let _ = rx.await;
+        }
+        Pool { inner }
+    }
+
+    /// The connected connection with the fewest channels, if any has room.
+    pub fn pick(&self) -> Option<Arc<PooledConnection>> {
+        self.inner
+            .slots
+            .iter()
+            .filter_map(|slot| slot.read().unwrap().clone())
+            .filter(|c| c.is_connected() && c.load() < MAX_CHANNELS_PER_CONNECTION)
+            .min_by_key(|c| c.load())
+    }
+
+    pub fn readiness(&self) -> Result<(), String> {
+        let connected = self.inner.slots.iter().any(|slot| {
+            slot.read()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|c| c.is_connected())
+        });
+        if connected {
+            Ok(())
+        } else {
+            Err(self.inner.last_error.lock().unwrap().clone())
+        }
+    }
+
+    /// Stop reconnecting and close every connection.
+    pub async fn close(&self) {
+        self.inner.stop.cancel();
+        self.inner.supervisors.close();
+        self.inner.supervisors.wait().await;
+    }
+}
+
+async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Sender<()>) {
+    let mut first_attempt = Some(first_attempt);
+    let mut attempt: u32 = 0;
+    loop {
+        let connected = tokio::select! {
+            _ = pool.stop.cancelled() => return,
+            connected = connect_any(&pool, slot) => connected,
+        };
+        match connected {
+            Ok(conn) => {
+                attempt = 0;
+                let conn = Arc::new(PooledConnection {
+                    connection: conn,
+                    channels: AtomicUsize::new(0),
+                });
+                let mut events = conn.connection.events_listener();
+                *pool.slots[slot].write().unwrap() = Some(conn.clone());
+                if let Some(tx) = first_attempt.take() {
+                    let _ = tx.send(());
+                }
+                // The events stream reports connection errors; the status check
+                // catches a connection that died without an event.
+                let mut check = tokio::time::interval(Duration::from_secs(1));
+                let reason = loop {
+                    tokio::select! {
+                        _ = pool.stop.cancelled() => {
+                            pool.slots[slot].write().unwrap().take();
+                            let _ = conn.connection.close(200, "node shutting down".into()).await;
+                            return;
+                        }
+                        event = events.next() => match event {
+                            Some(lapin::Event::Error(e)) => break e.to_string(),
+                            Some(_) => {}
+                            None => break "connection events ended".to_string(),
+                        },
+                        _ = check.tick() => {
+                            if !conn.is_connected() {
+                                break "connection closed".to_string();
+                            }
+                        }
+                    }
+                };
+                pool.slots[slot].write().unwrap().take();
+                warn!(slot, %reason, "lost the broker connection; reconnecting");
+                *pool.last_error.lock().unwrap() = format!("broker connection lost: {reason}");
+            }
+            Err(reason) => {
+                warn!(slot, %reason, attempt, "cannot reach the broker");
+                *pool.last_error.lock().unwrap() = format!("broker unreachable: {reason}");
+                if let Some(tx) = first_attempt.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        let delay = backoff(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = pool.stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Connect to the first of the pool's URLs that answers.
+async fn connect_any(pool: &PoolInner, slot: usize) -> Result<Connection, String> {
+    let mut last = String::from("no broker URL configured");
+    for url in &pool.urls {
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("{} #{slot}", pool.name).into());
+        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
+            Ok(Ok(conn)) => {
+                info!(slot, url = %redact(url), "connected to the broker");
+                return Ok(conn);
+            }
+            Ok(Err(e)) => last = format!("{}: {e}", redact(url)),
+            Err(_) => last = format!("{}: connect timed out", redact(url)),
+        }
+    }
+    Err(last)
+}
+
+/// The URL without its password, for logs and `/readyz`.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        for attempt in 0..30 {
+            let ceiling = BACKOFF_BASE
+                .saturating_mul(1 << attempt.min(16))
+                .min(BACKOFF_CAP);
+            let d = backoff(attempt);
+            assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
+        }
+        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(5)).collect();
+        assert!(samples.len() > 1, "backoff must be jittered");
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+}

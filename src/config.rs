@@ -1,0 +1,111 @@
+//! Command-line and environment configuration.
+//!
+//! Every flag has an environment variable so containers can be configured without
+//! a wrapper script; `warren --help` is the reference.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Warren: a WebSocket chat server whose nodes scale out through RabbitMQ.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "warren", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on for HTTP and WebSocket connections.
+    #[arg(long, env = "WARREN_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Unset: the embedded
+    /// in-process bus (one node, no broker).
+    #[arg(long, env = "AMQP_URL")]
+    pub amqp_url: Option<String>,
+
+    /// Prefix of every exchange and queue name, so tenants and tests can share a broker.
+    #[arg(long, env = "WARREN_PREFIX", default_value = "warren")]
+    pub prefix: String,
+
+    /// This node's id, shown to clients in `welcome`. Default: random.
+    #[arg(long, env = "WARREN_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Directory the chat page and its assets are served from.
+    #[arg(long, env = "WARREN_STATIC_DIR", default_value = "static")]
+    pub static_dir: PathBuf,
+
+    /// Largest `text` of a chat message, in UTF-8 bytes.
+    #[arg(long, env = "WARREN_MAX_TEXT_BYTES", default_value_t = 4096)]
+    pub max_text_bytes: usize,
+
+    /// Largest WebSocket message a client may send; larger ones close the socket with 1009.
+    #[arg(long, env = "WARREN_MAX_FRAME_BYTES", default_value_t = 65536)]
+    pub max_frame_bytes: usize,
+
+    /// Origins allowed to open a WebSocket, comma-separated (e.g.
+    /// https://chat.example.com), or `*` for any. Default: same origin only, plus
+    /// clients that send no Origin header.
+    #[arg(long, env = "WARREN_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// AMQP connections in the pool; each carries up to 2,000 session channels.
+    #[arg(long, env = "WARREN_AMQP_CONNECTIONS", default_value_t = 4)]
+    pub amqp_connections: usize,
+
+    /// Messages kept per session queue for a slow client before the oldest are dropped.
+    #[arg(long, env = "WARREN_QUEUE_MAX_LENGTH", default_value_t = 10_000)]
+    pub queue_max_length: u32,
+
+    /// Seconds between WebSocket pings; a client silent for two intervals is dropped.
+    #[arg(long, env = "WARREN_PING_INTERVAL_SECS", default_value_t = 30)]
+    pub ping_interval_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// A configuration with every default, as if `warren` ran with no flags and no
+    /// environment. Tests start from here.
+    pub fn defaults() -> Self {
+        Self::parse_from(["warren"])
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn origins_are_comma_separated() {
+        let c = Config::parse_from([
+            "warren",
+            "--allowed-origins",
+            "https://a.example,https://b.example",
+        ]);
+        assert_eq!(
+            c.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+    }
+}

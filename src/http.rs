@@ -1,0 +1,127 @@
+//! The HTTP surface: every route in one place, as warp filters.
+//!
+//! - `GET /ws` → [`crate::upgrade`] (the WebSocket handshake)
+//! - `GET /healthz` liveness, `GET /readyz` readiness (the bus is usable)
+//! - `GET /` and static assets from `--static-dir`, with a Content-Security-Policy
+//! - anything else → 404 with the JSON error body
+//!
+//! Every error response, from a handler or a rejection, is built by
+//! [`error_response`]: one status, one `{"code", "message"}` body.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use warp::http::StatusCode;
+use warp::http::header::{HeaderMap, HeaderValue};
+use warp::reply::{Reply, Response};
+use warp::{Filter, Rejection};
+
+use crate::error::{ClientError, ErrorCode};
+use crate::protocol::{ErrorBody, StatusBody};
+use crate::server::Node;
+
+/// The page may load only its own scripts, styles and images, and open
+/// WebSockets to its own host; no inline script, so injected markup cannot run.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self' ws: wss:; \
+     img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; \
+     base-uri 'none'; frame-ancestors 'none'";
+
+pub fn error_response(error: &ClientError) -> Response {
+    warp::reply::with_status(
+        warp::reply::json(&ErrorBody::from(error)),
+        error.code.status(),
+    )
+    .into_response()
+}
+
+/// All routes of a node.
+pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let with_node = {
+        let node = node.clone();
+        warp::any().map(move || node.clone())
+    };
+
+    let ws = warp::path!("ws")
+        .and(warp::get())
+        .and(with_node.clone())
+        .and(warp::query::<HashMap<String, String>>())
+        .and(warp::header::optional::<String>("origin"))
+        .and(warp::header::optional::<String>("host"))
+        .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
+        .and_then(crate::upgrade::handle);
+
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .and(with_node.clone())
+        .map(|node: Arc<Node>| status_reply(&node, "ok", StatusCode::OK));
+
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_node.clone())
+        .map(|node: Arc<Node>| readiness(&node));
+
+    let mut security = HeaderMap::new();
+    security.insert(
+        "content-security-policy",
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    security.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    security.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    security.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    let static_dir = node.config.static_dir.clone();
+    let index = warp::path::end()
+        .and(warp::get())
+        .and(warp::fs::file(static_dir.join("index.html")));
+    let assets = warp::get().and(warp::fs::dir(static_dir));
+    let page = index
+        .or(assets)
+        .unify()
+        .with(warp::reply::with::headers(security))
+        .map(Reply::into_response);
+
+    ws.or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(page)
+        .unify()
+        .recover(handle_rejection)
+        .unify()
+}
+
+fn status_reply(node: &Node, status: &str, code: StatusCode) -> Response {
+    let body = StatusBody {
+        status: status.into(),
+        node: node.settings.node_id.clone(),
+        bus: node.bus.kind().into(),
+    };
+    warp::reply::with_status(warp::reply::json(&body), code).into_response()
+}
+
+fn readiness(node: &Node) -> Response {
+    if node.shutdown.is_cancelled() {
+        return error_response(&ClientError::new(ErrorCode::Unavailable, "shutting down"));
+    }
+    match node.bus.readiness() {
+        Ok(()) => status_reply(node, "ready", StatusCode::OK),
+        Err(reason) => error_response(&ClientError::new(ErrorCode::Unavailable, reason)),
+    }
+}
+
+async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> {
+    let error = if rejection.is_not_found() {
+        ClientError::new(ErrorCode::NotFound, "no such resource")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ClientError::new(ErrorCode::MethodNotAllowed, "method not allowed here")
+    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+        ClientError::new(ErrorCode::InvalidRoom, "the query string could not be read")
+    } else {
+        tracing::debug!(?rejection, "unhandled rejection");
+        ClientError::new(ErrorCode::NotFound, "no such resource")
+    };
+    Ok(error_response(&error))
+}

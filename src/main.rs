@@ -1,0 +1,29 @@
+//! The `warren` binary: parse configuration, set up logging, run a node until
+//! SIGINT or SIGTERM, then shut it down gracefully.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use warren::config::{Config, LogFormat};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init(),
+    }
+    let server = warren::RunningServer::start(config).await?;
+    println!("warren listening on http://{}", server.local_addr());
+    warren::shutdown::signal().await;
+    tracing::info!("signal received; shutting down");
+    server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! A running node: its shared state ([`Node`]), its listener, and its shutdown.
+//!
+//! Shutdown follows mini-redis: one [`CancellationToken`] tells the accept loop
+//! and every session to stop; sessions close their sockets with 1001 and delete
+//! their queues; a [`TaskTracker`] lets the node wait for all of them before it
+//! closes its broker connections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::bus::Bus;
+use crate::bus::amqp::AmqpBus;
+use crate::bus::memory::MemoryBus;
+use crate::bus::pool::Pool;
+use crate::claims::Claims;
+use crate::config::Config;
+use crate::session::{MessageIds, SessionSettings};
+
+/// What every request handler and session of a node shares.
+pub struct Node {
+    pub config: Config,
+    pub bus: Bus,
+    /// User ids with a session on this node.
+    pub claims: Claims,
+    pub settings: Arc<SessionSettings>,
+    /// Cancelled once, when the node starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every session task, so shutdown can wait for their cleanup.
+    pub sessions: TaskTracker,
+}
+
+/// A node serving on a bound port.
+pub struct RunningServer {
+    addr: SocketAddr,
+    node: Arc<Node>,
+    task: JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Bind `config.listen` (port 0 picks a free port), connect the bus, and serve.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff));
+        let bus = match &config.amqp_url {
+            None => Bus::Memory(MemoryBus::new()),
+            Some(urls) => {
+                let urls: Vec<String> = urls
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(String::from)
+                    .collect();
+                anyhow::ensure!(!urls.is_empty(), "--amqp-url is empty");
+                let pool =
+                    Pool::start(urls, config.amqp_connections, &format!("warren {node_id}")).await;
+                Bus::Amqp(AmqpBus::new(pool, &config.prefix, config.queue_max_length))
+            }
+        };
+        let node = Arc::new(Node {
+            settings: Arc::new(SessionSettings {
+                node_id: node_id.clone(),
+                max_text_bytes: config.max_text_bytes,
+                ping_interval: config.ping_interval(),
+                ids: MessageIds::new(),
+            }),
+            config,
+            bus,
+            claims: Claims::new(),
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+        });
+        info!(%addr, node = %node_id, bus = node.bus.kind(), "listening");
+        let task = tokio::spawn(serve(node.clone(), listener));
+        Ok(Self { addr, node, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Stop accepting, close every session with 1001, delete their queues, close
+    /// the broker connections; returns when all of it is done.
+    pub async fn shutdown(self) {
+        self.node.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Wait until the node has stopped (after [`Node::shutdown`] was cancelled).
+    pub async fn stopped(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn serve(node: Arc<Node>, listener: TcpListener) {
+    let routes = crate::http::routes(node.clone());
+    warp::serve(routes)
+        .incoming(listener)
+        .graceful(node.shutdown.clone().cancelled_owned())
+        .run()
+        .await;
+    node.sessions.close();
+    node.sessions.wait().await;
+    node.bus.close().await;
+    info!("stopped");
+}

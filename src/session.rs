@@ -1,0 +1,302 @@
+//! One chat session: the loop between a client's socket and its subscription.
+//!
+//! It is generic over the socket's two halves (a `Sink` of outgoing messages and a
+//! `Stream` of [`Inbound`] events), so unit tests drive it with in-memory channels
+//! and the server with a real WebSocket. It never knows which bus it talks to.
+//!
+//! The loop waits on four things at once: the client's next frame, the next
+//! delivery from the bus, the next publisher confirm, and the keep-alive timer.
+//! Deliveries arrive already serialised and go to the socket untouched, batched
+//! into one flush when several are ready.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+use warp::ws::Message;
+
+use crate::bus::{BusError, Confirm, Subscription};
+use crate::error::{ClientError, ErrorCode};
+use crate::names::{RoomName, UserId};
+use crate::protocol::{ClientFrame, ServerFrame};
+
+/// Close codes this server sends (RFC 6455 §7.4.1 and the IANA registry).
+pub mod close_code {
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client keeps sending invalid frames.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// A WebSocket message over `--max-frame-bytes`.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The broker is unreachable: reconnect later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Publishes awaiting their confirm, per session. Past this the session stops
+/// reading the client until confirms come back: back-pressure, not buffering.
+pub const MAX_IN_FLIGHT: usize = 1024;
+/// Deliveries written before one flush.
+const WRITE_BATCH: usize = 256;
+/// A socket that cannot take a write for this long is dropped: it is dead or too
+/// slow to serve, and waiting longer would only hold its queue's backlog hostage.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Invalid frames tolerated per [`ERROR_WINDOW`] before the socket is closed with
+/// 1008. Honest mistakes get an error frame each; a flood is abuse.
+pub const ERROR_BUDGET: u32 = 100;
+const ERROR_WINDOW: Duration = Duration::from_secs(10);
+
+/// What the socket half of a session reports.
+#[derive(Debug)]
+pub enum Inbound {
+    Text(String),
+    Binary,
+    /// Pings and pongs: proof of life, answered by the WebSocket layer itself.
+    Control,
+    Close,
+    /// A message over the size limit; the connection cannot go on.
+    TooLarge,
+    /// The transport failed.
+    Failed(String),
+}
+
+/// Unique message ids across a cluster: a random per-process prefix and a counter.
+pub struct MessageIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl Default for MessageIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MessageIds {
+    pub fn new() -> Self {
+        Self {
+            prefix: format!("{:012x}", rand::random::<u64>() >> 16),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    pub fn next_id(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:x}", self.prefix)
+    }
+}
+
+/// What every session of a node shares.
+pub struct SessionSettings {
+    pub node_id: String,
+    pub max_text_bytes: usize,
+    pub ping_interval: Duration,
+    pub ids: MessageIds,
+}
+
+/// Why a session ended; logged once by the task that ran it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    ClientClosed,
+    ClientGone(String),
+    Shutdown,
+    BrokerLost,
+    TooLarge,
+    Abusive,
+    Silent,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn write<S>(sink: &mut S, message: Message) -> Result<(), String>
+where
+    S: Sink<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    match tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("write timed out".into()),
+    }
+}
+
+async fn write_frame<S>(sink: &mut S, frame: &ServerFrame) -> Result<(), String>
+where
+    S: Sink<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    write(sink, Message::text(frame.to_json())).await
+}
+
+async fn confirmed(
+    reference: Option<String>,
+    id: String,
+    confirm: Confirm,
+) -> (Option<String>, String, Result<(), BusError>) {
+    (reference, id, confirm.await)
+}
+
+/// Run one session until the client leaves, the broker goes, or `shutdown` fires.
+/// The caller releases the subscription's lease afterwards.
+pub async fn run<S, R>(
+    mut sink: S,
+    mut inbound: R,
+    subscription: Subscription,
+    room: &RoomName,
+    user: &UserId,
+    settings: &Arc<SessionSettings>,
+    shutdown: &CancellationToken,
+) -> (SessionEnd, crate::bus::Lease)
+where
+    S: Sink<Message> + Unpin,
+    S::Error: std::fmt::Display,
+    R: Stream<Item = Inbound> + Unpin,
+{
+    let Subscription {
+        publisher,
+        mut inbox,
+        lease,
+    } = subscription;
+    let end = async {
+        let welcome = ServerFrame::Welcome {
+            user: user.to_string(),
+            room: room.to_string(),
+            node: settings.node_id.clone(),
+        };
+        if let Err(e) = write_frame(&mut sink, &welcome).await {
+            return SessionEnd::ClientGone(e);
+        }
+
+        let mut confirms = FuturesOrdered::new();
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + settings.ping_interval,
+            settings.ping_interval,
+        );
+        let mut last_heard = Instant::now();
+        let mut errors_in_window = 0u32;
+        let mut window_start = Instant::now();
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    let _ = write(&mut sink, Message::close_with(close_code::GOING_AWAY, "server shutting down")).await;
+                    return SessionEnd::Shutdown;
+                }
+                delivery = inbox.recv() => {
+                    let Ok(first) = delivery else {
+                        let _ = write_frame(&mut sink, &ServerFrame::error(
+                            &ClientError::new(ErrorCode::Unavailable, "lost the message broker; reconnect shortly"),
+                            None,
+                        )).await;
+                        let _ = write(&mut sink, Message::close_with(close_code::TRY_AGAIN_LATER, "broker unavailable")).await;
+                        return SessionEnd::BrokerLost;
+                    };
+                    // Batch whatever else is ready into one flush.
+                    let mut batch = vec![first];
+                    while batch.len() < WRITE_BATCH {
+                        match inbox.try_recv() {
+                            Some(Ok(text)) => batch.push(text),
+                            _ => break,
+                        }
+                    }
+                    let mut messages = futures_util::stream::iter(batch.into_iter().map(|t| Ok(Message::text(t))));
+                    match tokio::time::timeout(WRITE_TIMEOUT, sink.send_all(&mut messages)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return SessionEnd::ClientGone(e.to_string()),
+                        Err(_) => return SessionEnd::ClientGone("write timed out".into()),
+                    }
+                    inbox.settle().await;
+                }
+                Some((reference, id, result)) = confirms.next(), if !confirms.is_empty() => {
+                    let frame = match (result, reference) {
+                        (Ok(()), Some(reference)) => ServerFrame::Ack { reference, id },
+                        (Ok(()), None) => continue,
+                        (Err(e), reference) => {
+                            debug!(error = %e, "publish not confirmed");
+                            ServerFrame::error(&ClientError::new(ErrorCode::Unavailable, "the message was not delivered; the broker is unavailable"), reference)
+                        }
+                    };
+                    if let Err(e) = write_frame(&mut sink, &frame).await {
+                        return SessionEnd::ClientGone(e);
+                    }
+                }
+                event = inbound.next(), if confirms.len() < MAX_IN_FLIGHT => {
+                    last_heard = Instant::now();
+                    let rejected = match event {
+                        None => return SessionEnd::ClientGone("socket ended".into()),
+                        Some(Inbound::Close) => return SessionEnd::ClientClosed,
+                        Some(Inbound::Failed(e)) => return SessionEnd::ClientGone(e),
+                        Some(Inbound::TooLarge) => {
+                            let _ = write(&mut sink, Message::close_with(close_code::MESSAGE_TOO_BIG, "message too big")).await;
+                            return SessionEnd::TooLarge;
+                        }
+                        Some(Inbound::Control) => continue,
+                        Some(Inbound::Binary) => Some((ClientError::new(ErrorCode::UnsupportedFrame, "binary frames are not supported; send JSON text"), None)),
+                        Some(Inbound::Text(text)) => match ClientFrame::parse(&text, settings.max_text_bytes) {
+                            Err(rejected) => Some((rejected.error, rejected.reference)),
+                            Ok(ClientFrame::Message { text, reference }) => {
+                                let id = settings.ids.next_id();
+                                let frame = ServerFrame::Message {
+                                    id: id.clone(),
+                                    room: room.to_string(),
+                                    from: user.to_string(),
+                                    text,
+                                    ts: now_ms(),
+                                };
+                                match publisher.publish(Bytes::from(frame.to_json())).await {
+                                    Ok(confirm) => {
+                                        confirms.push_back(confirmed(reference, id, confirm));
+                                        None
+                                    }
+                                    Err(e) => {
+                                        debug!(error = %e, "publish failed");
+                                        Some((ClientError::new(ErrorCode::Unavailable, "the message was not delivered; the broker is unavailable"), reference))
+                                    }
+                                }
+                            }
+                        },
+                    };
+                    if let Some((error, reference)) = rejected {
+                        if window_start.elapsed() > ERROR_WINDOW {
+                            window_start = Instant::now();
+                            errors_in_window = 0;
+                        }
+                        errors_in_window += 1;
+                        if errors_in_window > ERROR_BUDGET {
+                            let _ = write(&mut sink, Message::close_with(close_code::POLICY_VIOLATION, "too many invalid frames")).await;
+                            return SessionEnd::Abusive;
+                        }
+                        if let Err(e) = write_frame(&mut sink, &ServerFrame::error(&error, reference)).await {
+                            return SessionEnd::ClientGone(e);
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > settings.ping_interval * 2 {
+                        let _ = write(&mut sink, Message::close_with(close_code::GOING_AWAY, "no answer to pings")).await;
+                        return SessionEnd::Silent;
+                    }
+                    if let Err(e) = write(&mut sink, Message::ping(Bytes::new())).await {
+                        return SessionEnd::ClientGone(e);
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    let _ = sink.close().await;
+    drop(inbox);
+    drop(publisher);
+    (end, lease)
+}

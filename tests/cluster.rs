@@ -1,0 +1,249 @@
+//! Several nodes on one RabbitMQ, and the broker coming and going. These need the
+//! real broker; the embedded bus is one node by definition.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::*;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+async fn two_nodes(test: &str) -> (warren::RunningServer, warren::RunningServer, String) {
+    let prefix = unique_prefix(test);
+    let mut a = config(BusKind::Amqp, &prefix);
+    a.node_id = Some("node-a".into());
+    let mut b = config(BusKind::Amqp, &prefix);
+    b.node_id = Some("node-b".into());
+    (start(a).await, start(b).await, prefix)
+}
+
+#[tokio::test]
+async fn clients_on_different_nodes_talk_both_ways() {
+    let (a, b, _) = two_nodes("xnode").await;
+    let mut alice = connect(a.local_addr(), "lobby", "alice").await;
+    let mut bob = connect(b.local_addr(), "lobby", "bob").await;
+    assert_eq!(alice.welcome["node"], "node-a");
+    assert_eq!(bob.welcome["node"], "node-b");
+
+    send_json(
+        &mut alice.socket,
+        json!({"type":"message","text":"from A","ref":"a1"}),
+    )
+    .await;
+    let got = next_json(&mut bob.socket).await;
+    assert_eq!(
+        (got["from"].as_str(), got["text"].as_str()),
+        (Some("alice"), Some("from A"))
+    );
+
+    send_json(
+        &mut bob.socket,
+        json!({"type":"message","text":"from B","ref":"b1"}),
+    )
+    .await;
+    let got = next_matching(&mut alice.socket, |f| {
+        f["type"] == "message" && f["from"] == "bob"
+    })
+    .await;
+    assert_eq!(got["text"], "from B");
+    let ack = next_matching(&mut bob.socket, |f| f["type"] == "ack").await;
+    assert_eq!(ack["ref"], "b1");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn user_taken_across_nodes_and_reconnect_on_the_other_node() {
+    let (a, b, _) = two_nodes("xtaken").await;
+    let mut first = connect(a.local_addr(), "lobby", "grace").await;
+    let (status, body) = refused(b.local_addr(), "room=lobby&user=grace", None).await;
+    assert_eq!(
+        (status, body["code"].as_str().unwrap()),
+        (409, "user_taken")
+    );
+    // The plain GET on the other node knows too.
+    let (status, _, _) = get(b.local_addr(), "/ws?user=grace").await;
+    assert_eq!(status, 409);
+    first.socket.close(None).await.unwrap();
+    drop(first);
+    // Straight back, through the other node.
+    let back = connect(b.local_addr(), "lobby", "grace").await;
+    assert_eq!(back.welcome["node"], "node-b");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_queue_is_left_after_disconnects_or_shutdown() {
+    let prefix = unique_prefix("leak");
+    let server = start(config(BusKind::Amqp, &prefix)).await;
+    let addr = server.local_addr();
+    let users: Vec<String> = (0..5).map(|i| format!("u{i}")).collect();
+    let mut clients = Vec::new();
+    for u in &users {
+        clients.push(connect(addr, "leaky", u).await);
+    }
+    for u in &users {
+        assert!(
+            queue_exists(&format!("{prefix}.user.{u}")).await,
+            "queue of {u} while connected"
+        );
+    }
+    assert!(exchange_exists(&format!("{prefix}.room.leaky")).await);
+    // Three leave politely, one just drops its TCP connection.
+    for mut c in clients.drain(..3) {
+        c.socket.close(None).await.unwrap();
+    }
+    drop(clients.remove(0));
+    for u in &users[..4] {
+        wait_queue_gone(&format!("{prefix}.user.{u}")).await;
+    }
+    // The last one is closed by a graceful shutdown, with 1001; when shutdown
+    // returns its queue is already gone.
+    let mut last = clients.remove(0);
+    let shutdown = tokio::spawn(server.shutdown());
+    assert_eq!(close_code(&mut last.socket).await, Some(1001));
+    shutdown.await.unwrap();
+    assert!(!queue_exists(&format!("{prefix}.user.u4")).await);
+    // The room's exchange is auto-deleted with its last queue.
+    assert!(!exchange_exists(&format!("{prefix}.room.leaky")).await);
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_503_and_not_ready() {
+    // A port nothing listens on: bind one, then free it.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = config(BusKind::Amqp, &unique_prefix("down"));
+    cfg.amqp_url = Some(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
+    let server = warren::RunningServer::start(cfg).await.unwrap();
+    let addr = server.local_addr();
+    let (status, _, body) = get(addr, "/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["code"],
+        "unavailable"
+    );
+    let (status, body) = refused(addr, "user=x", None).await;
+    assert_eq!(
+        (status, body["code"].as_str().unwrap()),
+        (503, "unavailable")
+    );
+    // Liveness is not readiness.
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    server.shutdown().await;
+}
+
+/// A TCP proxy in front of the broker that the test can cut.
+struct BrokerProxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    cut: std::sync::Mutex<CancellationToken>,
+}
+
+impl BrokerProxy {
+    async fn start() -> Arc<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = Arc::new(BrokerProxy {
+            addr: listener.local_addr().unwrap(),
+            up: Arc::new(AtomicBool::new(true)),
+            cut: std::sync::Mutex::new(CancellationToken::new()),
+        });
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = listener.accept().await.unwrap();
+                if !p.up.load(Ordering::SeqCst) {
+                    continue; // dropped: the broker is "down"
+                }
+                let cut = p.cut.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
+                    }
+                });
+            }
+        });
+        proxy
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    fn go_down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let mut cut = self.cut.lock().unwrap();
+        cut.cancel();
+        *cut = CancellationToken::new();
+    }
+
+    fn come_back(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn wait_ready(addr: SocketAddr, want: u16) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if get(addr, "/readyz").await.0 == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never became {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn losing_the_broker_closes_sessions_with_1013_and_recovers() {
+    let proxy = BrokerProxy::start().await;
+    let prefix = unique_prefix("lost");
+    let mut cfg = config(BusKind::Amqp, &prefix);
+    cfg.amqp_url = Some(proxy.url());
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let mut c = connect(addr, "lost", "heidi").await;
+
+    proxy.go_down();
+    let frame = next_json(&mut c.socket).await;
+    assert_eq!(frame["type"], "error");
+    assert_eq!(frame["code"], "unavailable");
+    assert_eq!(close_code(&mut c.socket).await, Some(1013));
+    wait_ready(addr, 503).await;
+    let (status, body) = refused(addr, "room=lost&user=heidi", None).await;
+    assert_eq!(
+        (status, body["code"].as_str().unwrap()),
+        (503, "unavailable")
+    );
+
+    proxy.come_back();
+    wait_ready(addr, 200).await;
+    let mut again = connect(addr, "lost", "heidi").await;
+    send_json(
+        &mut again.socket,
+        json!({"type":"message","text":"back","ref":"r"}),
+    )
+    .await;
+    assert_eq!(
+        next_matching(&mut again.socket, |f| f["type"] == "ack").await["ref"],
+        "r"
+    );
+    server.shutdown().await;
+    // The queue died with the broker connection, and the new one was deleted.
+    assert!(!queue_exists(&format!("{prefix}.user.heidi")).await);
+}

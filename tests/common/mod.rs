@@ -1,0 +1,252 @@
+//! The integration-test harness: real servers on port 0, real WebSocket clients,
+//! the real RabbitMQ at `AMQP_URL` (default: the local broker).
+//!
+//! Every test gets its own exchange/queue prefix so tests sharing the broker never
+//! see each other's traffic.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use warren::{Config, RunningServer};
+
+/// How long any awaited event may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A unique prefix for one test's exchanges and queues.
+pub fn unique_prefix(test: &str) -> String {
+    format!("t{:08x}.{test}", rand::random::<u32>())
+}
+
+/// Which bus a test runs against.
+#[derive(Clone, Copy, Debug)]
+pub enum BusKind {
+    Memory,
+    Amqp,
+}
+
+pub fn config(bus: BusKind, prefix: &str) -> Config {
+    let mut c = Config::defaults();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.amqp_url = match bus {
+        BusKind::Memory => None,
+        BusKind::Amqp => Some(amqp_url()),
+    };
+    c.prefix = prefix.to_owned();
+    c.amqp_connections = 2;
+    c.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").into();
+    c
+}
+
+pub async fn start(config: Config) -> RunningServer {
+    let server = RunningServer::start(config).await.expect("server starts");
+    assert!(
+        server.node().bus.readiness().is_ok(),
+        "bus must be ready for the test"
+    );
+    server
+}
+
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A connected chat client that has read its `welcome`.
+pub struct Client {
+    pub socket: Socket,
+    pub welcome: Value,
+}
+
+pub fn ws_url(addr: SocketAddr, query: &str) -> String {
+    format!("ws://{addr}/ws?{query}")
+}
+
+/// Connect, expecting the upgrade to succeed and `welcome` to be the first frame.
+pub async fn connect(addr: SocketAddr, room: &str, user: &str) -> Client {
+    let (mut socket, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::connect_async(ws_url(addr, &format!("room={room}&user={user}"))),
+    )
+    .await
+    .expect("connect in time")
+    .unwrap_or_else(|e| panic!("connect {user}@{room}: {e}"));
+    let welcome = next_json(&mut socket).await;
+    assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
+    Client { socket, welcome }
+}
+
+/// Try to connect and return the refusal: HTTP status and JSON body.
+pub async fn refused(addr: SocketAddr, query: &str, origin: Option<&str>) -> (u16, Value) {
+    let mut request = ws_url(addr, query).into_client_request().unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+    }
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("answer in time")
+    {
+        Ok(_) => panic!("upgrade unexpectedly accepted for {query}"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response.body().clone().unwrap_or_default();
+            let json: Value = serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("refusal body is JSON ({e}): {body:?}"));
+            (status, json)
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+/// The next text frame, as JSON; skips pings/pongs. Fails on timeout or close.
+pub async fn next_json(socket: &mut Socket) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, socket.next())
+            .await
+            .expect("a frame in time")
+            .expect("socket open")
+            .expect("socket healthy");
+        match msg {
+            Message::Text(text) => return serde_json::from_str(&text).expect("frames are JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Read frames until one matches `pred`; returns it. Fails on timeout.
+pub async fn next_matching(socket: &mut Socket, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, next_json(socket))
+            .await
+            .expect("the expected frame in time");
+        if pred(&frame) {
+            return frame;
+        }
+    }
+}
+
+/// The close code the server ends the socket with (reading past other frames).
+pub async fn close_code(socket: &mut Socket) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .expect("the close in time")
+        {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+pub async fn send_json(socket: &mut Socket, value: Value) {
+    socket
+        .send(Message::text(value.to_string()))
+        .await
+        .expect("send");
+}
+
+pub async fn send_text(socket: &mut Socket, text: &str) {
+    socket
+        .send(Message::text(text.to_owned()))
+        .await
+        .expect("send");
+}
+
+/// Assert no frame arrives within `window`. Used only to prove an absence (rooms
+/// are isolated), after a positive event has shown the traffic itself flowed.
+pub async fn assert_silent(socket: &mut Socket, window: Duration) {
+    loop {
+        match tokio::time::timeout(window, socket.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(other) => panic!("expected silence, got {other:?}"),
+        }
+    }
+}
+
+/// Does a queue exist on the broker? A passive declare on a throwaway channel.
+pub async fn queue_exists(name: &str) -> bool {
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("test broker connection");
+    let channel = conn.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    // Another connection's exclusive queue answers 405 RESOURCE_LOCKED even to a
+    // passive declare: it exists. Only 404 means it does not.
+    let exists = match declared {
+        Ok(_) => true,
+        Err(e) => match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) => amqp.get_id() != 404,
+            other => panic!("passive declare of {name} failed: {other:?}"),
+        },
+    };
+    let _ = conn.close(200, "".into()).await;
+    exists
+}
+
+/// Does an exchange exist on the broker? A passive declare.
+pub async fn exchange_exists(name: &str) -> bool {
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("test broker connection");
+    let channel = conn.create_channel().await.unwrap();
+    let declared = channel
+        .exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await;
+    let _ = conn.close(200, "".into()).await;
+    declared.is_ok()
+}
+
+/// Wait until `name` no longer exists on the broker (queue deletion is
+/// asynchronous from the client's point of view). Fails after [`WAIT`].
+pub async fn wait_queue_gone(name: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while queue_exists(name).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue {name} leaked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plain HTTP GET; status and body.
+pub async fn get(addr: SocketAddr, path: &str) -> (u16, reqwest::header::HeaderMap, String) {
+    let response = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("GET");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, headers, response.text().await.unwrap())
+}
