@@ -69,6 +69,15 @@ pub struct Config {
     #[arg(long, env = "WARREN_PING_INTERVAL_SECS", default_value_t = 30)]
     pub ping_interval_secs: u64,
 
+    /// On SIGTERM, seconds to keep serving (not ready, no new sessions) before
+    /// closing sessions with 1012 so clients reconnect elsewhere.
+    #[arg(long, env = "WARREN_DRAIN_SECS", default_value_t = 10)]
+    pub drain_secs: u64,
+
+    /// Seconds over which the drain's 1012 closes are spread at random.
+    #[arg(long, env = "WARREN_DRAIN_JITTER_SECS", default_value_t = 5)]
+    pub drain_jitter_secs: u64,
+
     /// Log format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -106,6 +106,12 @@ fn readiness(node: &Node) -> Response {
     if node.shutdown.is_cancelled() {
         return error_response(&ClientError::new(ErrorCode::Unavailable, "shutting down"));
     }
+    if node.draining.is_cancelled() {
+        return error_response(&ClientError::new(
+            ErrorCode::Unavailable,
+            "draining for a restart",
+        ));
+    }
     match node.bus.readiness() {
         Ok(()) => status_reply(node, "ready", StatusCode::OK),
         Err(reason) => error_response(&ClientError::new(ErrorCode::Unavailable, reason)),

@@ -4,6 +4,7 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use warren::config::{Config, LogFormat};
+use warren::shutdown::Signal;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -20,10 +21,23 @@ async fn main() -> anyhow::Result<()> {
             .with_env_filter(filter)
             .init(),
     }
+    let config_drain_secs = config.drain_secs;
     let server = warren::RunningServer::start(config).await?;
     println!("warren listening on http://{}", server.local_addr());
-    warren::shutdown::signal().await;
-    tracing::info!("signal received; shutting down");
-    server.shutdown().await;
+    let drain = std::time::Duration::from_secs(config_drain_secs);
+    match warren::shutdown::signal().await {
+        Signal::Interrupt => {
+            tracing::info!("SIGINT: shutting down");
+            server.shutdown().await;
+        }
+        Signal::Terminate => {
+            tracing::info!("SIGTERM: draining, then shutting down");
+            server
+                .drain(drain, async {
+                    warren::shutdown::signal().await;
+                })
+                .await;
+        }
+    }
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -21,7 +22,7 @@ use crate::bus::memory::MemoryBus;
 use crate::bus::pool::Pool;
 use crate::claims::Claims;
 use crate::config::Config;
-use crate::session::{MessageIds, SessionSettings};
+use crate::session::{MessageIds, SessionSettings, StopSignals};
 
 /// What every request handler and session of a node shares.
 pub struct Node {
@@ -30,8 +31,12 @@ pub struct Node {
     /// User ids with a session on this node.
     pub claims: Claims,
     pub settings: Arc<SessionSettings>,
-    /// Cancelled once, when the node starts shutting down.
+    /// Cancelled once, when the node starts shutting down: stop accepting.
     pub shutdown: CancellationToken,
+    /// Cancelled when a drain begins: not ready, no new sessions, old ones stay.
+    pub draining: CancellationToken,
+    /// What sessions watch to know when to close, and with which code.
+    pub stop: StopSignals,
     /// Every session task, so shutdown can wait for their cleanup.
     pub sessions: TaskTracker,
 }
@@ -69,6 +74,7 @@ impl RunningServer {
                 Bus::Amqp(AmqpBus::new(pool, &config.prefix, config.queue_max_length))
             }
         };
+        let drain_jitter = Duration::from_secs(config.drain_jitter_secs);
         let node = Arc::new(Node {
             settings: Arc::new(SessionSettings {
                 node_id: node_id.clone(),
@@ -80,6 +86,12 @@ impl RunningServer {
             bus,
             claims: Claims::new(),
             shutdown: CancellationToken::new(),
+            draining: CancellationToken::new(),
+            stop: StopSignals {
+                shutdown: CancellationToken::new(),
+                restart: CancellationToken::new(),
+                restart_jitter: drain_jitter,
+            },
             sessions: TaskTracker::new(),
         });
         info!(%addr, node = %node_id, bus = node.bus.kind(), "listening");
@@ -99,7 +111,35 @@ impl RunningServer {
     /// the broker connections; returns when all of it is done.
     pub async fn shutdown(self) {
         self.node.shutdown.cancel();
+        self.node.stop.shutdown.cancel();
         let _ = self.task.await;
+    }
+
+    /// Drain for a restart: turn not-ready at once (the balancer stops sending new
+    /// users), keep serving for `drain`, then close every session with 1012 spread
+    /// over the drain jitter, and shut down. `abort` (e.g. a second signal) cuts
+    /// the drain short into an immediate [`RunningServer::shutdown`].
+    pub async fn drain(self, drain: Duration, abort: impl std::future::Future<Output = ()>) {
+        let node = self.node.clone();
+        node.draining.cancel();
+        info!(?drain, jitter = ?node.stop.restart_jitter, "draining");
+        let graceful = async {
+            tokio::time::sleep(drain).await;
+            node.stop.restart.cancel();
+            // Sessions close themselves within the jitter; give them that long,
+            // plus a margin for their queue deletions.
+            node.sessions.close();
+            let _ = tokio::time::timeout(
+                node.stop.restart_jitter + Duration::from_secs(5),
+                node.sessions.wait(),
+            )
+            .await;
+        };
+        tokio::select! {
+            _ = graceful => {}
+            _ = abort => info!("drain aborted; stopping now"),
+        }
+        self.shutdown().await;
     }
 
     /// Wait until the node has stopped (after [`Node::shutdown`] was cancelled).

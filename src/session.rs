@@ -30,6 +30,8 @@ use crate::protocol::{ClientFrame, ServerFrame};
 pub mod close_code {
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
+    /// The node is draining for a restart: reconnect (to another node).
+    pub const SERVICE_RESTART: u16 = 1012;
     /// The client keeps sending invalid frames.
     pub const POLICY_VIOLATION: u16 = 1008;
     /// A WebSocket message over `--max-frame-bytes`.
@@ -105,6 +107,7 @@ pub enum SessionEnd {
     ClientClosed,
     ClientGone(String),
     Shutdown,
+    Restart,
     BrokerLost,
     TooLarge,
     Abusive,
@@ -146,7 +149,27 @@ async fn confirmed(
     (reference, id, confirm.await)
 }
 
-/// Run one session until the client leaves, the broker goes, or `shutdown` fires.
+/// How a node tells its sessions to end.
+#[derive(Clone, Default)]
+pub struct StopSignals {
+    /// Close now with 1001: the node is stopping.
+    pub shutdown: CancellationToken,
+    /// Close with 1012 at a random moment within `restart_jitter`: the node is
+    /// being drained for a restart, and spreading the closes spreads the
+    /// reconnect storm over the remaining nodes.
+    pub restart: CancellationToken,
+    pub restart_jitter: Duration,
+}
+
+impl StopSignals {
+    async fn restart_due(&self) {
+        self.restart.cancelled().await;
+        let jitter = self.restart_jitter.mul_f64(rand::random::<f64>());
+        tokio::time::sleep(jitter).await;
+    }
+}
+
+/// Run one session until the client leaves, the broker goes, or the node stops.
 /// The caller releases the subscription's lease afterwards.
 pub async fn run<S, R>(
     mut sink: S,
@@ -155,7 +178,7 @@ pub async fn run<S, R>(
     room: &RoomName,
     user: &UserId,
     settings: &Arc<SessionSettings>,
-    shutdown: &CancellationToken,
+    stop: &StopSignals,
 ) -> (SessionEnd, crate::bus::Lease)
 where
     S: Sink<Message> + Unpin,
@@ -185,13 +208,19 @@ where
         let mut last_heard = Instant::now();
         let mut errors_in_window = 0u32;
         let mut window_start = Instant::now();
+        let restart_due = stop.restart_due();
+        tokio::pin!(restart_due);
 
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
+                _ = stop.shutdown.cancelled() => {
                     let _ = write(&mut sink, Message::close_with(close_code::GOING_AWAY, "server shutting down")).await;
                     return SessionEnd::Shutdown;
+                }
+                _ = &mut restart_due => {
+                    let _ = write(&mut sink, Message::close_with(close_code::SERVICE_RESTART, "node restarting; reconnect")).await;
+                    return SessionEnd::Restart;
                 }
                 delivery = inbox.recv() => {
                     let Ok(first) = delivery else {

@@ -1,7 +1,15 @@
-//! The signals that stop a node: Ctrl-C (SIGINT) and SIGTERM.
+//! The signals that stop a node: SIGINT (Ctrl-C) stops it now; SIGTERM, what
+//! orchestrators send before replacing a node, drains it first.
 
-/// Resolves on the first SIGINT or SIGTERM.
-pub async fn signal() {
+/// Which signal arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+/// Resolves on the next SIGINT or SIGTERM.
+pub async fn signal() -> Signal {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
@@ -19,7 +27,7 @@ pub async fn signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
+        _ = ctrl_c => Signal::Interrupt,
+        _ = terminate => Signal::Terminate,
     }
 }

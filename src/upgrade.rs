@@ -83,10 +83,10 @@ pub async fn handle(
             "this origin may not open a WebSocket here",
         ));
     }
-    if node.shutdown.is_cancelled() {
+    if node.shutdown.is_cancelled() || node.draining.is_cancelled() {
         return Ok(refuse(
             ErrorCode::Unavailable,
-            "the server is shutting down",
+            "this node is shutting down; connect again to reach another",
         ));
     }
     if let Err(reason) = node.bus.readiness() {
@@ -163,7 +163,7 @@ async fn upgrade(node: Arc<Node>, handshake: Handshake, ws: Ws) -> Response {
                     &room,
                     &user,
                     &node.settings,
-                    &node.shutdown,
+                    &node.stop,
                 )
                 .await;
                 lease.release().await;

@@ -96,17 +96,49 @@ fn help_documents_every_flag() {
 }
 
 #[tokio::test]
-async fn sigterm_closes_sockets_with_1001_deletes_queues_and_exits_0() {
+async fn sigterm_drains_then_closes_with_1012_deletes_queues_and_exits_0() {
     let prefix = unique_prefix("sigterm");
     let p = spawn(
-        &["--prefix", &prefix, "--node-id", "proc-1"],
+        &[
+            "--prefix",
+            &prefix,
+            "--node-id",
+            "proc-1",
+            "--drain-secs",
+            "2",
+            "--drain-jitter-secs",
+            "1",
+        ],
         Some(amqp_url()),
     );
     let mut c = connect(p.addr, "sig", "ivan").await;
     assert_eq!(c.welcome["node"], "proc-1");
     assert!(queue_exists(&format!("{prefix}.user.ivan")).await);
     signal(&p, "-TERM");
-    assert_eq!(close_code(&mut c.socket).await, Some(1001));
+    // Draining: not ready at once, no new sessions, but the open one still works.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while get(p.addr, "/readyz").await.0 != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz stayed ready"
+        );
+    }
+    let (status, body) = refused(p.addr, "room=sig&user=late", None).await;
+    assert_eq!(
+        (status, body["code"].as_str().unwrap()),
+        (503, "unavailable")
+    );
+    send_json(
+        &mut c.socket,
+        serde_json::json!({"type":"message","text":"still","ref":"d"}),
+    )
+    .await;
+    assert_eq!(
+        next_matching(&mut c.socket, |f| f["type"] == "ack").await["ref"],
+        "d"
+    );
+    // Then the node asks its clients to reconnect elsewhere, and exits cleanly.
+    assert_eq!(close_code(&mut c.socket).await, Some(1012));
     assert_eq!(exit_code(p).await, Some(0));
     assert!(!queue_exists(&format!("{prefix}.user.ivan")).await);
 }
