@@ -78,6 +78,15 @@ pub struct Config {
     #[arg(long, env = "WARREN_DRAIN_JITTER_SECS", default_value_t = 5)]
     pub drain_jitter_secs: u64,
 
+    /// Seconds a node may stay silent before other nodes drop its users from
+    /// member lists and it leaves `/cluster`.
+    #[arg(long, env = "WARREN_PRESENCE_TTL_SECS", default_value_t = 30)]
+    pub presence_ttl_secs: u64,
+
+    /// Milliseconds over which joins and leaves are batched into one presence frame.
+    #[arg(long, env = "WARREN_PRESENCE_BATCH_MS", default_value_t = 100)]
+    pub presence_batch_ms: u64,
+
     /// Log format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -1,6 +1,7 @@
 //! The HTTP surface: every route in one place, as warp filters.
 //!
 //! - `GET /ws` → [`crate::upgrade`] (the WebSocket handshake)
+//! - `GET /rooms/<room>/members`, `GET /cluster` → [`crate::presence`]
 //! - `GET /healthz` liveness, `GET /readyz` readiness (the bus is usable)
 //! - `GET /` and static assets from `--static-dir`, with a Content-Security-Policy
 //! - anything else → 404 with the JSON error body
@@ -18,7 +19,8 @@ use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
 
 use crate::error::{ClientError, ErrorCode};
-use crate::protocol::{ErrorBody, StatusBody};
+use crate::names::RoomName;
+use crate::protocol::{ClusterBody, ErrorBody, MembersBody, StatusBody};
 use crate::server::Node;
 
 /// The page may load only its own scripts, styles and images, and open
@@ -61,6 +63,31 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(with_node.clone())
         .map(|node: Arc<Node>| readiness(&node));
 
+    let members = warp::path!("rooms" / String / "members")
+        .and(warp::get())
+        .and(with_node.clone())
+        .then(|room: String, node: Arc<Node>| async move {
+            match RoomName::parse(&room) {
+                Ok(room) => {
+                    let members = node.presence.members(room.as_str()).await;
+                    warp::reply::json(&MembersBody {
+                        room: room.to_string(),
+                        members,
+                    })
+                    .into_response()
+                }
+                Err(e) => error_response(&e.into()),
+            }
+        });
+
+    let cluster = warp::path!("cluster")
+        .and(warp::get())
+        .and(with_node.clone())
+        .then(|node: Arc<Node>| async move {
+            let nodes = node.presence.nodes().await;
+            warp::reply::json(&ClusterBody { nodes }).into_response()
+        });
+
     let mut security = HeaderMap::new();
     security.insert(
         "content-security-policy",
@@ -73,10 +100,12 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
     security.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     security.insert("x-frame-options", HeaderValue::from_static("DENY"));
     let static_dir = node.config.static_dir.clone();
+    // No method filter in front of the asset catch-all: it would turn every
+    // non-GET request to any unknown path into a 405 instead of a 404.
     let index = warp::path::end()
-        .and(warp::get())
+        .and(warp::get().or(warp::head()).unify())
         .and(warp::fs::file(static_dir.join("index.html")));
-    let assets = warp::get().and(warp::fs::dir(static_dir));
+    let assets = warp::fs::dir(static_dir);
     let page = index
         .or(assets)
         .unify()
@@ -84,6 +113,10 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .map(Reply::into_response);
 
     ws.or(healthz)
+        .unify()
+        .or(members)
+        .unify()
+        .or(cluster)
         .unify()
         .or(readyz)
         .unify()
@@ -123,8 +156,6 @@ async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> 
         ClientError::new(ErrorCode::NotFound, "no such resource")
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         ClientError::new(ErrorCode::MethodNotAllowed, "method not allowed here")
-    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
-        ClientError::new(ErrorCode::InvalidRoom, "the query string could not be read")
     } else {
         tracing::debug!(?rejection, "unhandled rejection");
         ClientError::new(ErrorCode::NotFound, "no such resource")

@@ -16,6 +16,8 @@
 //! - [`bus`]: the one abstraction sessions publish to and receive from, with two
 //!   homes: [`bus::amqp`] (an exclusive queue per session on a fanout exchange
 //!   per room, over [`bus::pool`]) and [`bus::memory`] (embedded, one node).
+//! - [`presence`]: who is in each room across nodes, and the live node list,
+//!   gossiped between nodes over the bus ([`presence::view`] is the pure state).
 //! - [`claims`]: which user ids have a session on this node.
 //! - [`names`]: validated room and user names.
 //! - [`error`]: every client-visible error code, its HTTP status.
@@ -28,6 +30,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod names;
+pub mod presence;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ClientError, ErrorCode};
+use crate::names::UserId;
 
 /// Longest `ref` a client may attach to a frame.
 pub const MAX_REF_LEN: usize = 64;
@@ -19,6 +20,8 @@ pub enum ServerFrame {
         user: String,
         room: String,
         node: String,
+        /// Everyone in the room, on every node, the new member included.
+        members: Vec<String>,
     },
     /// A chat message in a room. Published once, serialised once, delivered as is.
     Message {
@@ -27,6 +30,20 @@ pub enum ServerFrame {
         from: String,
         text: String,
         ts: u64,
+    },
+    /// A direct message from one user to another, in any room, on any node.
+    Direct {
+        id: String,
+        from: String,
+        to: String,
+        text: String,
+        ts: u64,
+    },
+    /// Who joined and left the room since the last presence frame (batched).
+    Presence {
+        room: String,
+        joins: Vec<String>,
+        leaves: Vec<String>,
     },
     /// The broker confirmed the client's message carrying `ref`.
     Ack {
@@ -70,11 +87,12 @@ impl<'de> Deserialize<'de> for ErrorCode {
     }
 }
 
-const ALL_CODES: [ErrorCode; 14] = [
+const ALL_CODES: [ErrorCode; 15] = [
     ErrorCode::InvalidRoom,
     ErrorCode::InvalidUser,
     ErrorCode::OriginNotAllowed,
     ErrorCode::UserTaken,
+    ErrorCode::UserNotFound,
     ErrorCode::Unavailable,
     ErrorCode::UpgradeRequired,
     ErrorCode::NotFound,
@@ -103,6 +121,19 @@ impl From<&ClientError> for ErrorBody {
     }
 }
 
+/// `GET /rooms/<room>/members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersBody {
+    pub room: String,
+    pub members: Vec<String>,
+}
+
+/// `GET /cluster`: every live node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterBody {
+    pub nodes: Vec<crate::presence::view::NodeInfo>,
+}
+
 /// The body of `/healthz` and a ready `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusBody {
@@ -119,12 +150,19 @@ pub enum ClientFrame {
         text: String,
         reference: Option<String>,
     },
+    /// `{"type":"direct","to":"bob","text":"hi","ref":"c2"}`
+    Direct {
+        to: UserId,
+        text: String,
+        reference: Option<String>,
+    },
 }
 
 /// What a client frame looks like on the wire, before validation.
 #[derive(Deserialize)]
 struct RawMessage {
     text: Option<serde_json::Value>,
+    to: Option<serde_json::Value>,
 }
 
 /// A frame that could not be accepted, with the `ref` to echo when one was readable.
@@ -179,42 +217,69 @@ impl ClientFrame {
             }
             None => return Err(reject(ErrorCode::UnknownType, "frame has no type".into())),
         };
-        match kind {
-            "message" => {
-                let raw: RawMessage = serde_json::from_value(value.clone())
-                    .map_err(|e| reject(ErrorCode::InvalidMessage, e.to_string()))?;
-                let text = match raw.text {
-                    Some(serde_json::Value::String(text)) => text,
-                    Some(_) => {
-                        return Err(reject(
-                            ErrorCode::InvalidMessage,
-                            "text must be a string".into(),
-                        ));
-                    }
-                    None => {
-                        return Err(reject(ErrorCode::InvalidMessage, "text is missing".into()));
-                    }
-                };
-                if text.len() > max_text_bytes {
+        let direct = match kind {
+            "message" => false,
+            "direct" => true,
+            other => {
+                return Err(reject(
+                    ErrorCode::UnknownType,
+                    format!("unknown frame type {:?}", truncate(other, 32)),
+                ));
+            }
+        };
+        let raw: RawMessage = serde_json::from_value(value.clone())
+            .map_err(|e| reject(ErrorCode::InvalidMessage, e.to_string()))?;
+        let to = if direct {
+            match raw.to {
+                Some(serde_json::Value::String(to)) => Some(
+                    UserId::parse(&to)
+                        .map_err(|e| reject(ErrorCode::InvalidUser, e.to_string()))?,
+                ),
+                _ => {
                     return Err(reject(
-                        ErrorCode::MessageTooLarge,
-                        format!(
-                            "text is {} bytes; the limit is {max_text_bytes}",
-                            text.len()
-                        ),
+                        ErrorCode::InvalidUser,
+                        "to must name the recipient's user id".into(),
                     ));
                 }
-                if text.trim().is_empty() {
-                    return Err(reject(ErrorCode::InvalidMessage, "text is empty".into()));
-                }
-                Ok(ClientFrame::Message { text, reference })
             }
-            other => Err(reject(
-                ErrorCode::UnknownType,
-                format!("unknown frame type {:?}", truncate(other, 32)),
-            )),
-        }
+        } else {
+            None
+        };
+        let text = validate_text(raw.text, max_text_bytes).map_err(|(code, m)| reject(code, m))?;
+        Ok(match to {
+            Some(to) => ClientFrame::Direct {
+                to,
+                text,
+                reference,
+            },
+            None => ClientFrame::Message { text, reference },
+        })
     }
+}
+
+/// The rules every chat text follows, whatever carries it (WebSocket or HTTP).
+pub fn validate_text(
+    text: Option<serde_json::Value>,
+    max_text_bytes: usize,
+) -> Result<String, (ErrorCode, String)> {
+    let text = match text {
+        Some(serde_json::Value::String(text)) => text,
+        Some(_) => return Err((ErrorCode::InvalidMessage, "text must be a string".into())),
+        None => return Err((ErrorCode::InvalidMessage, "text is missing".into())),
+    };
+    if text.len() > max_text_bytes {
+        return Err((
+            ErrorCode::MessageTooLarge,
+            format!(
+                "text is {} bytes; the limit is {max_text_bytes}",
+                text.len()
+            ),
+        ));
+    }
+    if text.trim().is_empty() {
+        return Err((ErrorCode::InvalidMessage, "text is empty".into()));
+    }
+    Ok(text)
 }
 
 fn truncate(s: &str, max_chars: usize) -> &str {
@@ -280,6 +345,35 @@ mod tests {
                 r#"{{"type":"message","text":"x","ref":"{long_ref}"}}"#
             )),
             ErrorCode::InvalidMessage
+        );
+    }
+
+    #[test]
+    fn direct_messages() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"direct","to":"bob","text":"hi","ref":"c2"}"#, 10)
+                .unwrap(),
+            ClientFrame::Direct {
+                to: UserId::parse("bob").unwrap(),
+                text: "hi".into(),
+                reference: Some("c2".into())
+            }
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","text":"hi"}"#),
+            ErrorCode::InvalidUser
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","to":"b b","text":"hi"}"#),
+            ErrorCode::InvalidUser
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","to":"bob","text":" "}"#),
+            ErrorCode::InvalidMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","to":"bob","text":"12345678901"}"#),
+            ErrorCode::MessageTooLarge
         );
     }
 

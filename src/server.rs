@@ -22,6 +22,7 @@ use crate::bus::memory::MemoryBus;
 use crate::bus::pool::Pool;
 use crate::claims::Claims;
 use crate::config::Config;
+use crate::presence::{Presence, PresenceTiming};
 use crate::session::{MessageIds, SessionSettings, StopSignals};
 
 /// What every request handler and session of a node shares.
@@ -35,6 +36,8 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Cancelled when a drain begins: not ready, no new sessions, old ones stay.
     pub draining: CancellationToken,
+    /// Who is where, across the cluster.
+    pub presence: Presence,
     /// What sessions watch to know when to close, and with which code.
     pub stop: StopSignals,
     /// Every session task, so shutdown can wait for their cleanup.
@@ -75,6 +78,14 @@ impl RunningServer {
             }
         };
         let drain_jitter = Duration::from_secs(config.drain_jitter_secs);
+        let presence = Presence::start(
+            bus.clone(),
+            node_id.clone(),
+            PresenceTiming {
+                ttl: Duration::from_secs(config.presence_ttl_secs.max(1)),
+                batch: Duration::from_millis(config.presence_batch_ms.max(10)),
+            },
+        );
         let node = Arc::new(Node {
             settings: Arc::new(SessionSettings {
                 node_id: node_id.clone(),
@@ -85,6 +96,7 @@ impl RunningServer {
             config,
             bus,
             claims: Claims::new(),
+            presence,
             shutdown: CancellationToken::new(),
             draining: CancellationToken::new(),
             stop: StopSignals {
@@ -157,6 +169,7 @@ async fn serve(node: Arc<Node>, listener: TcpListener) {
         .await;
     node.sessions.close();
     node.sessions.wait().await;
+    node.presence.stop().await;
     node.bus.close().await;
     info!("stopped");
 }

@@ -24,6 +24,7 @@ use warp::ws::Message;
 use crate::bus::{BusError, Confirm, Subscription};
 use crate::error::{ClientError, ErrorCode};
 use crate::names::{RoomName, UserId};
+use crate::presence::Joined;
 use crate::protocol::{ClientFrame, ServerFrame};
 
 /// Close codes this server sends (RFC 6455 §7.4.1 and the IANA registry).
@@ -48,6 +49,8 @@ const WRITE_BATCH: usize = 256;
 /// A socket that cannot take a write for this long is dropped: it is dead or too
 /// slow to serve, and waiting longer would only hold its queue's backlog hostage.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the closing handshake may take before the socket is just dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Invalid frames tolerated per [`ERROR_WINDOW`] before the socket is closed with
 /// 1008. Honest mistakes get an error frame each; a flood is abuse.
 pub const ERROR_BUDGET: u32 = 100;
@@ -149,6 +152,12 @@ async fn confirmed(
     (reference, id, confirm.await)
 }
 
+/// Who a session is and where.
+pub struct Member {
+    pub room: RoomName,
+    pub user: UserId,
+}
+
 /// How a node tells its sessions to end.
 #[derive(Clone, Default)]
 pub struct StopSignals {
@@ -175,8 +184,8 @@ pub async fn run<S, R>(
     mut sink: S,
     mut inbound: R,
     subscription: Subscription,
-    room: &RoomName,
-    user: &UserId,
+    joined: Joined,
+    member: &Member,
     settings: &Arc<SessionSettings>,
     stop: &StopSignals,
 ) -> (SessionEnd, crate::bus::Lease)
@@ -185,16 +194,19 @@ where
     S::Error: std::fmt::Display,
     R: Stream<Item = Inbound> + Unpin,
 {
+    let Member { room, user } = member;
     let Subscription {
         publisher,
         mut inbox,
         lease,
     } = subscription;
     let end = async {
+        let Joined { members, mut updates } = joined;
         let welcome = ServerFrame::Welcome {
             user: user.to_string(),
             room: room.to_string(),
             node: settings.node_id.clone(),
+            members,
         };
         if let Err(e) = write_frame(&mut sink, &welcome).await {
             return SessionEnd::ClientGone(e);
@@ -247,10 +259,28 @@ where
                     }
                     inbox.settle().await;
                 }
+                update = updates.recv() => match update {
+                    Ok(frame) => {
+                        if let Err(e) = write(&mut sink, Message::text(frame.as_ref())).await {
+                            return SessionEnd::ClientGone(e);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        debug!(missed = n, "presence frames dropped for a slow client");
+                    }
+                    // The node is stopping; the shutdown branch ends the session.
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        updates = tokio::sync::broadcast::channel(1).1;
+                    }
+                },
                 Some((reference, id, result)) = confirms.next(), if !confirms.is_empty() => {
                     let frame = match (result, reference) {
                         (Ok(()), Some(reference)) => ServerFrame::Ack { reference, id },
                         (Ok(()), None) => continue,
+                        (Err(BusError::NoRecipient), reference) => ServerFrame::error(
+                            &ClientError::new(ErrorCode::UserNotFound, "no user by that id is connected"),
+                            reference,
+                        ),
                         (Err(e), reference) => {
                             debug!(error = %e, "publish not confirmed");
                             ServerFrame::error(&ClientError::new(ErrorCode::Unavailable, "the message was not delivered; the broker is unavailable"), reference)
@@ -290,7 +320,39 @@ where
                                     }
                                     Err(e) => {
                                         debug!(error = %e, "publish failed");
-                                        Some((ClientError::new(ErrorCode::Unavailable, "the message was not delivered; the broker is unavailable"), reference))
+                                        // The broker's fault, not the client's: tell it, but
+                                        // don't count it against the abuse budget.
+                                        let frame = ServerFrame::error(&ClientError::new(ErrorCode::Unavailable, "the message was not delivered; the broker is unavailable"), reference);
+                                        if let Err(e) = write_frame(&mut sink, &frame).await {
+                                            return SessionEnd::ClientGone(e);
+                                        }
+                                        None
+                                    }
+                                }
+                            }
+                            Ok(ClientFrame::Direct { to, text, reference }) => {
+                                let id = settings.ids.next_id();
+                                let frame = ServerFrame::Direct {
+                                    id: id.clone(),
+                                    from: user.to_string(),
+                                    to: to.to_string(),
+                                    text,
+                                    ts: now_ms(),
+                                };
+                                match publisher.publish_direct(&to, Bytes::from(frame.to_json())).await {
+                                    Ok(confirm) => {
+                                        confirms.push_back(confirmed(reference, id, confirm));
+                                        None
+                                    }
+                                    Err(e) => {
+                                        debug!(error = %e, "publish failed");
+                                        // The broker's fault, not the client's: tell it, but
+                                        // don't count it against the abuse budget.
+                                        let frame = ServerFrame::error(&ClientError::new(ErrorCode::Unavailable, "the message was not delivered; the broker is unavailable"), reference);
+                                        if let Err(e) = write_frame(&mut sink, &frame).await {
+                                            return SessionEnd::ClientGone(e);
+                                        }
+                                        None
                                     }
                                 }
                             }
@@ -312,7 +374,10 @@ where
                     }
                 }
                 _ = ping.tick() => {
-                    if last_heard.elapsed() > settings.ping_interval * 2 {
+                    // While back-pressure stops us reading, the client's pongs sit
+                    // unread: that is not silence.
+                    let reading = confirms.len() < MAX_IN_FLIGHT;
+                    if reading && last_heard.elapsed() > settings.ping_interval * 2 {
                         let _ = write(&mut sink, Message::close_with(close_code::GOING_AWAY, "no answer to pings")).await;
                         return SessionEnd::Silent;
                     }
@@ -324,7 +389,8 @@ where
         }
     }
     .await;
-    let _ = sink.close().await;
+    // A client that stopped reading would hold `close` forever: bound it.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
     drop(inbox);
     drop(publisher);
     (end, lease)

@@ -21,7 +21,7 @@ use crate::error::{ClientError, ErrorCode};
 use crate::http::error_response;
 use crate::names::{RoomName, UserId};
 use crate::server::Node;
-use crate::session::{self, Inbound};
+use crate::session::{self, Inbound, Member};
 
 /// The query of `GET /ws`: `room` and `user`, both optional.
 pub struct Handshake {
@@ -135,6 +135,7 @@ async fn upgrade(node: Arc<Node>, handshake: Handshake, ws: Ws) -> Response {
     let subscription = match node.bus.subscribe(&room, &user).await {
         Ok(s) => s,
         Err(BusError::UserTaken) => return user_taken(),
+        Err(BusError::NoRecipient) => unreachable!("subscribing publishes nothing"),
         Err(BusError::Unavailable(reason)) => {
             warn!(%reason, %user, "subscribe failed");
             return refuse(
@@ -156,16 +157,20 @@ async fn upgrade(node: Arc<Node>, handshake: Handshake, ws: Ws) -> Response {
                 info!("connected");
                 let (sink, stream) = socket.split();
                 let inbound = stream.map(to_inbound);
+                let joined = node.presence.join(room.as_str(), user.as_str()).await;
+                let member = Member { room, user };
                 let (end, lease) = session::run(
                     sink,
                     inbound,
                     subscription,
-                    &room,
-                    &user,
+                    joined,
+                    &member,
                     &node.settings,
                     &node.stop,
                 )
                 .await;
+                let Member { room, user } = member;
+                node.presence.leave(room.as_str(), user.as_str()).await;
                 lease.release().await;
                 drop(claim);
                 info!(?end, "disconnected");

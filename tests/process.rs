@@ -158,3 +158,81 @@ async fn embedded_bus_needs_no_broker_and_sigint_exits_0() {
     assert_eq!(close_code(&mut a.socket).await, Some(1001));
     assert_eq!(exit_code(p).await, Some(0));
 }
+
+#[tokio::test]
+async fn a_node_killed_with_sigkill_leaves_member_lists_and_the_cluster_within_the_ttl() {
+    const TTL: u64 = 2;
+    let prefix = unique_prefix("kill");
+    let doomed = spawn(
+        &[
+            "--prefix",
+            &prefix,
+            "--node-id",
+            "doomed",
+            "--presence-ttl-secs",
+            &TTL.to_string(),
+        ],
+        Some(amqp_url()),
+    );
+    let mut cfg = config(BusKind::Amqp, &prefix);
+    cfg.node_id = Some("survivor".into());
+    cfg.presence_ttl_secs = TTL;
+    let survivor = start(cfg).await;
+
+    let _victim = connect(doomed.addr, "arena", "victim").await;
+    let mut watcher = connect(survivor.local_addr(), "arena", "watcher").await;
+    // Wait until the survivor knows the victim (and the doomed node).
+    let mut members: std::collections::BTreeSet<String> = watcher.welcome["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !members.contains("victim") {
+        let f = tokio::time::timeout_at(deadline, next_frame(&mut watcher.socket))
+            .await
+            .expect("victim's join");
+        if f["type"] == "presence" {
+            members.extend(
+                f["joins"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.as_str().unwrap().to_owned()),
+            );
+        }
+    }
+
+    let mut doomed = doomed;
+    doomed.child.kill().unwrap(); // SIGKILL: no goodbye, no cleanup
+    doomed.child.wait().unwrap();
+
+    // The leave must come within the TTL plus one heartbeat and batch of slack.
+    let bound = std::time::Duration::from_millis(TTL * 1000 + 1500);
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let f = tokio::time::timeout_at(deadline, next_frame(&mut watcher.socket))
+            .await
+            .expect("the killed node's user left within the TTL");
+        if f["type"] == "presence"
+            && f["leaves"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m == "victim")
+        {
+            break;
+        }
+    }
+    let (_, _, body) = get(survivor.local_addr(), "/cluster").await;
+    let cluster: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = cluster["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["survivor"]);
+    survivor.shutdown().await;
+}

@@ -107,6 +107,7 @@ impl AmqpBus {
                         publisher: Publisher::Amqp(AmqpPublisher {
                             channel: channel.clone(),
                             exchange: exchange.clone(),
+                            prefix: self.prefix.clone(),
                         }),
                         inbox: Inbox::Amqp(AmqpInbox {
                             consumer,
@@ -147,6 +148,74 @@ impl AmqpBus {
                     .await;
                     return Err(unavailable(e));
                 }
+            }
+        }
+    }
+
+    /// Declare this node's presence queue, bound to `<prefix>.presence`.
+    pub async fn presence_link(&self, node_id: &str) -> Result<AmqpPresenceLink, BusError> {
+        let conn = self.pool.pick().ok_or_else(|| {
+            BusError::Unavailable(self.pool.readiness().err().unwrap_or_default())
+        })?;
+        let channel = conn.open_channel().await.map_err(unavailable)?;
+        let exchange = format!("{}.presence", self.prefix);
+        let queue = format!("{}.node.{node_id}", self.prefix);
+        let declared = async {
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions {
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            // Presence is soft state, refreshed by every heartbeat: no acks.
+            channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    queue.as_str().into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+        }
+        .await;
+        match declared {
+            Ok(consumer) => Ok(AmqpPresenceLink {
+                conn,
+                channel,
+                consumer,
+                exchange,
+            }),
+            Err(e) => {
+                conn.channel_closed();
+                Err(unavailable(e))
             }
         }
     }
@@ -257,6 +326,7 @@ fn unavailable(e: lapin::Error) -> BusError {
 pub struct AmqpPublisher {
     channel: Channel,
     exchange: String,
+    prefix: Arc<str>,
 }
 
 impl AmqpPublisher {
@@ -266,6 +336,31 @@ impl AmqpPublisher {
                 self.exchange.as_str().into(),
                 "".into(),
                 BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default(),
+            )
+            .await
+            .map(AmqpConfirm)
+            .map_err(unavailable)
+    }
+
+    /// Publish straight to the recipient's queue through the default exchange.
+    /// `mandatory` makes the broker return the message when no such queue exists,
+    /// which the confirm reports as [`BusError::NoRecipient`]: the queue *is* the
+    /// registry of who is online, so no user→node table is needed.
+    pub async fn publish_direct(
+        &self,
+        to: &UserId,
+        payload: Bytes,
+    ) -> Result<AmqpConfirm, BusError> {
+        self.channel
+            .basic_publish(
+                "".into(),
+                format!("{}.user.{to}", self.prefix).into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 &payload,
                 BasicProperties::default(),
             )
@@ -285,7 +380,8 @@ impl Future for AmqpConfirm {
         Pin::new(&mut self.0)
             .poll(cx)
             .map(|confirmation| match confirmation {
-                Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => Ok(()),
+                Ok(Confirmation::Ack(Some(_returned))) => Err(BusError::NoRecipient),
+                Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(()),
                 Ok(Confirmation::Nack(_)) => Err(BusError::Unavailable(
                     "the broker refused the message".into(),
                 )),
@@ -399,4 +495,49 @@ async fn release(state: LeaseState) {
     }
     conn.channel_closed();
     debug!(%queue, "released");
+}
+
+/// A node's presence queue and the channel it publishes gossip on.
+pub struct AmqpPresenceLink {
+    conn: Arc<PooledConnection>,
+    channel: Channel,
+    consumer: Consumer,
+    exchange: String,
+}
+
+impl AmqpPresenceLink {
+    pub async fn publish(&self, payload: Bytes) -> Result<(), BusError> {
+        self.channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default(),
+            )
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    pub async fn recv(&mut self) -> Result<Bytes, BusError> {
+        match self.consumer.next().await {
+            Some(Ok(delivery)) => Ok(Bytes::from(delivery.data)),
+            Some(Err(e)) => Err(unavailable(e)),
+            None => Err(BusError::Unavailable("presence consumer cancelled".into())),
+        }
+    }
+}
+
+impl Drop for AmqpPresenceLink {
+    fn drop(&mut self) {
+        self.conn.channel_closed();
+        let channel = self.channel.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            // Closing the channel cancels the consumer; the auto-delete queue goes.
+            handle.spawn(async move {
+                let _ = channel.close(200, "presence link closed".into()).await;
+            });
+        }
+    }
 }

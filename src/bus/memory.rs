@@ -9,11 +9,11 @@
 //! that falls further behind loses the oldest frames it has not read (like the
 //! RabbitMQ queues' `x-overflow: drop-head`), and the loss is logged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tracing::warn;
 
 use super::{BusError, Inbox, Lease, Publisher, Subscription};
@@ -32,8 +32,9 @@ pub struct MemoryBus {
 struct Inner {
     /// Live rooms. A std Mutex: it is never held across an await.
     rooms: Mutex<HashMap<RoomName, broadcast::Sender<Bytes>>>,
-    /// User ids with a live subscription: the embedded twin of exclusive queues.
-    users: Mutex<HashSet<UserId>>,
+    /// User ids with a live subscription, and where their direct messages go: the
+    /// embedded twin of exclusive queues.
+    users: Mutex<HashMap<UserId, mpsc::Sender<Bytes>>>,
 }
 
 impl MemoryBus {
@@ -42,8 +43,12 @@ impl MemoryBus {
     }
 
     pub fn subscribe(&self, room: &RoomName, user: &UserId) -> Result<Subscription, BusError> {
-        if !self.inner.users.lock().unwrap().insert(user.clone()) {
-            return Err(BusError::UserTaken);
+        let (direct_tx, direct) = mpsc::channel(ROOM_BUFFER);
+        match self.inner.users.lock().unwrap().entry(user.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => return Err(BusError::UserTaken),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(direct_tx);
+            }
         }
         let (sender, receiver) = {
             let mut rooms = self.inner.rooms.lock().unwrap();
@@ -55,8 +60,11 @@ impl MemoryBus {
             (sender, receiver)
         };
         Ok(Subscription {
-            publisher: Publisher::Memory(MemoryPublisher { sender }),
-            inbox: Inbox::Memory(MemoryInbox { receiver }),
+            publisher: Publisher::Memory(MemoryPublisher {
+                sender,
+                bus: self.clone(),
+            }),
+            inbox: Inbox::Memory(MemoryInbox { receiver, direct }),
             lease: Lease::Memory(MemoryLease {
                 bus: self.clone(),
                 room: room.clone(),
@@ -66,7 +74,7 @@ impl MemoryBus {
     }
 
     pub fn is_connected(&self, user: &UserId) -> bool {
-        self.inner.users.lock().unwrap().contains(user)
+        self.inner.users.lock().unwrap().contains_key(user)
     }
 
     /// Rooms with at least one member; for tests and diagnostics.
@@ -82,6 +90,7 @@ impl MemoryBus {
 
 pub struct MemoryPublisher {
     sender: broadcast::Sender<Bytes>,
+    bus: MemoryBus,
 }
 
 impl MemoryPublisher {
@@ -91,16 +100,34 @@ impl MemoryPublisher {
         let _ = self.sender.send(payload);
         Ok(())
     }
+
+    pub fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
+        let users = self.bus.inner.users.lock().unwrap();
+        let Some(queue) = users.get(to) else {
+            return Err(BusError::NoRecipient);
+        };
+        // A recipient this far behind loses the new message, like a full
+        // RabbitMQ queue would drop its oldest: either way a slow reader loses.
+        if queue.try_send(payload).is_err() {
+            warn!(%to, "direct message dropped: recipient too slow");
+        }
+        Ok(())
+    }
 }
 
 pub struct MemoryInbox {
     receiver: broadcast::Receiver<Bytes>,
+    direct: mpsc::Receiver<Bytes>,
 }
 
 impl MemoryInbox {
     pub async fn recv(&mut self) -> Result<String, BusError> {
         loop {
-            match self.receiver.recv().await {
+            let received = tokio::select! {
+                Some(frame) = self.direct.recv() => return Ok(to_text(frame)),
+                received = self.receiver.recv() => received,
+            };
+            match received {
                 Ok(frame) => return Ok(to_text(frame)),
                 Err(broadcast::error::RecvError::Lagged(lost)) => {
                     warn!(lost, "slow receiver dropped the oldest frames");
@@ -113,6 +140,9 @@ impl MemoryInbox {
     }
 
     pub fn try_recv(&mut self) -> Option<Result<String, BusError>> {
+        if let Ok(frame) = self.direct.try_recv() {
+            return Some(Ok(to_text(frame)));
+        }
         loop {
             match self.receiver.try_recv() {
                 Ok(frame) => return Some(Ok(to_text(frame))),
@@ -192,6 +222,21 @@ mod tests {
             assert_eq!(b.inbox.recv().await.unwrap(), format!("{i}"));
         }
         assert!(c.inbox.try_recv().is_none());
+        // Direct messages cross rooms; unknown recipients are reported.
+        a.publisher
+            .publish_direct(&carol, Bytes::from("dm"))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(c.inbox.recv().await.unwrap(), "dm");
+        let nobody = UserId::parse("nobody").unwrap();
+        let confirm = a
+            .publisher
+            .publish_direct(&nobody, Bytes::from("x"))
+            .await
+            .unwrap();
+        assert_eq!(confirm.await, Err(BusError::NoRecipient));
     }
 
     #[tokio::test]

@@ -31,6 +31,9 @@ pub enum BusError {
     /// Another session (on this node or any other) holds this user id.
     #[error("user id is already connected")]
     UserTaken,
+    /// A direct message found no queue: its recipient is not connected anywhere.
+    #[error("no such user is connected")]
+    NoRecipient,
     /// The broker is unreachable or refused the operation; retry later.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
@@ -64,6 +67,19 @@ impl Bus {
         match self {
             Bus::Memory(bus) => Ok(bus.is_connected(user)),
             Bus::Amqp(bus) => bus.is_connected(user).await,
+        }
+    }
+
+    /// The node's link for presence gossip between nodes (one queue per node on a
+    /// presence fanout exchange). The embedded bus has no other nodes: its link
+    /// carries nothing.
+    pub async fn presence_link(&self, node_id: &str) -> Result<PresenceLink, BusError> {
+        match self {
+            Bus::Memory(_) => Ok(PresenceLink::Alone),
+            Bus::Amqp(bus) => bus
+                .presence_link(node_id)
+                .await
+                .map(|link| PresenceLink::Amqp(Box::new(link))),
         }
     }
 
@@ -113,6 +129,41 @@ impl Publisher {
         match self {
             Publisher::Memory(p) => Ok(Confirm::Done(Some(p.publish(payload)))),
             Publisher::Amqp(p) => p.publish(payload).await.map(Confirm::Amqp),
+        }
+    }
+}
+
+impl Publisher {
+    /// Send `payload` to `to`'s queue, wherever it is connected. The confirm fails
+    /// with [`BusError::NoRecipient`] when nobody by that id is connected.
+    pub async fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<Confirm, BusError> {
+        match self {
+            Publisher::Memory(p) => Ok(Confirm::Done(Some(p.publish_direct(to, payload)))),
+            Publisher::Amqp(p) => p.publish_direct(to, payload).await.map(Confirm::Amqp),
+        }
+    }
+}
+
+/// Gossip between nodes about who is connected where.
+pub enum PresenceLink {
+    /// A single node: nothing to tell, nothing to hear.
+    Alone,
+    Amqp(Box<amqp::AmqpPresenceLink>),
+}
+
+impl PresenceLink {
+    pub async fn publish(&self, payload: Bytes) -> Result<(), BusError> {
+        match self {
+            PresenceLink::Alone => Ok(()),
+            PresenceLink::Amqp(link) => link.publish(payload).await,
+        }
+    }
+
+    /// The next gossip message from any node (this one included).
+    pub async fn recv(&mut self) -> Result<Bytes, BusError> {
+        match self {
+            PresenceLink::Alone => std::future::pending().await,
+            PresenceLink::Amqp(link) => link.recv().await,
         }
     }
 }

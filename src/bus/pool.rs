@@ -190,11 +190,12 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
                 };
                 pool.slots[slot].write().unwrap().take();
                 warn!(slot, %reason, "lost the broker connection; reconnecting");
-                *pool.last_error.lock().unwrap() = format!("broker connection lost: {reason}");
+                *pool.last_error.lock().unwrap() =
+                    "lost the broker connection; reconnecting".into();
             }
             Err(reason) => {
                 warn!(slot, %reason, attempt, "cannot reach the broker");
-                *pool.last_error.lock().unwrap() = format!("broker unreachable: {reason}");
+                *pool.last_error.lock().unwrap() = "the broker is unreachable; retrying".into();
                 if let Some(tx) = first_attempt.take() {
                     let _ = tx.send(());
                 }

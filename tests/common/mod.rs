@@ -108,8 +108,20 @@ pub async fn refused(addr: SocketAddr, query: &str, origin: Option<&str>) -> (u1
     }
 }
 
-/// The next text frame, as JSON; skips pings/pongs. Fails on timeout or close.
+/// The next text frame other than `presence`, as JSON; skips pings/pongs. Fails
+/// on timeout or close. Presence frames arrive whenever members come and go;
+/// tests about presence read them with [`next_frame`].
 pub async fn next_json(socket: &mut Socket) -> Value {
+    loop {
+        let frame = next_frame(socket).await;
+        if frame["type"] != "presence" {
+            return frame;
+        }
+    }
+}
+
+/// The next text frame of any type, as JSON.
+pub async fn next_frame(socket: &mut Socket) -> Value {
     loop {
         let msg = tokio::time::timeout(WAIT, socket.next())
             .await
@@ -173,6 +185,7 @@ pub async fn assert_silent(socket: &mut Socket, window: Duration) {
         match tokio::time::timeout(window, socket.next()).await {
             Err(_) => return,
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(Message::Text(t)))) if t.contains(r#""type":"presence""#) => continue,
             Ok(other) => panic!("expected silence, got {other:?}"),
         }
     }

@@ -1,0 +1,329 @@
+//! Presence: who is in each room across the cluster, and the live node list.
+//!
+//! One task per node owns a [`view::ClusterView`]. Sessions tell it when they
+//! join and leave; it
+//! - publishes this node's changes as batched deltas, and a full snapshot every
+//!   heartbeat, on the broker's presence fanout exchange (one queue per node);
+//! - applies other nodes' gossip, and forgets a node whose heartbeats stop for
+//!   the TTL (a node killed without saying goodbye);
+//! - every batch interval, sends each local room's sessions one `presence` frame
+//!   with the joins and leaves since the last one, serialised once per room.
+//!
+//! Consistency is eventual: a live node's changes reach others within a batch
+//! interval plus broker latency; a dead node's users linger at most the TTL plus
+//! one batch interval. No registry outside RabbitMQ exists.
+
+pub mod view;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, warn};
+
+use crate::bus::{Bus, PresenceLink};
+use crate::protocol::ServerFrame;
+use view::{Change, ClusterView, Gossip, NodeInfo};
+
+/// Presence frames a session may fall behind before it misses some.
+const UPDATES_BUFFER: usize = 64;
+/// Commands queued for the presence task; senders wait when it is full.
+const COMMAND_BUFFER: usize = 1024;
+
+/// Timing of presence.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceTiming {
+    /// How long a silent node stays in member lists.
+    pub ttl: Duration,
+    /// How long joins and leaves are gathered into one delta / one frame.
+    pub batch: Duration,
+}
+
+impl PresenceTiming {
+    /// Heartbeats come three times per TTL, so one lost heartbeat is not a death.
+    pub fn heartbeat(&self) -> Duration {
+        (self.ttl / 3).max(Duration::from_millis(100))
+    }
+}
+
+/// What a session gets when it joins: the members now, and the changes to come.
+pub struct Joined {
+    pub members: Vec<String>,
+    /// Serialised `presence` frames for the session's room.
+    pub updates: broadcast::Receiver<Arc<str>>,
+}
+
+enum Command {
+    Join {
+        room: String,
+        user: String,
+        reply: oneshot::Sender<Joined>,
+    },
+    Leave {
+        room: String,
+        user: String,
+    },
+    Members {
+        room: String,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    Nodes {
+        reply: oneshot::Sender<Vec<NodeInfo>>,
+    },
+    Stop {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A handle on the node's presence task. Cheap to clone.
+#[derive(Clone)]
+pub struct Presence {
+    commands: mpsc::Sender<Command>,
+    task: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Presence {
+    pub fn start(bus: Bus, node_id: String, timing: PresenceTiming) -> Self {
+        let (commands, rx) = mpsc::channel(COMMAND_BUFFER);
+        let task = tokio::spawn(run(bus, node_id, timing, rx));
+        Self {
+            commands,
+            task: Arc::new(std::sync::Mutex::new(Some(task))),
+        }
+    }
+
+    pub async fn join(&self, room: &str, user: &str) -> Joined {
+        let (reply, rx) = oneshot::channel();
+        let sent = self
+            .commands
+            .send(Command::Join {
+                room: room.to_owned(),
+                user: user.to_owned(),
+                reply,
+            })
+            .await;
+        match (sent, rx.await) {
+            (Ok(()), Ok(joined)) => joined,
+            // The task is gone (the node is stopping): an empty, silent presence.
+            _ => Joined {
+                members: vec![user.to_owned()],
+                updates: broadcast::channel(1).1,
+            },
+        }
+    }
+
+    pub async fn leave(&self, room: &str, user: &str) {
+        let _ = self
+            .commands
+            .send(Command::Leave {
+                room: room.to_owned(),
+                user: user.to_owned(),
+            })
+            .await;
+    }
+
+    pub async fn members(&self, room: &str) -> Vec<String> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self
+            .commands
+            .send(Command::Members {
+                room: room.to_owned(),
+                reply,
+            })
+            .await;
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn nodes(&self) -> Vec<NodeInfo> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Nodes { reply }).await;
+        rx.await.unwrap_or_default()
+    }
+
+    /// Say goodbye to the other nodes and stop. Call after sessions have left.
+    pub async fn stop(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.commands.send(Command::Stop { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+        let task = self.task.lock().unwrap().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The presence task's state besides the view.
+struct Rooms {
+    /// Per local room: where its sessions read presence frames.
+    updates: HashMap<String, broadcast::Sender<Arc<str>>>,
+    /// Per local room: the member set its sessions were last told about.
+    announced: HashMap<String, BTreeSet<String>>,
+    /// Rooms whose members may have changed since the last flush.
+    dirty: BTreeSet<String>,
+}
+
+impl Rooms {
+    /// Send each dirty local room one frame with what changed since the last one.
+    fn flush(&mut self, view: &ClusterView) {
+        for room in std::mem::take(&mut self.dirty) {
+            let (Some(sender), Some(announced)) =
+                (self.updates.get(&room), self.announced.get_mut(&room))
+            else {
+                continue;
+            };
+            let now = view.members(&room);
+            let joins: Vec<String> = now.difference(announced).cloned().collect();
+            let leaves: Vec<String> = announced.difference(&now).cloned().collect();
+            if joins.is_empty() && leaves.is_empty() {
+                continue;
+            }
+            *announced = now;
+            let frame = ServerFrame::Presence {
+                room: room.clone(),
+                joins,
+                leaves,
+            };
+            let _ = sender.send(Arc::from(frame.to_json()));
+        }
+    }
+}
+
+async fn connect_link(bus: &Bus, node_id: &str) -> Option<PresenceLink> {
+    match bus.presence_link(node_id).await {
+        Ok(link) => Some(link),
+        Err(e) => {
+            warn!(error = %e, "presence link unavailable; will retry");
+            None
+        }
+    }
+}
+
+async fn publish(link: &mut Option<PresenceLink>, gossip: &Gossip) {
+    let Some(l) = link else { return };
+    let payload = Bytes::from(serde_json::to_vec(gossip).expect("gossip serialises"));
+    if let Err(e) = l.publish(payload).await {
+        warn!(error = %e, "presence publish failed");
+        *link = None;
+    }
+}
+
+async fn run(
+    bus: Bus,
+    node_id: String,
+    timing: PresenceTiming,
+    mut commands: mpsc::Receiver<Command>,
+) {
+    let mut view = ClusterView::new(&node_id, timing.ttl);
+    let mut rooms = Rooms {
+        updates: HashMap::new(),
+        announced: HashMap::new(),
+        dirty: BTreeSet::new(),
+    };
+    let mut pending: Vec<Change> = Vec::new();
+    let mut reply_due = false;
+    let mut link = connect_link(&bus, &node_id).await;
+    let mut said_hello = false;
+    let mut batch = tokio::time::interval(timing.batch);
+    batch.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(timing.heartbeat());
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+    loop {
+        let gossip = async {
+            match link.as_mut() {
+                Some(l) => l.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            command = commands.recv() => match command {
+                None => break,
+                Some(Command::Join { room, user, reply }) => {
+                    view.join_local(&room, &user);
+                    pending.push(Change { room: room.clone(), user: user.clone(), joined: true });
+                    let members = view.members(&room);
+                    if !rooms.updates.contains_key(&room) {
+                        rooms.updates.insert(room.clone(), broadcast::channel(UPDATES_BUFFER).0);
+                        // New local room: announce as known everyone but the
+                        // joiner, so the first flush tells the room about them.
+                        let mut before = members.clone();
+                        before.remove(&user);
+                        rooms.announced.insert(room.clone(), before);
+                    }
+                    rooms.dirty.insert(room.clone());
+                    let updates = rooms.updates[&room].subscribe();
+                    let _ = reply.send(Joined { members: members.into_iter().collect(), updates });
+                }
+                Some(Command::Leave { room, user }) => {
+                    view.leave_local(&room, &user);
+                    pending.push(Change { room: room.clone(), user, joined: false });
+                    rooms.dirty.insert(room.clone());
+                    if rooms.updates.get(&room).is_some_and(|s| s.receiver_count() == 0) {
+                        rooms.updates.remove(&room);
+                        rooms.announced.remove(&room);
+                    }
+                }
+                Some(Command::Members { room, reply }) => {
+                    let _ = reply.send(view.members(&room).into_iter().collect());
+                }
+                Some(Command::Nodes { reply }) => {
+                    let _ = reply.send(view.nodes(now_ms()));
+                }
+                Some(Command::Stop { done }) => {
+                    publish(&mut link, &Gossip::Goodbye { node: node_id.clone() }).await;
+                    drop(link);
+                    let _ = done.send(());
+                    return;
+                }
+            },
+            received = gossip => match received {
+                Ok(payload) => match serde_json::from_slice::<Gossip>(&payload) {
+                    Ok(g) => {
+                        let applied = view.apply(g, Instant::now(), now_ms());
+                        reply_due |= applied.reply_due;
+                        rooms.dirty.extend(applied.rooms);
+                    }
+                    Err(e) => debug!(error = %e, "ignoring malformed gossip"),
+                },
+                Err(e) => {
+                    warn!(error = %e, "presence link lost");
+                    link = None;
+                }
+            },
+            _ = batch.tick() => {
+                rooms.dirty.extend(view.expire(Instant::now()));
+                if !pending.is_empty() {
+                    let changes = std::mem::take(&mut pending);
+                    publish(&mut link, &Gossip::Delta { node: node_id.clone(), changes }).await;
+                }
+                if reply_due {
+                    reply_due = false;
+                    publish(&mut link, &view.snapshot(false, now_ms())).await;
+                }
+                rooms.flush(&view);
+            }
+            _ = heartbeat.tick() => {
+                if link.is_none() {
+                    link = connect_link(&bus, &node_id).await;
+                    said_hello = false;
+                }
+                // The first snapshot on a (new) link says hello, so others answer
+                // with theirs and this node learns the cluster at once.
+                publish(&mut link, &view.snapshot(!said_hello, now_ms())).await;
+                said_hello = link.is_some();
+            }
+        }
+    }
+}
