@@ -87,6 +87,11 @@ pub struct Config {
     #[arg(long, env = "WARREN_PRESENCE_BATCH_MS", default_value_t = 100)]
     pub presence_batch_ms: u64,
 
+    /// Seconds between keep-alive comments on idle Server-Sent Events streams, so
+    /// proxies don't cut them.
+    #[arg(long, env = "WARREN_SSE_KEEPALIVE_SECS", default_value_t = 15)]
+    pub sse_keepalive_secs: u64,
+
     /// Log format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

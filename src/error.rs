@@ -25,6 +25,7 @@ pub enum ErrorCode {
     InvalidMessage,
     MessageTooLarge,
     UnsupportedFrame,
+    UnsupportedMediaType,
     Internal,
 }
 
@@ -46,6 +47,7 @@ impl ErrorCode {
             ErrorCode::InvalidMessage => "invalid_message",
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::UnsupportedFrame => "unsupported_frame",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Internal => "internal",
         }
     }
@@ -65,6 +67,7 @@ impl ErrorCode {
             ErrorCode::UserTaken => StatusCode::CONFLICT,
             ErrorCode::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -1,6 +1,8 @@
 //! The HTTP surface: every route in one place, as warp filters.
 //!
 //! - `GET /ws` → [`crate::upgrade`] (the WebSocket handshake)
+//! - `GET /rooms/<room>/events` → [`crate::sse`] (Server-Sent Events)
+//! - `POST /rooms/<room>/messages`, `POST /users/<user>/messages` → [`crate::publish`]
 //! - `GET /rooms/<room>/members`, `GET /cluster` → [`crate::presence`]
 //! - `GET /healthz` liveness, `GET /readyz` readiness (the bus is usable)
 //! - `GET /` and static assets from `--static-dir`, with a Content-Security-Policy
@@ -88,6 +90,34 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
             warp::reply::json(&ClusterBody { nodes }).into_response()
         });
 
+    let events = warp::path!("rooms" / String / "events")
+        .and(warp::get())
+        .and(with_node.clone())
+        .and(warp::query::<HashMap<String, String>>())
+        .and(warp::header::optional::<String>("origin"))
+        .and(warp::header::optional::<String>("host"))
+        .and_then(crate::sse::handle);
+
+    let room_post = warp::path!("rooms" / String / "messages")
+        .and(warp::post())
+        .and(with_node.clone())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(|room, node, content_type, length, body| {
+            crate::publish::room_message(room, node, content_type, length, Box::pin(body))
+        });
+
+    let direct_post = warp::path!("users" / String / "messages")
+        .and(warp::post())
+        .and(with_node.clone())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(|user, node, content_type, length, body| {
+            crate::publish::direct_message(user, node, content_type, length, Box::pin(body))
+        });
+
     let mut security = HeaderMap::new();
     security.insert(
         "content-security-policy",
@@ -117,6 +147,12 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .or(members)
         .unify()
         .or(cluster)
+        .unify()
+        .or(events)
+        .unify()
+        .or(room_post)
+        .unify()
+        .or(direct_post)
         .unify()
         .or(readyz)
         .unify()

@@ -28,13 +28,16 @@ pub mod bus;
 pub mod claims;
 pub mod config;
 pub mod error;
+pub mod handshake;
 pub mod http;
 pub mod names;
 pub mod presence;
 pub mod protocol;
+pub mod publish;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod sse;
 pub mod upgrade;
 
 pub use config::Config;

@@ -87,7 +87,8 @@ impl<'de> Deserialize<'de> for ErrorCode {
     }
 }
 
-const ALL_CODES: [ErrorCode; 15] = [
+const ALL_CODES: [ErrorCode; 16] = [
+    ErrorCode::UnsupportedMediaType,
     ErrorCode::InvalidRoom,
     ErrorCode::InvalidUser,
     ErrorCode::OriginNotAllowed,
@@ -132,6 +133,41 @@ pub struct MembersBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterBody {
     pub nodes: Vec<crate::presence::view::NodeInfo>,
+}
+
+/// `202 Accepted` for an HTTP-published message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedBody {
+    pub id: String,
+}
+
+/// The body of `POST /rooms/<room>/messages`: who speaks, and what.
+#[derive(Debug, Deserialize)]
+pub struct RoomPost {
+    pub user: Option<serde_json::Value>,
+    pub text: Option<serde_json::Value>,
+}
+
+/// The body of `POST /users/<user>/messages`.
+#[derive(Debug, Deserialize)]
+pub struct DirectPost {
+    pub from: Option<serde_json::Value>,
+    pub text: Option<serde_json::Value>,
+}
+
+/// The `type` and, when it has one, the `id` of a serialised server frame,
+/// read without parsing the rest: Server-Sent Events name each event by type
+/// and id, and the frames arrive as the bytes every receiver shares. Relies on
+/// serde writing fields in declaration order (`type` first, then `id` for
+/// `message` and `direct`), which the tests below pin.
+pub fn frame_head(frame: &str) -> Option<(&str, Option<&str>)> {
+    let rest = frame.strip_prefix(r#"{"type":""#)?;
+    let (kind, rest) = rest.split_once('"')?;
+    let id = rest
+        .strip_prefix(r#","id":""#)
+        .and_then(|r| r.split_once('"'))
+        .map(|(id, _)| id);
+    Some((kind, id))
 }
 
 /// The body of `/healthz` and a ready `/readyz`.
@@ -375,6 +411,36 @@ mod tests {
             code(r#"{"type":"direct","to":"bob","text":"12345678901"}"#),
             ErrorCode::MessageTooLarge
         );
+    }
+
+    #[test]
+    fn frame_heads() {
+        let message = ServerFrame::Message {
+            id: "m-1".into(),
+            room: "r".into(),
+            from: "a".into(),
+            text: "\"type\":\"x\"".into(),
+            ts: 1,
+        };
+        assert_eq!(
+            frame_head(&message.to_json()),
+            Some(("message", Some("m-1")))
+        );
+        let direct = ServerFrame::Direct {
+            id: "d-1".into(),
+            from: "a".into(),
+            to: "b".into(),
+            text: "t".into(),
+            ts: 1,
+        };
+        assert_eq!(frame_head(&direct.to_json()), Some(("direct", Some("d-1"))));
+        let presence = ServerFrame::Presence {
+            room: "r".into(),
+            joins: vec![],
+            leaves: vec![],
+        };
+        assert_eq!(frame_head(&presence.to_json()), Some(("presence", None)));
+        assert_eq!(frame_head("nonsense"), None);
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 const WRITE_BATCH: usize = 256;
 /// A socket that cannot take a write for this long is dropped: it is dead or too
 /// slow to serve, and waiting longer would only hold its queue's backlog hostage.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the closing handshake may take before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Invalid frames tolerated per [`ERROR_WINDOW`] before the socket is closed with
@@ -117,7 +117,7 @@ pub enum SessionEnd {
     Silent,
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -171,7 +171,8 @@ pub struct StopSignals {
 }
 
 impl StopSignals {
-    async fn restart_due(&self) {
+    /// Resolves when this session's turn to close for a drain has come.
+    pub async fn restart_due(&self) {
         self.restart.cancelled().await;
         let jitter = self.restart_jitter.mul_f64(rand::random::<f64>());
         tokio::time::sleep(jitter).await;

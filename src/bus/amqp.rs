@@ -220,6 +220,89 @@ impl AmqpBus {
         }
     }
 
+    /// Publish on a short-lived channel of its own: a passive declare of a missing
+    /// exchange closes the channel it runs on, which must not be a session's.
+    pub async fn publish_room(&self, room: &RoomName, payload: Bytes) -> Result<(), BusError> {
+        let exchange = self.exchange_name(room);
+        self.publish_alone(|channel| async move {
+            let exists = channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match exists {
+                // Nobody is in the room: there is no one to deliver to.
+                Err(e) if reply_code(&e) == Some(NOT_FOUND) => return Ok(None),
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+            channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    BasicProperties::default(),
+                )
+                .await
+                .map(Some)
+        })
+        .await
+    }
+
+    pub async fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
+        let queue = self.queue_name(to);
+        self.publish_alone(|channel| async move {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &payload,
+                    BasicProperties::default(),
+                )
+                .await
+                .map(Some)
+        })
+        .await
+    }
+
+    async fn publish_alone<F, Fut>(&self, publish: F) -> Result<(), BusError>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = lapin::Result<Option<PublisherConfirm>>>,
+    {
+        let conn = self.pool.pick().ok_or_else(|| {
+            BusError::Unavailable(self.pool.readiness().err().unwrap_or_default())
+        })?;
+        let channel = conn.open_channel().await.map_err(unavailable)?;
+        let result = async {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(unavailable)?;
+            match publish(channel.clone()).await.map_err(unavailable)? {
+                Some(confirm) => AmqpConfirm(confirm).await,
+                None => Ok(()),
+            }
+        }
+        .await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "published".into()).await;
+        }
+        conn.channel_closed();
+        result
+    }
+
     pub async fn is_connected(&self, user: &UserId) -> Result<bool, BusError> {
         let conn = self.pool.pick().ok_or_else(|| {
             BusError::Unavailable(self.pool.readiness().err().unwrap_or_default())

@@ -77,6 +77,25 @@ impl MemoryBus {
         self.inner.users.lock().unwrap().contains_key(user)
     }
 
+    pub fn publish_room(&self, room: &RoomName, payload: Bytes) {
+        if let Some(sender) = self.inner.rooms.lock().unwrap().get(room) {
+            let _ = sender.send(payload);
+        }
+    }
+
+    pub fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
+        let users = self.inner.users.lock().unwrap();
+        let Some(queue) = users.get(to) else {
+            return Err(BusError::NoRecipient);
+        };
+        // A recipient this far behind loses the new message, like a full
+        // RabbitMQ queue would drop its oldest: either way a slow reader loses.
+        if queue.try_send(payload).is_err() {
+            warn!(%to, "direct message dropped: recipient too slow");
+        }
+        Ok(())
+    }
+
     /// Rooms with at least one member; for tests and diagnostics.
     pub fn room_count(&self) -> usize {
         self.inner.rooms.lock().unwrap().len()
@@ -102,16 +121,7 @@ impl MemoryPublisher {
     }
 
     pub fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
-        let users = self.bus.inner.users.lock().unwrap();
-        let Some(queue) = users.get(to) else {
-            return Err(BusError::NoRecipient);
-        };
-        // A recipient this far behind loses the new message, like a full
-        // RabbitMQ queue would drop its oldest: either way a slow reader loses.
-        if queue.try_send(payload).is_err() {
-            warn!(%to, "direct message dropped: recipient too slow");
-        }
-        Ok(())
+        self.bus.publish_direct(to, payload)
     }
 }
 

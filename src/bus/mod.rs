@@ -83,6 +83,27 @@ impl Bus {
         }
     }
 
+    /// Publish to a room without a session (HTTP publishing), waiting for the
+    /// broker's confirm. A room nobody is in takes the message and drops it.
+    pub async fn publish_room(&self, room: &RoomName, payload: Bytes) -> Result<(), BusError> {
+        match self {
+            Bus::Memory(bus) => {
+                bus.publish_room(room, payload);
+                Ok(())
+            }
+            Bus::Amqp(bus) => bus.publish_room(room, payload).await,
+        }
+    }
+
+    /// Send a direct message without a session, waiting for the broker's confirm;
+    /// [`BusError::NoRecipient`] when `to` is not connected anywhere.
+    pub async fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
+        match self {
+            Bus::Memory(bus) => bus.publish_direct(to, payload),
+            Bus::Amqp(bus) => bus.publish_direct(to, payload).await,
+        }
+    }
+
     /// `Ok` when new sessions can subscribe and publish, else why not.
     pub fn readiness(&self) -> Result<(), String> {
         match self {

@@ -1,0 +1,217 @@
+//! HTTP publishing: `POST /rooms/<room>/messages` and `POST /users/<user>/messages`.
+//!
+//! For clients without a socket (SSE readers, scripts, `curl`). The body is JSON,
+//! read with a hard size limit before any of it is buffered past that limit; the
+//! frame is built and serialised exactly as a WebSocket session would, published,
+//! and answered `202 {"id"}` only once the broker has confirmed it.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use tracing::debug;
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+
+use crate::bus::BusError;
+use crate::error::{ClientError, ErrorCode};
+use crate::http::error_response;
+use crate::names::{RoomName, UserId};
+use crate::protocol::{AcceptedBody, DirectPost, RoomPost, ServerFrame, validate_text};
+use crate::server::Node;
+use crate::session::now_ms;
+
+fn client_error(code: ErrorCode, message: impl Into<String>) -> ClientError {
+    ClientError::new(code, message)
+}
+
+/// Read a JSON body of at most `limit` bytes. A declared Content-Length over the
+/// limit is refused before reading; an undeclared (chunked) body is refused as
+/// soon as it passes the limit.
+async fn read_json<T, S, B>(
+    content_type: Option<String>,
+    content_length: Option<u64>,
+    body: S,
+    limit: usize,
+) -> Result<T, ClientError>
+where
+    T: DeserializeOwned,
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let is_json = content_type
+        .as_deref()
+        .and_then(|ct| ct.split(';').next())
+        .is_some_and(|ct| ct.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(client_error(
+            ErrorCode::UnsupportedMediaType,
+            "send the body as application/json",
+        ));
+    }
+    let too_large = || {
+        client_error(
+            ErrorCode::MessageTooLarge,
+            format!("the body is over {limit} bytes"),
+        )
+    };
+    if content_length.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = body;
+    let mut buffer = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk
+            .map_err(|e| client_error(ErrorCode::InvalidJson, format!("body unreadable: {e}")))?;
+        if buffer.len() + chunk.remaining() > limit {
+            return Err(too_large());
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buffer.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    serde_json::from_slice(&buffer).map_err(|e| {
+        client_error(
+            ErrorCode::InvalidJson,
+            format!("body is not the expected JSON: {e}"),
+        )
+    })
+}
+
+fn user_field(value: Option<serde_json::Value>, field: &str) -> Result<UserId, ClientError> {
+    match value {
+        Some(serde_json::Value::String(user)) => Ok(UserId::parse(&user)?),
+        _ => Err(client_error(
+            ErrorCode::InvalidUser,
+            format!("{field} must be a user id"),
+        )),
+    }
+}
+
+fn accepted(id: String) -> Response {
+    warp::reply::with_status(
+        warp::reply::json(&AcceptedBody { id }),
+        StatusCode::ACCEPTED,
+    )
+    .into_response()
+}
+
+fn bus_refusal(error: BusError) -> Response {
+    debug!(%error, "HTTP publish failed");
+    error_response(&match error {
+        BusError::NoRecipient => {
+            client_error(ErrorCode::UserNotFound, "no user by that id is connected")
+        }
+        BusError::UserTaken | BusError::Unavailable(_) => client_error(
+            ErrorCode::Unavailable,
+            "the message broker is unavailable; retry shortly",
+        ),
+    })
+}
+
+fn ready(node: &Node) -> Result<(), ClientError> {
+    if node.bus.readiness().is_err() || node.shutdown.is_cancelled() {
+        return Err(client_error(
+            ErrorCode::Unavailable,
+            "the message broker is unavailable; retry shortly",
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /rooms/<room>/messages` with `{"user": "...", "text": "..."}`.
+pub async fn room_message<S, B>(
+    room: String,
+    node: Arc<Node>,
+    content_type: Option<String>,
+    content_length: Option<u64>,
+    body: S,
+) -> Result<Response, Infallible>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let prepared = async {
+        let room = RoomName::parse(&room)?;
+        let post: RoomPost = read_json(
+            content_type,
+            content_length,
+            body,
+            node.config.max_frame_bytes,
+        )
+        .await?;
+        let user = user_field(post.user, "user")?;
+        let text = validate_text(post.text, node.config.max_text_bytes)
+            .map_err(|(c, m)| client_error(c, m))?;
+        ready(&node)?;
+        let id = node.settings.ids.next_id();
+        let frame = ServerFrame::Message {
+            id: id.clone(),
+            room: room.to_string(),
+            from: user.to_string(),
+            text,
+            ts: now_ms(),
+        };
+        Ok::<_, ClientError>((room, id, Bytes::from(frame.to_json())))
+    }
+    .await;
+    let (room, id, payload) = match prepared {
+        Ok(p) => p,
+        Err(e) => return Ok(error_response(&e)),
+    };
+    Ok(match node.bus.publish_room(&room, payload).await {
+        Ok(()) => accepted(id),
+        Err(e) => bus_refusal(e),
+    })
+}
+
+/// `POST /users/<user>/messages` with `{"from": "...", "text": "..."}`.
+pub async fn direct_message<S, B>(
+    to: String,
+    node: Arc<Node>,
+    content_type: Option<String>,
+    content_length: Option<u64>,
+    body: S,
+) -> Result<Response, Infallible>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let prepared = async {
+        let to = UserId::parse(&to)?;
+        let post: DirectPost = read_json(
+            content_type,
+            content_length,
+            body,
+            node.config.max_frame_bytes,
+        )
+        .await?;
+        let from = user_field(post.from, "from")?;
+        let text = validate_text(post.text, node.config.max_text_bytes)
+            .map_err(|(c, m)| client_error(c, m))?;
+        ready(&node)?;
+        let id = node.settings.ids.next_id();
+        let frame = ServerFrame::Direct {
+            id: id.clone(),
+            from: from.to_string(),
+            to: to.to_string(),
+            text,
+            ts: now_ms(),
+        };
+        Ok::<_, ClientError>((to, id, Bytes::from(frame.to_json())))
+    }
+    .await;
+    let (to, id, payload) = match prepared {
+        Ok(p) => p,
+        Err(e) => return Ok(error_response(&e)),
+    };
+    Ok(match node.bus.publish_direct(&to, payload).await {
+        Ok(()) => accepted(id),
+        Err(e) => bus_refusal(e),
+    })
+}
