@@ -4,6 +4,7 @@
 //! - `GET /rooms/<room>/events` → [`crate::sse`] (Server-Sent Events)
 //! - `POST /rooms/<room>/messages`, `POST /users/<user>/messages` → [`crate::publish`]
 //! - `GET /rooms/<room>/members`, `GET /cluster` → [`crate::presence`]
+//! - `GET /metrics` Prometheus text → [`crate::metrics`]
 //! - `GET /healthz` liveness, `GET /readyz` readiness (the bus is usable)
 //! - `GET /` and static assets from `--static-dir`, with a Content-Security-Policy
 //! - anything else → 404 with the JSON error body
@@ -31,12 +32,16 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self
      img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; \
      base-uri 'none'; frame-ancestors 'none'";
 
+/// The one shape of every HTTP error. The code rides along as a response
+/// extension so the route tree can count errors by code in one place.
 pub fn error_response(error: &ClientError) -> Response {
-    warp::reply::with_status(
+    let mut response = warp::reply::with_status(
         warp::reply::json(&ErrorBody::from(error)),
         error.code.status(),
     )
-    .into_response()
+    .into_response();
+    response.extensions_mut().insert(error.code);
+    response
 }
 
 /// All routes of a node.
@@ -118,6 +123,23 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
             crate::publish::direct_message(user, node, content_type, length, Box::pin(body))
         });
 
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_node.clone())
+        .map(|node: Arc<Node>| {
+            let ready = readiness(&node).status() == StatusCode::OK;
+            let text = node
+                .settings
+                .metrics
+                .render(node.bus.broker_connections(), ready);
+            warp::reply::with_header(
+                text,
+                "content-type",
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .into_response()
+        });
+
     let mut security = HeaderMap::new();
     security.insert(
         "content-security-policy",
@@ -150,6 +172,8 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .unify()
         .or(events)
         .unify()
+        .or(metrics)
+        .unify()
         .or(room_post)
         .unify()
         .or(direct_post)
@@ -160,6 +184,12 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .unify()
         .recover(handle_rejection)
         .unify()
+        .map(move |response: Response| {
+            if let Some(code) = response.extensions().get::<ErrorCode>() {
+                node.settings.metrics.error(*code);
+            }
+            response
+        })
 }
 
 fn status_reply(node: &Node, status: &str, code: StatusCode) -> Response {
@@ -197,4 +227,18 @@ async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> 
         ClientError::new(ErrorCode::NotFound, "no such resource")
     };
     Ok(error_response(&error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_responses_carry_their_code() {
+        let r = error_response(&ClientError::new(ErrorCode::InvalidUser, "x"));
+        assert_eq!(
+            r.extensions().get::<ErrorCode>(),
+            Some(&ErrorCode::InvalidUser)
+        );
+    }
 }

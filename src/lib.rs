@@ -30,6 +30,7 @@ pub mod config;
 pub mod error;
 pub mod handshake;
 pub mod http;
+pub mod metrics;
 pub mod names;
 pub mod presence;
 pub mod protocol;

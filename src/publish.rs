@@ -18,6 +18,7 @@ use warp::reply::{Reply, Response};
 use crate::bus::BusError;
 use crate::error::{ClientError, ErrorCode};
 use crate::http::error_response;
+use crate::metrics::Transport;
 use crate::names::{RoomName, UserId};
 use crate::protocol::{AcceptedBody, DirectPost, RoomPost, ServerFrame, validate_text};
 use crate::server::Node;
@@ -114,6 +115,14 @@ fn bus_refusal(error: BusError) -> Response {
     })
 }
 
+fn observe(node: &Node, published_at: std::time::Instant, kind: &'static str) {
+    let metrics = &node.settings.metrics;
+    metrics.received(kind, Transport::Http);
+    metrics
+        .confirm_seconds
+        .observe(published_at.elapsed().as_secs_f64());
+}
+
 fn ready(node: &Node) -> Result<(), ClientError> {
     if node.bus.readiness().is_err() || node.shutdown.is_cancelled() {
         return Err(client_error(
@@ -164,7 +173,10 @@ where
         Ok(p) => p,
         Err(e) => return Ok(error_response(&e)),
     };
-    Ok(match node.bus.publish_room(&room, payload).await {
+    let published_at = std::time::Instant::now();
+    let result = node.bus.publish_room(&room, payload).await;
+    observe(&node, published_at, "message");
+    Ok(match result {
         Ok(()) => accepted(id),
         Err(e) => bus_refusal(e),
     })
@@ -210,7 +222,10 @@ where
         Ok(p) => p,
         Err(e) => return Ok(error_response(&e)),
     };
-    Ok(match node.bus.publish_direct(&to, payload).await {
+    let published_at = std::time::Instant::now();
+    let result = node.bus.publish_direct(&to, payload).await;
+    observe(&node, published_at, "direct");
+    Ok(match result {
         Ok(()) => accepted(id),
         Err(e) => bus_refusal(e),
     })

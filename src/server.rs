@@ -22,6 +22,7 @@ use crate::bus::memory::MemoryBus;
 use crate::bus::pool::Pool;
 use crate::claims::Claims;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::presence::{Presence, PresenceTiming};
 use crate::session::{MessageIds, SessionSettings, StopSignals};
 
@@ -62,6 +63,7 @@ impl RunningServer {
             .node_id
             .clone()
             .unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff));
+        let metrics = Arc::new(Metrics::new());
         let bus = match &config.amqp_url {
             None => Bus::Memory(MemoryBus::new()),
             Some(urls) => {
@@ -72,8 +74,13 @@ impl RunningServer {
                     .map(String::from)
                     .collect();
                 anyhow::ensure!(!urls.is_empty(), "--amqp-url is empty");
-                let pool =
-                    Pool::start(urls, config.amqp_connections, &format!("warren {node_id}")).await;
+                let pool = Pool::start(
+                    urls,
+                    config.amqp_connections,
+                    &format!("warren {node_id}"),
+                    metrics.broker_reconnects.clone(),
+                )
+                .await;
                 Bus::Amqp(AmqpBus::new(pool, &config.prefix, config.queue_max_length))
             }
         };
@@ -88,6 +95,7 @@ impl RunningServer {
         );
         let node = Arc::new(Node {
             settings: Arc::new(SessionSettings {
+                metrics: metrics.clone(),
                 node_id: node_id.clone(),
                 max_text_bytes: config.max_text_bytes,
                 ping_interval: config.ping_interval(),

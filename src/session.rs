@@ -23,6 +23,7 @@ use warp::ws::Message;
 
 use crate::bus::{BusError, Confirm, Subscription};
 use crate::error::{ClientError, ErrorCode};
+use crate::metrics::{Metrics, Transport};
 use crate::names::{RoomName, UserId};
 use crate::presence::Joined;
 use crate::protocol::{ClientFrame, ServerFrame};
@@ -98,6 +99,7 @@ impl MessageIds {
 
 /// What every session of a node shares.
 pub struct SessionSettings {
+    pub metrics: Arc<Metrics>,
     pub node_id: String,
     pub max_text_bytes: usize,
     pub ping_interval: Duration,
@@ -136,20 +138,31 @@ where
     }
 }
 
-async fn write_frame<S>(sink: &mut S, frame: &ServerFrame) -> Result<(), String>
+async fn write_frame<S>(metrics: &Metrics, sink: &mut S, frame: &ServerFrame) -> Result<(), String>
 where
     S: Sink<Message> + Unpin,
     S::Error: std::fmt::Display,
 {
+    if let ServerFrame::Error { code, .. } = frame {
+        metrics.error(*code);
+    }
     write(sink, Message::text(frame.to_json())).await
 }
 
+/// Await one publish's confirm, timing it and counting it as in flight meanwhile.
 async fn confirmed(
+    metrics: Arc<Metrics>,
+    published_at: std::time::Instant,
     reference: Option<String>,
     id: String,
     confirm: Confirm,
 ) -> (Option<String>, String, Result<(), BusError>) {
-    (reference, id, confirm.await)
+    let result = confirm.await;
+    metrics.publish_in_flight.dec();
+    metrics
+        .confirm_seconds
+        .observe(published_at.elapsed().as_secs_f64());
+    (reference, id, result)
 }
 
 /// Who a session is and where.
@@ -209,7 +222,7 @@ where
             node: settings.node_id.clone(),
             members,
         };
-        if let Err(e) = write_frame(&mut sink, &welcome).await {
+        if let Err(e) = write_frame(&settings.metrics, &mut sink, &welcome).await {
             return SessionEnd::ClientGone(e);
         }
 
@@ -237,7 +250,7 @@ where
                 }
                 delivery = inbox.recv() => {
                     let Ok(first) = delivery else {
-                        let _ = write_frame(&mut sink, &ServerFrame::error(
+                        let _ = write_frame(&settings.metrics, &mut sink, &ServerFrame::error(
                             &ClientError::new(ErrorCode::Unavailable, "lost the message broker; reconnect shortly"),
                             None,
                         )).await;
@@ -252,6 +265,7 @@ where
                             _ => break,
                         }
                     }
+                    settings.metrics.delivered(Transport::WebSocket, batch.len() as u64);
                     let mut messages = futures_util::stream::iter(batch.into_iter().map(|t| Ok(Message::text(t))));
                     match tokio::time::timeout(WRITE_TIMEOUT, sink.send_all(&mut messages)).await {
                         Ok(Ok(())) => {}
@@ -287,7 +301,7 @@ where
                             ServerFrame::error(&ClientError::new(ErrorCode::Unavailable, "the message was not delivered; the broker is unavailable"), reference)
                         }
                     };
-                    if let Err(e) = write_frame(&mut sink, &frame).await {
+                    if let Err(e) = write_frame(&settings.metrics, &mut sink, &frame).await {
                         return SessionEnd::ClientGone(e);
                     }
                 }
@@ -314,9 +328,12 @@ where
                                     text,
                                     ts: now_ms(),
                                 };
+                                let published_at = std::time::Instant::now();
                                 match publisher.publish(Bytes::from(frame.to_json())).await {
                                     Ok(confirm) => {
-                                        confirms.push_back(confirmed(reference, id, confirm));
+                                        settings.metrics.received("message", Transport::WebSocket);
+                                        settings.metrics.publish_in_flight.inc();
+                                        confirms.push_back(confirmed(settings.metrics.clone(), published_at, reference, id, confirm));
                                         None
                                     }
                                     Err(e) => {
@@ -324,7 +341,7 @@ where
                                         // The broker's fault, not the client's: tell it, but
                                         // don't count it against the abuse budget.
                                         let frame = ServerFrame::error(&ClientError::new(ErrorCode::Unavailable, "the message was not delivered; the broker is unavailable"), reference);
-                                        if let Err(e) = write_frame(&mut sink, &frame).await {
+                                        if let Err(e) = write_frame(&settings.metrics, &mut sink, &frame).await {
                                             return SessionEnd::ClientGone(e);
                                         }
                                         None
@@ -340,9 +357,12 @@ where
                                     text,
                                     ts: now_ms(),
                                 };
+                                let published_at = std::time::Instant::now();
                                 match publisher.publish_direct(&to, Bytes::from(frame.to_json())).await {
                                     Ok(confirm) => {
-                                        confirms.push_back(confirmed(reference, id, confirm));
+                                        settings.metrics.received("direct", Transport::WebSocket);
+                                        settings.metrics.publish_in_flight.inc();
+                                        confirms.push_back(confirmed(settings.metrics.clone(), published_at, reference, id, confirm));
                                         None
                                     }
                                     Err(e) => {
@@ -350,7 +370,7 @@ where
                                         // The broker's fault, not the client's: tell it, but
                                         // don't count it against the abuse budget.
                                         let frame = ServerFrame::error(&ClientError::new(ErrorCode::Unavailable, "the message was not delivered; the broker is unavailable"), reference);
-                                        if let Err(e) = write_frame(&mut sink, &frame).await {
+                                        if let Err(e) = write_frame(&settings.metrics, &mut sink, &frame).await {
                                             return SessionEnd::ClientGone(e);
                                         }
                                         None
@@ -369,7 +389,7 @@ where
                             let _ = write(&mut sink, Message::close_with(close_code::POLICY_VIOLATION, "too many invalid frames")).await;
                             return SessionEnd::Abusive;
                         }
-                        if let Err(e) = write_frame(&mut sink, &ServerFrame::error(&error, reference)).await {
+                        if let Err(e) = write_frame(&settings.metrics, &mut sink, &ServerFrame::error(&error, reference)).await {
                             return SessionEnd::ClientGone(e);
                         }
                     }

@@ -24,6 +24,7 @@ use warp::sse::Event;
 use crate::error::{ClientError, ErrorCode};
 use crate::handshake::{self, Admitted, Handshake};
 use crate::http::error_response;
+use crate::metrics::Transport;
 use crate::protocol::{ServerFrame, frame_head};
 use crate::server::Node;
 use crate::session::WRITE_TIMEOUT;
@@ -100,6 +101,9 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
         claim,
         subscription,
     } = admitted;
+    let metrics = node.settings.metrics.clone();
+    let open = metrics.connections(Transport::Sse);
+    open.inc();
     info!("connected");
     let mut inbox = subscription.inbox;
     let joined = node.presence.join(room.as_str(), user.as_str()).await;
@@ -123,6 +127,7 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
                 delivery = inbox.recv() => match delivery {
                     Ok(frame) => {
                         send(&events, &frame).await?;
+                        metrics.delivered(Transport::Sse, 1);
                         inbox.settle().await;
                     }
                     Err(_) => {
@@ -130,6 +135,7 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
                             &ClientError::new(ErrorCode::Unavailable, "lost the message broker; reconnect shortly"),
                             None,
                         );
+                        metrics.error(ErrorCode::Unavailable);
                         let _ = send(&events, &error.to_json()).await;
                         return Err(StreamEnd::BrokerLost);
                     }
@@ -155,5 +161,6 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
     node.presence.leave(room.as_str(), user.as_str()).await;
     subscription.lease.release().await;
     drop(claim);
+    open.dec();
     info!(?end, "disconnected");
 }

@@ -13,6 +13,7 @@ use warp::ws::{Message, Ws};
 use crate::error::{ClientError, ErrorCode};
 use crate::handshake::{self, Admitted, Handshake};
 use crate::http::error_response;
+use crate::metrics::Transport;
 use crate::server::Node;
 use crate::session::{self, Inbound, Member};
 
@@ -66,6 +67,8 @@ fn upgrade(node: Arc<Node>, admitted: Admitted, ws: Ws) -> Response {
         .on_upgrade(move |socket| {
             async move {
                 let _task = task;
+                let open = node.settings.metrics.connections(Transport::WebSocket);
+                open.inc();
                 info!("connected");
                 let (sink, stream) = socket.split();
                 let inbound = stream.map(to_inbound);
@@ -86,6 +89,7 @@ fn upgrade(node: Arc<Node>, admitted: Admitted, ws: Ws) -> Response {
                     .await;
                 lease.release().await;
                 drop(claim);
+                open.dec();
                 info!(?end, "disconnected");
             }
             .instrument(span)

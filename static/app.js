@@ -13,18 +13,29 @@
   // An echo of our own message that arrives before its ack is held this long
   // waiting for the ack; after that it is shown as an ordinary message.
   const EARLY_ECHO_GRACE_MS = 5000;
+  // In "auto" mode, this many consecutive WebSocket failures before `open`
+  // (while the server says it would accept us) switch to Server-Sent Events.
+  const WS_FAILURES_BEFORE_SSE = 3;
+  // How long the SSE failure probe may take before it is abandoned.
+  const PROBE_TIMEOUT_MS = 5000;
+
+  // Server-Sent Event names the page listens to (the frame `type`s).
+  const SSE_EVENTS = ['welcome', 'message', 'direct', 'presence', 'ack', 'error'];
 
   // Refusals the user has to fix by hand: never reconnect on these.
   const FATAL_CODES = new Set(['user_taken', 'invalid_user', 'invalid_room', 'origin_not_allowed']);
 
   const FRIENDLY = {
-    user_taken: 'That name is taken in this room — pick another.',
+    user_taken: 'That name is taken — someone is using it (in this or another room). Pick another.',
     invalid_user: 'That name is not allowed: use 1–32 letters, digits, - or _.',
     invalid_room: 'That room name is not allowed: use 1–64 letters, digits, - or _.',
     origin_not_allowed: 'This page’s origin is not allowed to connect to the server.',
     unavailable: 'The server is busy or unavailable right now.',
     message_too_large: 'Message too large — not sent.',
+    sse_unsupported: 'This server does not offer Server-Sent Events. Choose “Auto” or “WebSocket”.',
   };
+
+  const TRANSPORT_LABEL = { ws: 'WebSocket', sse: 'SSE' };
 
   const CLOSE_REASONS = {
     1001: 'server is going away',
@@ -37,6 +48,7 @@
 
   const LS_NAME = 'warren.name';
   const LS_ROOM = 'warren.room';
+  const LS_TRANSPORT = 'warren.transport';
 
   const $ = (sel) => document.querySelector(sel);
 
@@ -46,11 +58,22 @@
     joinForm: $('#join-form'),
     name: $('#name'),
     room: $('#room'),
+    transportSelect: $('#transport-select'),
     join: $('#join'),
     roomTitle: $('#room-title'),
     status: $('#status'),
+    transport: $('#transport'),
     retry: $('#retry'),
     leave: $('#leave'),
+    conversations: $('#conversations'),
+    membersToggle: $('#members-toggle'),
+    memberCount: $('#member-count'),
+    membersPanel: $('#members-panel'),
+    membersRoom: $('#members-room'),
+    membersN: $('#members-n'),
+    membersClose: $('#members-close'),
+    members: $('#members'),
+    backdrop: $('#drawer-backdrop'),
     messages: $('#messages'),
     jump: $('#jump'),
     composer: $('#composer'),
@@ -63,33 +86,67 @@
   const state = {
     user: '',
     room: '',
+    mode: 'auto',        // what the user picked: auto | ws | sse
+    transport: 'ws',     // what is in use (or being tried): ws | sse
+    sseUnsupported: false,
     ws: null,
+    es: null,
     gen: 0,              // bumps on every connect/leave; stale callbacks check it
-    opened: false,       // current socket reached `open`
+    opened: false,       // current socket/stream reached `open`
     everConnected: false,
     attempt: 0,          // backoff attempt counter, reset on welcome
+    wsFailures: 0,       // consecutive WebSocket failures before open (auto mode)
     retryTimer: null,
     countdownTimer: null,
     retryAt: 0,
     refCounter: 0,
-    pending: new Map(),    // ref -> element (own message awaiting ack)
+    pending: new Map(),    // ref -> {li, conv, via} own message awaiting ack
     byId: new Map(),       // message id -> element (everything shown)
     earlyEchoes: new Map(),// id -> {frame, timer} own echo seen before its ack
-    unread: 0,
-    lastFrom: null,        // for grouping consecutive messages
-    lastTs: 0,
+    convs: new Map(),      // '#room' | '@user' -> conversation
+    active: '',            // key of the conversation on screen
+    members: new Set(),    // everyone in the room (from welcome + presence)
+    hiddenUnread: 0,       // messages in the active conversation while the tab was hidden
   };
 
   // ---------------------------------------------------------------- helpers
-  function setStatus(kind, text) {
+  function connected() { return el.status.dataset.state === 'connected'; }
+
+  // `extra` is a detail narrow screens leave out (e.g. " as alice").
+  function setStatus(kind, text, extra) {
     el.status.dataset.state = kind;
     el.status.textContent = text;
-    const connected = kind === 'connected';
-    el.send.disabled = !connected || el.text.value.trim() === '';
-    el.text.placeholder = connected ? 'Message #' + state.room
-      : kind === 'disconnected' ? 'Disconnected' : 'Waiting for connection…';
+    if (extra) {
+      const more = document.createElement('span');
+      more.className = 'status-extra';
+      more.textContent = extra;
+      el.status.appendChild(more);
+    }
     el.retry.hidden = kind !== 'reconnecting' || !state.retryTimer;
     el.chatView.dataset.state = kind;
+    updateComposer();
+  }
+
+  function setTransport(t) {
+    state.transport = t;
+    el.transport.dataset.transport = t;
+    el.transport.textContent = 'via ' + TRANSPORT_LABEL[t];
+    el.transport.title = t === 'sse'
+      ? 'Server-Sent Events for receiving, HTTP POST for sending'
+      : 'One WebSocket for sending and receiving';
+  }
+
+  function updateComposer() {
+    const conv = activeConv();
+    const ok = connected();
+    el.send.disabled = !ok || el.text.value.trim() === '';
+    if (!ok) {
+      el.text.placeholder = el.status.dataset.state === 'disconnected' ? 'Disconnected' : 'Waiting for connection…';
+    } else if (conv && conv.kind === 'direct') {
+      el.text.placeholder = conv.peer === state.user ? 'Note to yourself' : 'Message @' + conv.peer;
+    } else {
+      el.text.placeholder = 'Message #' + state.room;
+    }
   }
 
   function showError(text, code) {
@@ -108,6 +165,7 @@
     const chat = which === 'chat';
     el.joinView.hidden = chat;
     el.chatView.hidden = !chat;
+    if (!chat) setDrawer(false);
     const slot = document.querySelector('.error-slot[data-slot="' + which + '"]');
     if (slot) slot.appendChild(el.error);
   }
@@ -125,19 +183,12 @@
     return 'c' + (h % 8);
   }
 
-  function isAtBottom() {
-    const m = el.messages;
-    return m.scrollHeight - m.scrollTop - m.clientHeight < 48;
-  }
-
-  function scrollToBottom() {
-    el.messages.scrollTop = el.messages.scrollHeight;
-    el.jump.hidden = true;
-  }
-
-  function updateTitle() {
-    const base = state.room ? '#' + state.room + ' — Warren' : 'Warren';
-    document.title = state.unread > 0 ? '(' + state.unread + ') ' + base : base;
+  function avatar(name, extra) {
+    const a = document.createElement('span');
+    a.className = 'avatar ' + colorClass(name) + (extra ? ' ' + extra : '');
+    a.setAttribute('aria-hidden', 'true');
+    a.textContent = name.charAt(0).toUpperCase();
+    return a;
   }
 
   function randomDelay(attempt) {
@@ -145,7 +196,300 @@
     return Math.floor(Math.random() * ceiling); // full jitter
   }
 
+  function totalUnread() {
+    let n = state.hiddenUnread;
+    for (const c of state.convs.values()) if (c.key !== state.active) n += c.unread;
+    return n;
+  }
+
+  function updateTitle() {
+    const conv = activeConv();
+    const where = conv ? conv.key : (state.room ? '#' + state.room : '');
+    const base = where ? where + ' — Warren' : 'Warren';
+    const n = totalUnread();
+    document.title = n > 0 ? '(' + n + ') ' + base : base;
+  }
+
+  // ---------------------------------------------------------------- conversations
+  // A conversation is the room ('#lobby') or a direct one with a user ('@bob').
+  // Each has its own message list; only the active one is shown.
+  function activeConv() { return state.convs.get(state.active) || null; }
+
+  function roomKey() { return '#' + state.room; }
+
+  function ensureConv(key) {
+    let conv = state.convs.get(key);
+    if (conv) return conv;
+    const direct = key.charAt(0) === '@';
+    conv = {
+      key: key,
+      kind: direct ? 'direct' : 'room',
+      peer: direct ? key.slice(1) : '',
+      unread: 0,
+      lastFrom: null,
+      lastTs: 0,
+      stick: true,
+      scrollTop: 0,
+      draft: '',
+      list: document.createElement('ol'),
+      button: document.createElement('button'),
+      badge: document.createElement('span'),
+    };
+    conv.list.className = 'messages';
+    conv.list.dataset.conv = key;
+    conv.list.dataset.kind = conv.kind;
+    conv.list.hidden = true;
+    conv.list.setAttribute('aria-live', 'polite');
+    conv.list.setAttribute('aria-label', direct ? 'Direct messages with ' + conv.peer : 'Messages in ' + key);
+    conv.list.addEventListener('scroll', () => {
+      if (conv.key === state.active && isAtBottom(conv)) el.jump.hidden = true;
+    });
+    el.messages.appendChild(conv.list);
+
+    const b = conv.button;
+    b.type = 'button';
+    b.className = 'conv';
+    b.dataset.conv = key;
+    b.dataset.kind = conv.kind;
+    if (direct) {
+      b.appendChild(avatar(conv.peer, 'avatar-sm'));
+    } else {
+      const hash = document.createElement('span');
+      hash.className = 'avatar avatar-sm room-icon';
+      hash.setAttribute('aria-hidden', 'true');
+      hash.textContent = '#';
+      b.appendChild(hash);
+    }
+    const label = document.createElement('span');
+    label.className = 'conv-name';
+    label.textContent = direct ? conv.peer : state.room;
+    b.appendChild(label);
+    if (direct && conv.peer === state.user) {
+      const you = document.createElement('span');
+      you.className = 'you';
+      you.textContent = 'you';
+      b.appendChild(you);
+    }
+    if (direct) {
+      const dot = document.createElement('span');
+      dot.className = 'presence-dot';
+      b.appendChild(dot);
+    }
+    conv.badge.className = 'badge';
+    conv.badge.hidden = true;
+    b.appendChild(conv.badge);
+    b.addEventListener('click', () => switchConv(key));
+    const li = document.createElement('li');
+    li.appendChild(b);
+    el.conversations.appendChild(li);
+
+    state.convs.set(key, conv);
+    el.chatView.dataset.convs = String(state.convs.size);
+    updatePresenceDots();
+    updateConvLabel(conv);
+    return conv;
+  }
+
+  function updateConvLabel(conv) {
+    const who = conv.kind === 'direct' ? 'Direct messages with ' + conv.peer : 'Room ' + conv.key;
+    conv.button.setAttribute('aria-label', conv.unread > 0 ? who + ', ' + conv.unread + ' unread' : who);
+    conv.badge.textContent = conv.unread > 99 ? '99+' : String(conv.unread);
+    conv.badge.hidden = conv.unread === 0;
+    conv.button.classList.toggle('has-unread', conv.unread > 0);
+  }
+
+  function switchConv(key) {
+    const next = ensureConv(key);
+    const prev = activeConv();
+    if (prev && prev !== next) {
+      prev.stick = isAtBottom(prev);
+      prev.scrollTop = prev.list.scrollTop;
+      prev.draft = el.text.value;
+      prev.list.hidden = true;
+      prev.button.removeAttribute('aria-current');
+      prev.button.classList.remove('active');
+    }
+    state.active = key;
+    next.list.hidden = false;
+    next.button.setAttribute('aria-current', 'true');
+    next.button.classList.add('active');
+    next.unread = 0;
+    updateConvLabel(next);
+    if (prev !== next) {
+      el.text.value = next.draft;
+      autoGrow();
+    }
+    el.chatView.dataset.kind = next.kind;
+    el.roomTitle.textContent = next.kind === 'direct' ? '@' + next.peer : next.key;
+    if (next.stick) scrollToBottom(); else { next.list.scrollTop = next.scrollTop; el.jump.hidden = true; }
+    if (next.button.scrollIntoView) next.button.scrollIntoView({ block: 'nearest', inline: 'nearest' });
+    updateComposer();
+    updateTitle();
+  }
+
+  function openDirect(user) {
+    if (!USER_RE.test(user)) return;
+    switchConv('@' + user);
+    setDrawer(false, false);
+    el.text.focus();
+  }
+
+  function resetConversations() {
+    for (const [, e] of state.earlyEchoes) clearTimeout(e.timer);
+    state.earlyEchoes.clear();
+    state.pending.clear();
+    state.byId.clear();
+    state.convs.clear();
+    state.active = '';
+    state.hiddenUnread = 0;
+    el.messages.textContent = '';
+    el.conversations.textContent = '';
+    el.chatView.dataset.convs = '0';
+    setMembers([]);
+  }
+
+  // ---------------------------------------------------------------- members
+  function sortedMembers() {
+    const me = state.user;
+    return Array.from(state.members).sort((a, b) => {
+      if (a === me) return -1;
+      if (b === me) return 1;
+      const x = a.toLowerCase();
+      const y = b.toLowerCase();
+      return x < y ? -1 : x > y ? 1 : (a < b ? -1 : a > b ? 1 : 0);
+    });
+  }
+
+  function buildMember(name) {
+    const li = document.createElement('li');
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'member';
+    b.dataset.user = name;
+    b.appendChild(avatar(name));
+    const n = document.createElement('span');
+    n.className = 'member-name';
+    n.textContent = name;
+    b.appendChild(n);
+    if (name === state.user) {
+      const you = document.createElement('span');
+      you.className = 'you';
+      you.textContent = 'you';
+      b.appendChild(you);
+      b.title = 'Send yourself a note';
+    } else {
+      b.title = 'Send ' + name + ' a direct message';
+    }
+    if (name !== state.user) {
+      const go = document.createElement('span');
+      go.className = 'dm-hint';
+      go.setAttribute('aria-hidden', 'true');
+      go.textContent = 'DM';
+      b.appendChild(go);
+    }
+    li.appendChild(b);
+    return li;
+  }
+
+  // Re-renders #members as a keyed list: existing rows are kept (and keep focus).
+  function renderMembers() {
+    const have = new Map();
+    for (const li of Array.from(el.members.children)) {
+      const b = li.querySelector('.member');
+      const name = b ? b.dataset.user : '';
+      if (!name || !state.members.has(name) || have.has(name)) li.remove();
+      else have.set(name, li);
+    }
+    let prev = null;
+    for (const name of sortedMembers()) {
+      const li = have.get(name) || buildMember(name);
+      const expected = prev ? prev.nextSibling : el.members.firstChild;
+      if (li !== expected) el.members.insertBefore(li, expected);
+      prev = li;
+    }
+    const n = String(state.members.size);
+    el.memberCount.textContent = n;
+    el.membersN.textContent = n;
+    el.membersRoom.textContent = '#' + state.room;
+    el.membersToggle.setAttribute('aria-label', 'Show members (' + n + ' in #' + state.room + ')');
+    updatePresenceDots();
+  }
+
+  function updatePresenceDots() {
+    for (const c of state.convs.values()) {
+      if (c.kind !== 'direct') continue;
+      const here = state.members.has(c.peer);
+      c.button.dataset.online = here ? 'true' : 'false';
+      c.button.title = here ? c.peer + ' is in #' + state.room : c.peer + ' is not in #' + state.room;
+    }
+  }
+
+  function setMembers(list) {
+    state.members = new Set(list.filter((n) => typeof n === 'string' && n));
+    renderMembers();
+  }
+
+  function applyPresence(joins, leaves) {
+    const joined = [];
+    const left = [];
+    for (const n of leaves) {
+      if (typeof n === 'string' && state.members.delete(n) && n !== state.user) left.push(n);
+    }
+    for (const n of joins) {
+      if (typeof n !== 'string' || !n || state.members.has(n)) continue;
+      state.members.add(n);
+      if (n !== state.user) joined.push(n);
+    }
+    if (state.user) state.members.add(state.user); // we are here while connected
+    renderMembers();
+    const room = state.convs.get(roomKey());
+    if (!room) return;
+    if (joined.length) appendSystem(room, listNames(joined) + (joined.length === 1 ? ' joined' : ' joined'));
+    if (left.length) appendSystem(room, listNames(left) + ' left');
+    for (const n of left) {
+      const dm = state.convs.get('@' + n);
+      if (dm && dm.list.children.length) appendSystem(dm, n + ' left #' + state.room);
+    }
+    for (const n of joined) {
+      const dm = state.convs.get('@' + n);
+      if (dm && dm.list.children.length) appendSystem(dm, n + ' joined #' + state.room);
+    }
+  }
+
+  function listNames(names) {
+    if (names.length <= 3) return names.join(', ');
+    return names.slice(0, 3).join(', ') + ' and ' + (names.length - 3) + ' more';
+  }
+
+  // Phone/tablet: the member list is a drawer.
+  function setDrawer(open, restoreFocus) {
+    const was = el.chatView.classList.contains('drawer-open');
+    el.chatView.classList.toggle('drawer-open', open);
+    el.membersToggle.setAttribute('aria-expanded', open ? 'true' : 'false');
+    el.backdrop.hidden = !open;
+    if (open && !was) {
+      const first = el.members.querySelector('.member');
+      (first || el.membersClose).focus({ preventScroll: true });
+    } else if (!open && was && restoreFocus !== false) {
+      el.membersToggle.focus({ preventScroll: true });
+    }
+  }
+
   // ---------------------------------------------------------------- rendering
+  function isAtBottom(conv) {
+    const m = conv.list;
+    return m.scrollHeight - m.scrollTop - m.clientHeight < 48;
+  }
+
+  function scrollToBottom() {
+    const conv = activeConv();
+    if (conv) {
+      conv.list.scrollTop = conv.list.scrollHeight;
+      conv.stick = true;
+    }
+    el.jump.hidden = true;
+  }
+
   // Builds one message element. Every text goes through textContent.
   function buildMessage(opts) {
     const li = document.createElement('li');
@@ -153,6 +497,10 @@
     li.dataset.from = opts.from;
     if (opts.id) li.dataset.id = opts.id;
     if (opts.own) li.classList.add('own');
+    if (opts.direct) {
+      li.classList.add('direct');
+      li.dataset.to = opts.to;
+    }
 
     const meta = document.createElement('div');
     meta.className = 'meta';
@@ -160,6 +508,15 @@
     const from = document.createElement('span');
     from.className = 'from ' + colorClass(opts.from);
     from.textContent = opts.from;
+    meta.appendChild(from);
+
+    if (opts.direct) {
+      const tag = document.createElement('span');
+      tag.className = 'tag';
+      tag.textContent = 'direct';
+      tag.title = opts.own ? 'Direct message to ' + opts.to : 'Direct message to you';
+      meta.appendChild(tag);
+    }
 
     const time = document.createElement('time');
     time.className = 'time';
@@ -167,8 +524,7 @@
     const date = new Date(typeof opts.ts === 'number' ? opts.ts : Date.now());
     time.dateTime = date.toISOString();
     time.title = date.toLocaleString();
-
-    meta.append(from, time);
+    meta.appendChild(time);
 
     const text = document.createElement('div');
     text.className = 'text';
@@ -186,37 +542,53 @@
     return li;
   }
 
-  function appendMessage(li, ts, forceScroll) {
-    const stick = forceScroll || isAtBottom();
+  function appendMessage(conv, li, ts, forceScroll) {
+    const isActive = conv.key === state.active;
+    const stick = isActive && (forceScroll || isAtBottom(conv));
     // Group consecutive messages from the same sender within 5 minutes.
     const from = li.dataset.from;
     const t = typeof ts === 'number' ? ts : Date.now();
-    if (state.lastFrom === from && t - state.lastTs < 5 * 60 * 1000) li.classList.add('cont');
-    state.lastFrom = from;
-    state.lastTs = t;
+    if (conv.lastFrom === from && t - conv.lastTs < 5 * 60 * 1000) li.classList.add('cont');
+    conv.lastFrom = from;
+    conv.lastTs = t;
 
-    el.messages.appendChild(li);
+    if (isActive) {
+      // Only messages that arrive on screen animate (not on every switch).
+      li.classList.add('fresh');
+      li.addEventListener('animationend', () => li.classList.remove('fresh'), { once: true });
+    }
+    conv.list.appendChild(li);
     if (stick) scrollToBottom();
-    else el.jump.hidden = false;
+    else if (isActive) el.jump.hidden = false;
 
-    if (document.hidden && !li.classList.contains('own')) {
-      state.unread++;
+    if (!li.classList.contains('own')) {
+      if (!isActive) {
+        conv.unread++;
+        updateConvLabel(conv);
+      } else if (document.hidden) {
+        state.hiddenUnread++;
+      }
       updateTitle();
     }
   }
 
-  function appendSystem(text) {
-    const stick = isAtBottom();
+  function appendSystem(conv, text) {
+    const stick = conv.key === state.active && isAtBottom(conv);
     const li = document.createElement('li');
     li.className = 'sys';
     li.textContent = text;
-    el.messages.appendChild(li);
-    state.lastFrom = null;
+    conv.list.appendChild(li);
+    conv.lastFrom = null;
     if (stick) scrollToBottom();
   }
 
-  // label: short marker in the meta row; note: optional explanation below the text.
-  function setMsgState(li, cls, label, title, note) {
+  function appendSystemRoom(text) {
+    appendSystem(ensureConv(roomKey()), text);
+  }
+
+  // label: short marker in the meta row; note: optional explanation below the
+  // text, shown as `.msg-error[data-code]` for failures.
+  function setMsgState(li, cls, label, title, note, code) {
     li.classList.remove('delivered', 'failed', 'unconfirmed');
     if (cls) li.classList.add(cls);
     let st = li.querySelector('.state');
@@ -231,10 +603,14 @@
     if (note) {
       if (!n) {
         n = document.createElement('div');
-        n.className = 'note';
+        n.className = 'note msg-error';
         li.appendChild(n);
       }
-      n.textContent = note + ' ';
+      n.dataset.code = code || cls || 'error';
+      n.textContent = '';
+      const words = document.createElement('span');
+      words.textContent = note;
+      n.appendChild(words);
       if (cls === 'failed' || cls === 'unconfirmed') {
         const edit = document.createElement('button');
         edit.type = 'button';
@@ -247,12 +623,23 @@
     }
   }
 
+  // The conversation an incoming frame belongs to.
+  function convFor(f) {
+    if (f.type === 'direct') {
+      const peer = f.from === state.user ? f.to : f.from;
+      return ensureConv('@' + peer);
+    }
+    return ensureConv(roomKey());
+  }
+
   function showIncoming(f) {
     const own = f.from === state.user;
-    const li = buildMessage({ id: f.id, from: f.from, text: f.text, ts: f.ts, own: own });
+    const direct = f.type === 'direct';
+    const conv = convFor(f);
+    const li = buildMessage({ id: f.id, from: f.from, to: f.to, text: f.text, ts: f.ts, own: own, direct: direct });
     if (own) setMsgState(li, 'delivered', '✓', 'Delivered');
     state.byId.set(f.id, li);
-    appendMessage(li, f.ts, false);
+    appendMessage(conv, li, f.ts, false);
   }
 
   // ---------------------------------------------------------------- frames
@@ -260,7 +647,9 @@
     if (!f || typeof f !== 'object' || typeof f.type !== 'string') return;
     switch (f.type) {
       case 'welcome': return onWelcome(f);
-      case 'message': return onMessage(f);
+      case 'message': return onChat(f);
+      case 'direct': return onChat(f);
+      case 'presence': return onPresence(f);
       case 'ack': return onAck(f);
       case 'error': return onServerError(f);
       default: return; // unknown frame types are ignored on purpose
@@ -269,23 +658,39 @@
 
   function onWelcome(f) {
     state.attempt = 0;
+    if (state.transport === 'ws') state.wsFailures = 0;
     if (typeof f.user === 'string' && f.user) state.user = f.user;
-    if (typeof f.room === 'string' && f.room) state.room = f.room;
-    el.roomTitle.textContent = '#' + state.room;
+    if (typeof f.room === 'string' && f.room && f.room !== state.room) {
+      state.room = f.room;
+    }
+    ensureConv(roomKey());
+    if (!state.active) switchConv(roomKey());
+    const conv = activeConv();
+    el.roomTitle.textContent = conv && conv.kind === 'direct' ? '@' + conv.peer : roomKey();
     updateTitle();
-    let text = 'connected as ' + state.user + ' in #' + state.room;
-    if (typeof f.node === 'string' && f.node) text += ' (node ' + f.node + ')';
-    setStatus('connected', text);
-    el.status.title = text;
+    const members = Array.isArray(f.members) ? f.members.slice() : [];
+    if (members.indexOf(state.user) < 0) members.push(state.user);
+    setMembers(members);
+    let detail = 'connected as ' + state.user + ' in #' + state.room + ' via ' +
+      (state.transport === 'sse' ? 'Server-Sent Events' : 'WebSocket');
+    if (typeof f.node === 'string' && f.node) detail += ' (node ' + f.node + ')';
+    setStatus('connected', 'connected', ' as ' + state.user);
+    el.status.title = detail;
     clearError();
-    appendSystem((state.everConnected ? 'Reconnected to #' : 'Joined #') + state.room + ' as ' + state.user);
+    appendSystemRoom((state.everConnected ? 'Reconnected to #' : 'Joined #') + state.room + ' as ' + state.user +
+      (state.transport === 'sse' ? ' (via Server-Sent Events)' : ''));
     state.everConnected = true;
   }
 
-  function onMessage(f) {
+  function onChat(f) {
     if (typeof f.id === 'number') f.id = String(f.id);
     if (typeof f.id !== 'string' || typeof f.text !== 'string' || typeof f.from !== 'string') return;
-    if (typeof f.room === 'string' && state.room && f.room !== state.room) return;
+    if (f.type === 'message' && typeof f.room === 'string' && state.room && f.room !== state.room) return;
+    if (f.type === 'direct') {
+      if (typeof f.to !== 'string') f.to = state.user;
+      if (f.from !== state.user && f.to !== state.user) return; // not ours
+      if (!USER_RE.test(f.from) || !USER_RE.test(f.to)) return;
+    }
     if (state.byId.has(f.id)) return; // already shown (our own, acked; or a duplicate)
 
     if (f.from === state.user && state.pending.size > 0) {
@@ -303,12 +708,18 @@
     showIncoming(f);
   }
 
+  function onPresence(f) {
+    if (typeof f.room === 'string' && state.room && f.room !== state.room) return;
+    applyPresence(Array.isArray(f.joins) ? f.joins : [], Array.isArray(f.leaves) ? f.leaves : []);
+  }
+
   function onAck(f) {
     if (typeof f.ref !== 'string') return;
     if (typeof f.id === 'number') f.id = String(f.id);
-    const li = state.pending.get(f.ref);
-    if (!li) return;
+    const p = state.pending.get(f.ref);
+    if (!p) return;
     state.pending.delete(f.ref);
+    const li = p.li;
     if (typeof f.id === 'string' && f.id) {
       li.dataset.id = f.id;
       state.byId.set(f.id, li);
@@ -330,19 +741,34 @@
     const code = typeof f.code === 'string' ? f.code : 'error';
     const msg = typeof f.message === 'string' && f.message ? f.message : (FRIENDLY[code] || code);
     if (typeof f.ref === 'string' && state.pending.has(f.ref)) {
-      const li = state.pending.get(f.ref);
+      const p = state.pending.get(f.ref);
       state.pending.delete(f.ref);
-      setMsgState(li, 'failed', 'not sent', msg, FRIENDLY[code] || msg);
-      li.dataset.error = code;
+      let note = FRIENDLY[code] || msg;
+      if (code === 'user_not_found' && p.conv.kind === 'direct') {
+        note = p.conv.peer + ' is offline — not delivered.';
+      } else if (code === 'invalid_user' && p.conv.kind === 'direct') {
+        note = '“' + p.conv.peer + '” is not a valid user name — not sent.';
+      } else if (code === 'unavailable') {
+        note = 'The server could not deliver this right now — not sent.';
+      }
+      setMsgState(p.li, 'failed', 'not sent', msg, note, code);
+      p.li.dataset.error = code;
       return;
     }
     showError(FRIENDLY[code] && code !== 'message_too_large' ? FRIENDLY[code] + ' (' + msg + ')' : msg, code);
   }
 
   // ---------------------------------------------------------------- connection
+  function query() {
+    return 'room=' + encodeURIComponent(state.room) + '&user=' + encodeURIComponent(state.user);
+  }
+
   function wsUrl() {
-    const q = 'room=' + encodeURIComponent(state.room) + '&user=' + encodeURIComponent(state.user);
-    return (location.protocol === 'https:' ? 'wss' : 'ws') + '://' + location.host + '/ws?' + q;
+    return (location.protocol === 'https:' ? 'wss' : 'ws') + '://' + location.host + '/ws?' + query();
+  }
+
+  function sseUrl() {
+    return '/rooms/' + encodeURIComponent(state.room) + '/events?user=' + encodeURIComponent(state.user);
   }
 
   function cancelRetry() {
@@ -352,13 +778,30 @@
     state.countdownTimer = null;
   }
 
+  function closeTransports() {
+    const ws = state.ws;
+    const es = state.es;
+    state.ws = null;
+    state.es = null;
+    if (ws) {
+      try { ws.close(1000, 'leaving'); } catch (_) { /* ignore */ }
+    }
+    if (es) es.close();
+  }
+
   function connect() {
     cancelRetry();
+    closeTransports();
     const gen = ++state.gen;
     state.opened = false;
+    setTransport(state.transport);
     setStatus(state.everConnected ? 'reconnecting' : 'connecting',
       state.everConnected ? 'reconnecting…' : 'connecting…');
+    if (state.transport === 'sse') connectSse(gen);
+    else connectWs(gen);
+  }
 
+  function connectWs(gen) {
     let sock;
     try {
       sock = new WebSocket(wsUrl());
@@ -385,24 +828,24 @@
     sock.onclose = (ev) => {
       if (gen !== state.gen) return;
       state.ws = null;
-      if (state.opened) onClosedAfterOpen(gen, ev);
-      else onFailedBeforeOpen(gen);
+      if (state.opened) onWsClosedAfterOpen(gen, ev);
+      else onWsFailedBeforeOpen(gen);
     };
   }
 
-  function onClosedAfterOpen(gen, ev) {
+  function onWsClosedAfterOpen(gen, ev) {
     const reason = CLOSE_REASONS[ev.code] || (ev.reason ? ev.reason : 'connection closed');
     failPending(ev.code === 1009 ? 'Message too big — not sent.'
-      : 'Not confirmed: the connection dropped. It may not have been delivered.');
-    appendSystem('Disconnected: ' + reason + (ev.code ? ' [' + ev.code + ']' : '') + '. Reconnecting…');
+      : 'Not confirmed: the connection dropped. It may not have been delivered.', 'ws');
+    appendSystemRoom('Disconnected: ' + reason + (ev.code ? ' [' + ev.code + ']' : '') + '. Reconnecting…');
     scheduleReconnect(gen);
   }
 
   // A browser cannot see the HTTP status of a refused upgrade, so ask the
   // server the same question with a plain GET: it answers with the JSON error
   // it would have refused the handshake with, or 426 if it would accept.
-  function onFailedBeforeOpen(gen) {
-    const url = '/ws?room=' + encodeURIComponent(state.room) + '&user=' + encodeURIComponent(state.user);
+  function onWsFailedBeforeOpen(gen) {
+    const url = '/ws?' + query();
     fetch(url, { cache: 'no-store', headers: { Accept: 'application/json' } })
       .then((res) => res.json().catch(() => ({})).then((body) => ({ status: res.status, body: body })))
       .then(({ status, body }) => {
@@ -413,8 +856,11 @@
           stopWithRefusal(code, message);
           return;
         }
+        // The server is up but the WebSocket did not open (426: it would have
+        // accepted us; anything without our JSON: something in between refused
+        // the upgrade). After a few of those, Auto switches to SSE.
+        if (code !== 'unavailable' && countWsFailure(gen)) return;
         if (status === 426 || code === 'upgrade_required') {
-          // The server would accept us: a transient failure. Keep trying.
           showError('Connection failed; retrying…', 'connect_failed');
         } else {
           const text = FRIENDLY[code] || message || ('Server answered ' + status);
@@ -429,19 +875,139 @@
       });
   }
 
+  // Returns true when it switched to SSE (and started connecting).
+  function countWsFailure(gen) {
+    if (state.mode !== 'auto' || state.sseUnsupported) return false;
+    state.wsFailures++;
+    if (state.wsFailures < WS_FAILURES_BEFORE_SSE) return false;
+    state.wsFailures = 0;
+    setTransport('sse');
+    clearError();
+    appendSystemRoom('WebSocket could not connect ' + WS_FAILURES_BEFORE_SSE +
+      ' times — switching to Server-Sent Events.');
+    state.attempt = 0;
+    if (gen === state.gen) connect();
+    return true;
+  }
+
+  function connectSse(gen) {
+    if (typeof window.EventSource !== 'function') {
+      stopWithRefusal('sse_unsupported', 'This browser does not support Server-Sent Events.');
+      return;
+    }
+    let es;
+    try {
+      es = new EventSource(sseUrl());
+    } catch (e) {
+      showError('Could not open the event stream: ' + (e && e.message ? e.message : e));
+      scheduleReconnect(gen);
+      return;
+    }
+    state.es = es;
+    es.onopen = () => {
+      if (gen !== state.gen) return;
+      state.opened = true;
+      // The `welcome` event flips the status to connected.
+    };
+    const onData = (ev) => {
+      if (gen !== state.gen) return;
+      let f;
+      try { f = JSON.parse(ev.data); } catch (_) { return; }
+      if (f && typeof f === 'object' && typeof f.type !== 'string') f.type = ev.type;
+      onFrame(f);
+    };
+    for (const name of SSE_EVENTS) {
+      if (name === 'error') continue;
+      es.addEventListener(name, onData);
+    }
+    // `error` is both the name of the server's error frame and EventSource's
+    // own connection-error event: only the former carries data.
+    es.addEventListener('error', (ev) => {
+      if (gen !== state.gen) return;
+      if (typeof ev.data === 'string') { onData(ev); return; }
+      // We do our own reconnecting, with backoff and a visible state.
+      es.close();
+      if (state.es === es) state.es = null;
+      if (state.opened) onSseLost(gen);
+      else onSseFailedBeforeOpen(gen);
+    });
+  }
+
+  function onSseLost(gen) {
+    appendSystemRoom('Disconnected: the event stream ended. Reconnecting…');
+    scheduleReconnect(gen);
+  }
+
+  // EventSource hides the status and body of a refused request: fetch the same
+  // URL to read them. If the server would serve the stream after all, the
+  // probe is aborted as soon as the headers arrive.
+  function onSseFailedBeforeOpen(gen) {
+    const ctrl = typeof AbortController === 'function' ? new AbortController() : null;
+    const timer = setTimeout(() => { if (ctrl) ctrl.abort(); }, PROBE_TIMEOUT_MS);
+    fetch(sseUrl(), {
+      cache: 'no-store',
+      headers: { Accept: 'text/event-stream, application/json' },
+      signal: ctrl ? ctrl.signal : undefined,
+    })
+      .then((res) => {
+        const type = (res.headers.get('content-type') || '').toLowerCase();
+        if (res.ok && type.indexOf('text/event-stream') >= 0) {
+          if (ctrl) ctrl.abort();
+          return { status: res.status, body: {} };
+        }
+        return res.json().catch(() => ({})).then((body) => ({ status: res.status, body: body }));
+      })
+      .then(({ status, body }) => {
+        clearTimeout(timer);
+        if (gen !== state.gen) return;
+        const code = body && typeof body.code === 'string' ? body.code : '';
+        const message = body && typeof body.message === 'string' ? body.message : '';
+        if (FATAL_CODES.has(code)) {
+          stopWithRefusal(code, message);
+          return;
+        }
+        if (status === 404 || status === 405 || code === 'not_found' || code === 'method_not_allowed') {
+          // No SSE endpoint on this server.
+          if (state.mode === 'auto') {
+            state.sseUnsupported = true;
+            setTransport('ws');
+            appendSystemRoom('This server does not offer Server-Sent Events; staying on WebSocket.');
+          } else {
+            stopWithRefusal('sse_unsupported', message);
+            return;
+          }
+        } else if (status >= 200 && status < 300) {
+          showError('The event stream failed; retrying…', 'connect_failed');
+        } else {
+          const text = FRIENDLY[code] || message || ('Server answered ' + status);
+          showError(text + ' Retrying…', code || 'http_' + status);
+        }
+        scheduleReconnect(gen);
+      })
+      .catch(() => {
+        clearTimeout(timer);
+        if (gen !== state.gen) return;
+        showError('Cannot reach the server. Retrying…', 'unreachable');
+        scheduleReconnect(gen);
+      });
+  }
+
   function stopWithRefusal(code, message) {
     cancelRetry();
+    closeTransports();
     state.gen++;
     state.everConnected = false;
     setStatus('disconnected', 'disconnected');
     failPending('Not sent.');
     showView('join');
     showError(FRIENDLY[code] || message || code, code);
-    const field = code === 'invalid_room' ? el.room : code === 'origin_not_allowed' ? null : el.name;
+    const field = code === 'invalid_room' ? el.room
+      : code === 'sse_unsupported' ? el.transportSelect
+        : code === 'origin_not_allowed' ? null : el.name;
     if (field) {
-      field.setAttribute('aria-invalid', 'true');
+      if (field !== el.transportSelect) field.setAttribute('aria-invalid', 'true');
       field.focus();
-      field.select();
+      if (field.select) field.select();
     }
   }
 
@@ -464,9 +1030,15 @@
     state.countdownTimer = setInterval(tick, 250);
   }
 
-  function failPending(label) {
-    for (const [, li] of state.pending) setMsgState(li, 'unconfirmed', '!', label, label);
-    state.pending.clear();
+  // Marks messages still waiting for an ack as unconfirmed. `via` limits it to
+  // those sent over one transport (an HTTP POST outlives a dropped stream).
+  function failPending(label, via) {
+    for (const [ref, p] of state.pending) {
+      if (via && p.via !== via) continue;
+      setMsgState(p.li, 'unconfirmed', '!', label, label, 'not_confirmed');
+      state.pending.delete(ref);
+    }
+    if (state.pending.size > 0) return;
     for (const [, e] of state.earlyEchoes) clearTimeout(e.timer);
     // Echoes that were waiting for an ack are real messages: show them.
     const held = Array.from(state.earlyEchoes.values()).map((e) => e.frame);
@@ -477,11 +1049,97 @@
   function disconnect() {
     cancelRetry();
     state.gen++;
+    closeTransports();
+  }
+
+  // ---------------------------------------------------------------- sending
+  function sendWs(conv, text, ref) {
     const ws = state.ws;
-    state.ws = null;
-    if (ws) {
-      try { ws.close(1000, 'leaving'); } catch (_) { /* ignore */ }
+    if (!ws || ws.readyState !== 1 /* OPEN */) return false;
+    const frame = conv.kind === 'direct'
+      ? { type: 'direct', to: conv.peer, text: text, ref: ref }
+      : { type: 'message', text: text, ref: ref };
+    ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  // HTTP publishing, used with SSE. A 202 is the ack.
+  function sendHttp(conv, text, ref) {
+    const url = conv.kind === 'direct'
+      ? '/users/' + encodeURIComponent(conv.peer) + '/messages'
+      : '/rooms/' + encodeURIComponent(state.room) + '/messages';
+    const body = conv.kind === 'direct'
+      ? { from: state.user, text: text }
+      : { user: state.user, text: text };
+    fetch(url, {
+      method: 'POST',
+      cache: 'no-store',
+      headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+      body: JSON.stringify(body),
+    })
+      .then((res) => res.json().catch(() => ({})).then((b) => ({ status: res.status, ok: res.ok, body: b || {} })))
+      .then(({ status, ok, body }) => {
+        if (!state.pending.has(ref)) return; // left, or already settled
+        if (ok && (typeof body.id === 'string' || typeof body.id === 'number')) {
+          onAck({ type: 'ack', ref: ref, id: body.id });
+        } else if (ok) {
+          // Accepted, but without an id we cannot match the echo.
+          onAck({ type: 'ack', ref: ref });
+        } else {
+          onServerError({
+            type: 'error',
+            ref: ref,
+            code: typeof body.code === 'string' ? body.code : (status === 413 ? 'message_too_large' : 'http_' + status),
+            message: typeof body.message === 'string' ? body.message : 'Server answered ' + status,
+          });
+        }
+      })
+      .catch(() => {
+        const p = state.pending.get(ref);
+        if (!p) return;
+        state.pending.delete(ref);
+        const label = 'Not confirmed: the request failed. It may not have been delivered.';
+        setMsgState(p.li, 'unconfirmed', '!', label, label, 'not_confirmed');
+      });
+    return true;
+  }
+
+  function onSend(ev) {
+    if (ev) ev.preventDefault();
+    const text = el.text.value;
+    if (text.trim() === '') return;
+    const conv = activeConv();
+    if (!conv || !connected()) {
+      showError('Not connected — your message is kept; send it when the connection is back.', 'not_connected');
+      return;
     }
+    const via = state.transport;
+    const ref = 'c' + (++state.refCounter);
+    const direct = conv.kind === 'direct';
+    const li = buildMessage({ from: state.user, to: conv.peer, text: text, ts: Date.now(), own: true, direct: direct });
+    li.dataset.ref = ref;
+    state.pending.set(ref, { li: li, conv: conv, via: via });
+    try {
+      const sent = via === 'sse' ? sendHttp(conv, text, ref) : sendWs(conv, text, ref);
+      if (!sent) throw new Error('the connection is not open');
+    } catch (e) {
+      state.pending.delete(ref);
+      showError('Could not send: ' + (e && e.message ? e.message : e), 'send_failed');
+      return;
+    }
+    appendMessage(conv, li, Date.now(), true);
+    el.text.value = '';
+    conv.draft = '';
+    autoGrow();
+    el.send.disabled = true;
+    el.text.focus();
+    clearError(); // a successful send supersedes any earlier notice
+  }
+
+  function autoGrow() {
+    if (el.text.value === '') { el.text.style.height = ''; return; }
+    el.text.style.height = 'auto';
+    el.text.style.height = Math.min(el.text.scrollHeight, 160) + 'px';
   }
 
   // ---------------------------------------------------------------- actions
@@ -502,6 +1160,11 @@
     return null;
   }
 
+  function pickedMode() {
+    const v = el.transportSelect.value;
+    return v === 'ws' || v === 'sse' ? v : 'auto';
+  }
+
   function onJoin(ev) {
     ev.preventDefault();
     const user = el.name.value.trim();
@@ -513,31 +1176,28 @@
       return;
     }
     clearError();
+    const mode = pickedMode();
     try {
       localStorage.setItem(LS_NAME, user);
       localStorage.setItem(LS_ROOM, room);
+      localStorage.setItem(LS_TRANSPORT, mode);
     } catch (_) { /* storage may be unavailable */ }
 
-    if (room !== state.room || user !== state.user) resetMessages();
+    if (room !== state.room || user !== state.user) resetConversations();
     state.user = user;
     state.room = room;
+    state.mode = mode;
+    state.sseUnsupported = false;
+    state.wsFailures = 0;
     state.attempt = 0;
     state.everConnected = false;
-    el.roomTitle.textContent = '#' + room;
-    updateTitle();
+    setTransport(mode === 'sse' ? 'sse' : 'ws');
+    ensureConv(roomKey());
+    switchConv(state.active || roomKey());
+    renderMembers();
     showView('chat');
     connect();
     el.text.focus();
-  }
-
-  function resetMessages() {
-    el.messages.textContent = '';
-    state.pending.clear();
-    state.byId.clear();
-    for (const [, e] of state.earlyEchoes) clearTimeout(e.timer);
-    state.earlyEchoes.clear();
-    state.lastFrom = null;
-    state.unread = 0;
   }
 
   function onLeave() {
@@ -546,44 +1206,11 @@
     state.everConnected = false;
     setStatus('disconnected', 'disconnected');
     clearError();
-    resetMessages();
+    resetConversations();
     state.room = '';
     updateTitle();
     showView('join');
     el.name.focus();
-  }
-
-  function onSend(ev) {
-    if (ev) ev.preventDefault();
-    const text = el.text.value;
-    if (text.trim() === '') return;
-    const ws = state.ws;
-    if (!ws || ws.readyState !== WebSocket.OPEN || el.status.dataset.state !== 'connected') {
-      showError('Not connected — your message is kept; send it when the connection is back.', 'not_connected');
-      return;
-    }
-    const ref = 'c' + (++state.refCounter);
-    const li = buildMessage({ from: state.user, text: text, ts: Date.now(), own: true });
-    li.dataset.ref = ref;
-    state.pending.set(ref, li);
-    try {
-      ws.send(JSON.stringify({ type: 'message', text: text, ref: ref }));
-    } catch (e) {
-      state.pending.delete(ref);
-      showError('Could not send: ' + (e && e.message ? e.message : e));
-      return;
-    }
-    appendMessage(li, Date.now(), true);
-    el.text.value = '';
-    autoGrow();
-    el.send.disabled = true;
-    el.text.focus();
-    clearError(); // a successful send supersedes any earlier notice
-  }
-
-  function autoGrow() {
-    el.text.style.height = 'auto';
-    el.text.style.height = Math.min(el.text.scrollHeight, 160) + 'px';
   }
 
   // ---------------------------------------------------------------- wiring
@@ -592,6 +1219,21 @@
   el.leave.addEventListener('click', onLeave);
   el.retry.addEventListener('click', () => { state.attempt = 0; connect(); });
   el.jump.addEventListener('click', scrollToBottom);
+  el.membersToggle.addEventListener('click', () => {
+    setDrawer(!el.chatView.classList.contains('drawer-open'));
+  });
+  el.membersClose.addEventListener('click', () => setDrawer(false));
+  el.backdrop.addEventListener('click', () => setDrawer(false));
+  el.members.addEventListener('click', (ev) => {
+    const b = ev.target instanceof Element ? ev.target.closest('.member') : null;
+    if (b && b.dataset.user) openDirect(b.dataset.user);
+  });
+  document.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Escape' && el.chatView.classList.contains('drawer-open')) {
+      ev.preventDefault();
+      setDrawer(false);
+    }
+  });
   // "Edit & resend" on a failed/unconfirmed message puts its text back in the composer.
   el.messages.addEventListener('click', (ev) => {
     const btn = ev.target instanceof Element ? ev.target.closest('.edit') : null;
@@ -601,12 +1243,12 @@
     const text = li.querySelector('.text').textContent;
     el.text.value = el.text.value.trim() === '' ? text : el.text.value + '\n' + text;
     li.remove();
-    state.lastFrom = null;
+    const conv = activeConv();
+    if (conv) conv.lastFrom = null;
     autoGrow();
-    el.send.disabled = el.status.dataset.state !== 'connected';
+    updateComposer();
     el.text.focus();
   });
-  el.messages.addEventListener('scroll', () => { if (isAtBottom()) el.jump.hidden = true; });
 
   el.text.addEventListener('keydown', (ev) => {
     if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
@@ -616,7 +1258,7 @@
   });
   el.text.addEventListener('input', () => {
     autoGrow();
-    el.send.disabled = el.status.dataset.state !== 'connected' || el.text.value.trim() === '';
+    updateComposer();
   });
   [el.name, el.room].forEach((input) => {
     input.addEventListener('input', () => {
@@ -624,27 +1266,38 @@
       if (!el.error.hidden && el.joinView.hidden === false) clearError();
     });
   });
+  el.transportSelect.addEventListener('change', () => {
+    if (!el.error.hidden && el.error.dataset.code === 'sse_unsupported') clearError();
+  });
 
   document.addEventListener('visibilitychange', () => {
-    if (!document.hidden) { state.unread = 0; updateTitle(); }
+    if (!document.hidden) {
+      state.hiddenUnread = 0;
+      updateTitle();
+    }
   });
   window.addEventListener('online', () => {
     if (state.retryTimer && state.room) { state.attempt = 0; connect(); }
   });
 
-  // Prefill from ?room=&user= (shareable links) or the last values used.
+  // Prefill from ?room=&user=&transport= (shareable links) or the last values used.
   (function prefill() {
     let name = '';
     let room = '';
+    let transport = '';
     try {
       name = localStorage.getItem(LS_NAME) || '';
       room = localStorage.getItem(LS_ROOM) || '';
+      transport = localStorage.getItem(LS_TRANSPORT) || '';
     } catch (_) { /* ignore */ }
     const q = new URLSearchParams(location.search);
     if (q.get('room')) room = q.get('room');
     if (q.get('user')) name = q.get('user');
+    if (q.get('transport')) transport = q.get('transport');
     el.name.value = name;
     el.room.value = room;
+    el.transportSelect.value = transport === 'ws' || transport === 'sse' ? transport : 'auto';
+    setTransport('ws');
     showView('join');
     (name ? el.room : el.name).focus();
   })();

@@ -82,6 +82,10 @@ impl AmqpBus {
         self.pool.readiness()
     }
 
+    pub fn connected(&self) -> usize {
+        self.pool.connected()
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

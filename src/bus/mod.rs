@@ -112,6 +112,14 @@ impl Bus {
         }
     }
 
+    /// Broker connections up (0 on the embedded bus).
+    pub fn broker_connections(&self) -> usize {
+        match self {
+            Bus::Memory(_) => 0,
+            Bus::Amqp(bus) => bus.connected(),
+        }
+    }
+
     /// Which bus this is, for logs and `/readyz`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -87,13 +87,20 @@ struct PoolInner {
     last_error: Mutex<String>,
     stop: CancellationToken,
     supervisors: TaskTracker,
+    /// Counts lost connections, for `/metrics`.
+    reconnects: prometheus_client::metrics::counter::Counter,
 }
 
 impl Pool {
     /// Start `size` supervised connections to the first reachable of `urls` and wait
     /// for each one's first attempt, so readiness is known when this returns. A
     /// broker that is down is not an error here: the supervisors keep trying.
-    pub async fn start(urls: Vec<String>, size: usize, name: &str) -> Self {
+    pub async fn start(
+        urls: Vec<String>,
+        size: usize,
+        name: &str,
+        reconnects: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         let inner = Arc::new(PoolInner {
             slots: (0..size.max(1)).map(|_| RwLock::new(None)).collect(),
             urls,
@@ -101,6 +108,7 @@ impl Pool {
             last_error: Mutex::new("connecting to the broker".into()),
             stop: CancellationToken::new(),
             supervisors: TaskTracker::new(),
+            reconnects,
         });
         let mut first_attempts = Vec::new();
         for slot in 0..inner.slots.len() {
@@ -124,17 +132,39 @@ impl Pool {
             .min_by_key(|c| c.load())
     }
 
+    /// Connections currently up.
+    pub fn connected(&self) -> usize {
+        self.inner
+            .slots
+            .iter()
+            .filter(|slot| {
+                slot.read()
+                    .unwrap()
+                    .as_ref()
+                    .is_some_and(|c| c.is_connected())
+            })
+            .count()
+    }
+
+    /// `Ok` when a new session could get a channel; otherwise a reason fit for
+    /// clients (no hosts, no broker error texts: those are logged).
     pub fn readiness(&self) -> Result<(), String> {
-        let connected = self.inner.slots.iter().any(|slot| {
-            slot.read()
-                .unwrap()
-                .as_ref()
-                .is_some_and(|c| c.is_connected())
-        });
-        if connected {
-            Ok(())
-        } else {
+        let connected: Vec<_> = self
+            .inner
+            .slots
+            .iter()
+            .filter_map(|slot| slot.read().unwrap().clone())
+            .filter(|c| c.is_connected())
+            .collect();
+        if connected.is_empty() {
             Err(self.inner.last_error.lock().unwrap().clone())
+        } else if connected
+            .iter()
+            .all(|c| c.load() >= MAX_CHANNELS_PER_CONNECTION)
+        {
+            Err("at capacity: every broker connection carries its maximum of sessions".into())
+        } else {
+            Ok(())
         }
     }
 
@@ -189,6 +219,7 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
                     }
                 };
                 pool.slots[slot].write().unwrap().take();
+                pool.reconnects.inc();
                 warn!(slot, %reason, "lost the broker connection; reconnecting");
                 *pool.last_error.lock().unwrap() =
                     "lost the broker connection; reconnecting".into();

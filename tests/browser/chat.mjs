@@ -3,14 +3,18 @@
 //   node tests/browser/chat.mjs <base-url> <artifact-dir>
 //
 // Two users in two separate browser contexts join a fresh room, exchange a
-// message and an XSS probe, and screenshots are saved to <artifact-dir>.
-// Exits 0 when every check passes, 1 otherwise.
+// message and an XSS probe, see each other in the member list, exchange direct
+// messages, and one gets `user_not_found` for a DM to a user who left. A third
+// user joins over Server-Sent Events + HTTP POST (transport forced to SSE), and
+// a fourth whose WebSocket cannot connect falls back to SSE on its own ("Auto").
+// Screenshots are saved to <artifact-dir>. Exits 0 when every check passes, 1
+// otherwise.
 import { chromium } from 'playwright-core';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 
-const OVERALL_TIMEOUT_MS = 60_000;
+const OVERALL_TIMEOUT_MS = 120_000;
 const STEP_TIMEOUT_MS = 10_000;
 
 const [baseArg, artifactArg] = process.argv.slice(2);
@@ -25,7 +29,16 @@ const suffix = () => crypto.randomBytes(4).toString('hex');
 const room = `br-${suffix()}`;
 const userA = `alice-${suffix()}`;
 const userB = `bob-${suffix()}`;
+const userC = `carol-${suffix()}`;
+const userD = `dave-${suffix()}`;
 const HELLO = 'hello from A';
+const DM_AB = 'psst — just for you, B';
+const DM_BA = 'got it, thanks A';
+const DM_OFFLINE = 'are you still there?';
+const TO_SSE = 'hi C, can you read this over SSE?';
+const FROM_SSE = 'hello from C, posted over HTTP';
+const DM_CB = 'a direct one from C over HTTP';
+const DM_BC = 'and back to C over the event stream';
 const XSS = '<img src=x onerror="window.__xss=1">';
 
 let passed = 0;
@@ -86,14 +99,21 @@ function watch(page, label) {
   });
 }
 
-async function join(page, name) {
+async function join(page, name, transport = 'auto') {
   await page.fill('#name', name);
   await page.fill('#room', room);
+  await page.selectOption('#transport-select', transport);
   await page.click('#join');
 }
 
-async function waitConnected(page, label) {
-  await page.waitForSelector('#status[data-state="connected"]', { timeout: STEP_TIMEOUT_MS });
+async function waitConnected(page, label, timeout = STEP_TIMEOUT_MS) {
+  try {
+    await page.waitForSelector('#status[data-state="connected"]', { timeout });
+  } catch (e) {
+    const status = await page.textContent('#status').catch(() => '?');
+    const err = await page.$eval('#error', (n) => (n.hidden ? '' : `[${n.dataset.code || ''}] ${n.textContent}`)).catch(() => '?');
+    fail(`${label}: not connected within ${timeout / 1000}s; #status "${status}"${err ? `; #error ${err}` : ''}`);
+  }
   const text = await page.textContent('#status');
   if (!/connected/i.test(text || '')) fail(`${label}: #status says "${text}" but data-state=connected`);
 }
@@ -103,18 +123,62 @@ async function send(page, text) {
   await page.click('#send');
 }
 
-// Waits until #messages holds a .msg from `from` whose .text equals `text`
-// exactly (and matches `extra`, e.g. '.own.delivered[data-ref]').
+async function waitTransport(page, label, kind) {
+  const sel = `#transport[data-transport="${kind}"]`;
+  await page.waitForSelector(sel, { timeout: STEP_TIMEOUT_MS, state: 'visible' });
+  const want = kind === 'sse' ? 'SSE' : 'WebSocket';
+  const text = await page.textContent('#transport');
+  if (!(text || '').includes(want)) fail(`${label}: #transport says "${text}", expected it to mention ${want}`);
+}
+
+// The member list of a page (phone pages keep it in a closed drawer).
+async function waitMember(page, label, user, present = true) {
+  const sel = `#members .member[data-user="${user}"]`;
+  try {
+    await page.waitForSelector(sel, { timeout: STEP_TIMEOUT_MS, state: present ? 'attached' : 'detached' });
+  } catch (e) {
+    const names = await page.$$eval('#members .member', (ns) => ns.map((n) => n.dataset.user)).catch(() => []);
+    fail(`${label}: ${user} ${present ? 'never appeared in' : 'never left'} #members (has: ${names.join(', ')})`);
+  }
+}
+
+// Opens the @user conversation by clicking the name in the member list,
+// opening the drawer first where the list is one (narrow screens).
+async function openDirectFromMembers(page, label, user) {
+  const sel = `#members .member[data-user="${user}"]`;
+  if (!(await page.isVisible(sel))) {
+    await page.click('#members-toggle');
+    await page.waitForSelector(sel, { state: 'visible', timeout: STEP_TIMEOUT_MS });
+  }
+  await page.click(sel);
+  await page.waitForSelector(`#conversations .conv[data-conv="@${user}"].active`, { timeout: STEP_TIMEOUT_MS });
+  const kind = await page.getAttribute('#chat-view', 'data-kind');
+  if (kind !== 'direct') fail(`${label}: #chat-view data-kind is ${kind} after opening @${user}`);
+  if ((await page.getAttribute('#members-toggle', 'aria-expanded')) === 'true') {
+    fail(`${label}: member drawer still open after picking ${user}`);
+  }
+}
+
+async function openConv(page, key) {
+  await page.click(`#conversations .conv[data-conv="${key}"]`);
+  await page.waitForSelector(`#conversations .conv[data-conv="${key}"].active`, { timeout: STEP_TIMEOUT_MS });
+}
+
+// Waits until the visible conversation in #messages holds a .msg from `from`
+// whose .text equals `text` exactly (and matches `extra`, e.g.
+// '.own.delivered[data-ref]').
 async function waitForMessage(page, label, from, text, extra = '') {
   try {
     await page.waitForFunction(
       ([f, t, sel]) => Array.from(document.querySelectorAll('#messages .msg' + sel))
-        .some((m) => m.dataset.from === f && m.querySelector('.text')?.textContent === t),
+        .some((m) => m.dataset.from === f && m.querySelector('.text')?.textContent === t &&
+          m.getClientRects().length > 0),
       [from, text, extra],
       { timeout: STEP_TIMEOUT_MS },
     );
   } catch (e) {
     const seen = await page.$$eval('#messages .msg', (ns) => ns.map((m) =>
+      `${m.closest('[data-conv]')?.dataset.conv}${m.getClientRects().length ? '' : ' (hidden)'}: ` +
       `${m.className}${m.dataset.id ? ' id=' + m.dataset.id : ''} from=${m.dataset.from} ${JSON.stringify(m.querySelector('.text')?.textContent)}`))
       .catch(() => []);
     fail(`${label}: no .msg${extra} from ${from} with text ${JSON.stringify(text)} within ${STEP_TIMEOUT_MS / 1000}s; ` +
@@ -169,6 +233,22 @@ async function main() {
     await Promise.all([waitConnected(pageA, 'A'), waitConnected(pageB, 'B')]);
   });
 
+  await step('both pages say they are connected via WebSocket', async () => {
+    await waitTransport(pageA, 'A', 'ws');
+    await waitTransport(pageB, 'B', 'ws');
+  });
+
+  await step('(a) both users see each other (and themselves) in #members', async () => {
+    await waitMember(pageA, 'A', userB);
+    await waitMember(pageA, 'A', userA);
+    await waitMember(pageB, 'B', userA);
+    await waitMember(pageB, 'B', userB);
+    // B is on a desktop-sized page: the list is a visible sidebar there.
+    if (!(await pageB.isVisible(`#members .member[data-user="${userA}"]`))) fail('B: member list not visible at desktop width');
+    const count = await pageA.textContent('#member-count');
+    if (count !== '2') fail(`A: #member-count says ${count}, expected 2`);
+  });
+
   await step('A sends "hello from A"; B receives it from A and A\'s copy is delivered', async () => {
     await send(pageA, HELLO);
     await Promise.all([
@@ -217,9 +297,150 @@ async function main() {
     }
   });
 
-  await step(`screenshots saved to ${artifactDir}`, async () => {
-    await pageA.screenshot({ path: path.join(artifactDir, 'chat-a.png') });
-    await pageB.screenshot({ path: path.join(artifactDir, 'chat-b.png') });
+  await step('chat-a.png saved (phone width, room)', async () => {
+    await pageA.screenshot({ path: path.join(artifactDir, 'chat-a.png'), animations: 'disabled' });
+  });
+
+  await step('(b) A clicks B in the member list and sends a DM; it is delivered and marked direct', async () => {
+    await openDirectFromMembers(pageA, 'A', userB);
+    await send(pageA, DM_AB);
+    await waitForMessage(pageA, 'A', userA, DM_AB, '.own.direct.delivered[data-ref]');
+    const to = await pageA.$eval('#messages .msg.own.direct[data-ref]', (m) => m.dataset.to);
+    if (to !== userB) fail(`A: DM bubble has data-to=${to}, expected ${userB}`);
+  });
+
+  await step('(b) B gets a @A conversation with an unread badge; the DM is not in the room', async () => {
+    const badge = `#conversations .conv[data-conv="@${userA}"] .badge`;
+    await pageB.waitForSelector(badge, { state: 'visible', timeout: STEP_TIMEOUT_MS });
+    const n = (await pageB.textContent(badge) || '').trim();
+    if (n !== '1') fail(`B: unread badge on @${userA} says "${n}", expected 1`);
+    const inRoom = await pageB.$$eval(`#messages [data-conv="#${room}"] .msg .text`, (ns) => ns.map((x) => x.textContent));
+    if (inRoom.includes(DM_AB)) fail('B: the direct message was shown in the room conversation');
+    if (!(await pageB.isVisible(`#messages [data-conv="#${room}"]`))) fail('B: room conversation no longer active after a DM arrived');
+  });
+
+  await step('(b) B opens @A, sees the DM with .direct, the badge clears, and replies', async () => {
+    await openConv(pageB, `@${userA}`);
+    await waitForMessage(pageB, 'B', userA, DM_AB, '.direct:not(.own)');
+    if (await pageB.isVisible(`#conversations .conv[data-conv="@${userA}"] .badge`)) fail('B: unread badge still shown after opening @A');
+    await send(pageB, DM_BA);
+    await Promise.all([
+      waitForMessage(pageB, 'B', userB, DM_BA, '.own.direct.delivered[data-ref]'),
+      waitForMessage(pageA, 'A', userB, DM_BA, '.direct:not(.own)'),
+    ]);
+  });
+
+  await step('chat-b.png saved (desktop, room with the DM conversation listed)', async () => {
+    await openConv(pageB, `#${room}`);
+    await pageB.screenshot({ path: path.join(artifactDir, 'chat-b.png'), animations: 'disabled' });
+  });
+
+  // (d) A third user joins with the transport forced to Server-Sent Events.
+  const ctxC = await browser.newContext({ viewport: { width: 820, height: 700 } });
+  const pageC = await ctxC.newPage();
+  watch(pageC, 'C');
+  pages.c = pageC;
+
+  await step('(d) C joins with transport "sse", shows #transport[data-transport=sse] and the members', async () => {
+    await pageC.goto(`${base}/`, { waitUntil: 'load', timeout: STEP_TIMEOUT_MS });
+    await join(pageC, userC, 'sse');
+    await waitConnected(pageC, 'C');
+    await waitTransport(pageC, 'C', 'sse');
+    await waitMember(pageC, 'C', userA);
+    await waitMember(pageC, 'C', userB);
+    // Presence: A and B see C arrive.
+    await waitMember(pageA, 'A', userC);
+    await waitMember(pageB, 'B', userC);
+  });
+
+  await step('(d) C receives a room message from A over SSE', async () => {
+    await openConv(pageA, `#${room}`);
+    await send(pageA, TO_SSE);
+    await waitForMessage(pageC, 'C', userA, TO_SSE);
+  });
+
+  await step('(d) C posts a room message: A receives it, C marks it delivered and shows it once', async () => {
+    await send(pageC, FROM_SSE);
+    await Promise.all([
+      waitForMessage(pageA, 'A', userC, FROM_SSE),
+      waitForMessage(pageC, 'C', userC, FROM_SSE, '.own.delivered[data-ref][data-id]'),
+    ]);
+    await pageC.waitForTimeout(400); // let the echo over SSE arrive, if it is late
+    const n = await pageC.$$eval('#messages .msg .text', (ns, t) => ns.filter((x) => x.textContent === t).length, FROM_SSE);
+    if (n !== 1) fail(`C shows its own message ${n} times`);
+  });
+
+  await step('(d) DMs over SSE + POST: C → B is delivered, B → C arrives as .direct', async () => {
+    await openDirectFromMembers(pageC, 'C', userB);
+    await send(pageC, DM_CB);
+    await waitForMessage(pageC, 'C', userC, DM_CB, '.own.direct.delivered[data-ref]');
+    await openConv(pageB, `@${userC}`);
+    await waitForMessage(pageB, 'B', userC, DM_CB, '.direct:not(.own)');
+    await send(pageB, DM_BC);
+    await waitForMessage(pageC, 'C', userB, DM_BC, '.direct:not(.own)');
+  });
+
+  await step('(d) C closes its page; A sees C leave the member list', async () => {
+    await pageC.close();
+    delete pages.c;
+    await waitMember(pageA, 'A', userC, false);
+  });
+
+  await step('(c) B leaves; A sees B leave, and a DM to B fails with user_not_found on the bubble', async () => {
+    await pageB.click('#leave');
+    await pageB.waitForSelector('#join-form', { state: 'visible', timeout: STEP_TIMEOUT_MS });
+    await waitMember(pageA, 'A', userB, false);
+    await openConv(pageA, `@${userB}`);
+    await send(pageA, DM_OFFLINE);
+    const sel = '#messages .msg.own.direct.failed .msg-error[data-code="user_not_found"]';
+    try {
+      await pageA.waitForSelector(sel, { state: 'visible', timeout: STEP_TIMEOUT_MS });
+    } catch (e) {
+      await waitForMessage(pageA, 'A', userA, DM_OFFLINE, '.failed'); // fails with a listing
+      fail(`A: no ${sel}`);
+    }
+    const note = await pageA.textContent(sel);
+    if (!note.includes(userB) || !/offline/i.test(note)) fail(`A: error note says "${note}"`);
+    const text = await pageA.$eval(sel, (n) => n.closest('.msg').querySelector('.text').textContent);
+    if (text !== DM_OFFLINE) fail(`A: user_not_found shown on the wrong bubble ("${text}")`);
+  });
+
+  await step('chat-dm.png saved (phone width, DM conversation)', async () => {
+    await pageA.screenshot({ path: path.join(artifactDir, 'chat-dm.png'), animations: 'disabled' });
+  });
+
+  await step('Auto: a page whose WebSocket never opens falls back to SSE', async () => {
+    const ctxD = await browser.newContext({ viewport: { width: 375, height: 740 }, deviceScaleFactor: 2, hasTouch: true });
+    // Every WebSocket fails before `open`, as behind a proxy that drops upgrades.
+    await ctxD.addInitScript(() => {
+      class DeadSocket {
+        constructor() {
+          this.readyState = 0;
+          setTimeout(() => {
+            this.readyState = 3;
+            if (this.onerror) this.onerror(new Event('error'));
+            if (this.onclose) this.onclose({ code: 1006, reason: '', wasClean: false });
+          }, 20);
+        }
+        send() { throw new Error('not open'); }
+        close() {}
+      }
+      DeadSocket.CONNECTING = 0; DeadSocket.OPEN = 1; DeadSocket.CLOSING = 2; DeadSocket.CLOSED = 3;
+      window.WebSocket = DeadSocket;
+    });
+    const pageD = await ctxD.newPage();
+    watch(pageD, 'D');
+    pages.d = pageD;
+    try {
+      await pageD.goto(`${base}/`, { waitUntil: 'load', timeout: STEP_TIMEOUT_MS });
+      await join(pageD, userD, 'auto');
+      await waitConnected(pageD, 'D', 20_000);
+      await waitTransport(pageD, 'D', 'sse');
+      await waitMember(pageA, 'A', userD);
+    } finally {
+      await pageD.close();
+      delete pages.d;
+    }
   });
 
   await step('no page errors, CSP violations or failed assets', async () => {

@@ -1,0 +1,181 @@
+//! Prometheus metrics of one node, served at `GET /metrics`.
+//!
+//! One registry per node (not a process-global recorder), so several nodes in
+//! one test process each count their own traffic. Every metric is documented in
+//! README.md ("Metrics").
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::error::ErrorCode;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<Labels, Gauge>,
+    received: Family<Labels, Counter>,
+    delivered: Family<Labels, Counter>,
+    errors: Family<Labels, Counter>,
+    /// Seconds from publish to the broker's confirm.
+    pub confirm_seconds: Histogram,
+    /// Publishes awaiting their confirm: the bus backlog this node is waiting on.
+    pub publish_in_flight: Gauge,
+    /// Times a broker connection was lost (each is followed by reconnecting).
+    pub broker_reconnects: Counter,
+    broker_connections: Gauge,
+    ready: Gauge,
+}
+
+/// Which transport a session or a message used.
+#[derive(Debug, Clone, Copy)]
+pub enum Transport {
+    WebSocket,
+    Sse,
+    Http,
+}
+
+impl Transport {
+    fn label(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "ws",
+            Transport::Sse => "sse",
+            Transport::Http => "http",
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("warren");
+        let connections = Family::<Labels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Open client sessions, by transport",
+            connections.clone(),
+        );
+        let received = Family::<Labels, Counter>::default();
+        registry.register(
+            "messages_received",
+            "Chat messages accepted from clients, by kind (message, direct) and transport",
+            received.clone(),
+        );
+        let delivered = Family::<Labels, Counter>::default();
+        registry.register(
+            "messages_delivered",
+            "Frames from the bus written to clients, by transport",
+            delivered.clone(),
+        );
+        let errors = Family::<Labels, Counter>::default();
+        registry.register("errors", "Errors sent to clients, by code", errors.clone());
+        let confirm_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "publish_confirm_seconds",
+            "Time from publishing a message to the broker's confirm",
+            confirm_seconds.clone(),
+        );
+        let publish_in_flight = Gauge::default();
+        registry.register(
+            "publish_in_flight",
+            "Publishes awaiting the broker's confirm (bus backlog)",
+            publish_in_flight.clone(),
+        );
+        let broker_reconnects = Counter::default();
+        registry.register(
+            "broker_reconnects",
+            "Broker connections lost and re-established",
+            broker_reconnects.clone(),
+        );
+        let broker_connections = Gauge::default();
+        registry.register(
+            "broker_connections",
+            "Broker connections currently up (the embedded bus reports 0)",
+            broker_connections.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register("ready", "1 when /readyz answers 200, else 0", ready.clone());
+        Self {
+            registry,
+            connections,
+            received,
+            delivered,
+            errors,
+            confirm_seconds,
+            publish_in_flight,
+            broker_reconnects,
+            broker_connections,
+            ready,
+        }
+    }
+
+    pub fn connections(&self, transport: Transport) -> Gauge {
+        self.connections
+            .get_or_create(&vec![("transport", transport.label())])
+            .clone()
+    }
+
+    pub fn received(&self, kind: &'static str, transport: Transport) {
+        self.received
+            .get_or_create(&vec![("kind", kind), ("transport", transport.label())])
+            .inc();
+    }
+
+    pub fn delivered(&self, transport: Transport, frames: u64) {
+        self.delivered
+            .get_or_create(&vec![("transport", transport.label())])
+            .inc_by(frames);
+    }
+
+    pub fn error(&self, code: ErrorCode) {
+        self.errors
+            .get_or_create(&vec![("code", code.as_str())])
+            .inc();
+    }
+
+    /// The text exposition, with the state-derived gauges refreshed first.
+    pub fn render(&self, broker_connections: usize, ready: bool) -> String {
+        self.broker_connections.set(broker_connections as i64);
+        self.ready.set(i64::from(ready));
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_what_was_counted() {
+        let m = Metrics::new();
+        m.received("message", Transport::WebSocket);
+        m.error(ErrorCode::InvalidJson);
+        m.connections(Transport::Sse).inc();
+        let text = m.render(2, true);
+        assert!(
+            text.contains(r#"warren_messages_received_total{kind="message",transport="ws"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"warren_errors_total{code="invalid_json"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"warren_connections{transport="sse"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("warren_broker_connections 2"), "{text}");
+        assert!(text.contains("warren_ready 1"), "{text}");
+    }
+}
