@@ -247,3 +247,50 @@ async fn losing_the_broker_closes_sessions_with_1013_and_recovers() {
     // The queue died with the broker connection, and the new one was deleted.
     assert!(!queue_exists(&format!("{prefix}.user.heidi")).await);
 }
+
+#[tokio::test]
+async fn a_url_list_fails_over_to_the_next_broker() {
+    // Two "brokers" (proxies to the one real broker): the node uses the first,
+    // and when it dies, reconnects through the second.
+    let first = BrokerProxy::start().await;
+    let second = BrokerProxy::start().await;
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let prefix = unique_prefix("failover");
+    let mut cfg = config(BusKind::Amqp, &prefix);
+    // An unreachable broker first in the list is skipped.
+    cfg.amqp_url = Some(format!(
+        "amqp://guest:guest@127.0.0.1:{dead}/%2f, {}, {}",
+        first.url(),
+        second.url()
+    ));
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let mut c = connect(addr, "fo", "olga").await;
+    first.go_down();
+    assert_eq!(close_code(&mut c.socket).await, Some(1013));
+    wait_ready(addr, 200).await;
+    let mut again = connect(addr, "fo", "olga").await;
+    send_json(
+        &mut again.socket,
+        json!({"type":"message","text":"via second","ref":"s"}),
+    )
+    .await;
+    assert_eq!(
+        next_matching(&mut again.socket, |f| f["type"] == "ack").await["ref"],
+        "s"
+    );
+    let (_, _, metrics) = get(addr, "/metrics").await;
+    let reconnects: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("warren_broker_reconnects_total "))
+        .expect("the reconnect counter")
+        .parse()
+        .unwrap();
+    assert!(reconnects >= 1.0, "{reconnects}");
+    server.shutdown().await;
+}

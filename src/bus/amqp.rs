@@ -116,6 +116,7 @@ impl AmqpBus {
                         inbox: Inbox::Amqp(AmqpInbox {
                             consumer,
                             unsettled: None,
+                            lost: conn.lost.clone(),
                         }),
                         lease: Lease::Amqp(AmqpLease {
                             state: Some(LeaseState {
@@ -482,11 +483,18 @@ pub struct AmqpInbox {
     /// The newest delivery not yet acknowledged; acking it with `multiple` settles
     /// everything before it too, one ack per batch instead of per message.
     unsettled: Option<Acker>,
+    /// The pool's word that this session's connection died.
+    lost: tokio_util::sync::CancellationToken,
 }
 
 impl AmqpInbox {
     pub async fn recv(&mut self) -> Result<String, BusError> {
-        let next = self.consumer.next().await;
+        let next = tokio::select! {
+            next = self.consumer.next() => next,
+            _ = self.lost.cancelled() => {
+                return Err(BusError::Unavailable("the broker connection was lost".into()));
+            }
+        };
         self.take(next)
     }
 

@@ -44,6 +44,9 @@ pub struct PooledConnection {
     pub connection: Connection,
     /// Session channels open on this connection; picks the least loaded one.
     channels: AtomicUsize,
+    /// Cancelled when the supervisor sees this connection die, so every session
+    /// on it learns at once even if its consumer stays silent.
+    pub lost: CancellationToken,
 }
 
 impl PooledConnection {
@@ -190,6 +193,7 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
                 let conn = Arc::new(PooledConnection {
                     connection: conn,
                     channels: AtomicUsize::new(0),
+                    lost: CancellationToken::new(),
                 });
                 let mut events = conn.connection.events_listener();
                 *pool.slots[slot].write().unwrap() = Some(conn.clone());
@@ -219,6 +223,7 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
                     }
                 };
                 pool.slots[slot].write().unwrap().take();
+                conn.lost.cancel();
                 pool.reconnects.inc();
                 warn!(slot, %reason, "lost the broker connection; reconnecting");
                 *pool.last_error.lock().unwrap() =
