@@ -133,6 +133,18 @@ fn ready(node: &Node) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Where an HTTP-published message goes, as the path named it.
+enum Target {
+    Room(String),
+    User(String),
+}
+
+/// The same, validated.
+enum Destination {
+    Room(RoomName),
+    User(UserId),
+}
+
 /// `POST /rooms/<room>/messages` with `{"user": "...", "text": "..."}`.
 pub async fn room_message<S, B>(
     room: String,
@@ -145,41 +157,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
-    let prepared = async {
-        let room = RoomName::parse(&room)?;
-        let post: RoomPost = read_json(
-            content_type,
-            content_length,
-            body,
-            node.config.max_frame_bytes,
-        )
-        .await?;
-        let user = user_field(post.user, "user")?;
-        let text = validate_text(post.text, node.config.max_text_bytes)
-            .map_err(|(c, m)| client_error(c, m))?;
-        ready(&node)?;
-        let id = node.settings.ids.next_id();
-        let frame = ServerFrame::Message {
-            id: id.clone(),
-            room: room.to_string(),
-            from: user.to_string(),
-            text,
-            ts: now_ms(),
-        };
-        Ok::<_, ClientError>((room, id, Bytes::from(frame.to_json())))
-    }
-    .await;
-    let (room, id, payload) = match prepared {
-        Ok(p) => p,
-        Err(e) => return Ok(error_response(&e)),
-    };
-    let published_at = std::time::Instant::now();
-    let result = node.bus.publish_room(&room, payload).await;
-    observe(&node, published_at, "message");
-    Ok(match result {
-        Ok(()) => accepted(id),
-        Err(e) => bus_refusal(e),
-    })
+    Ok(publish(Target::Room(room), node, content_type, content_length, body).await)
 }
 
 /// `POST /users/<user>/messages` with `{"from": "...", "text": "..."}`.
@@ -194,39 +172,72 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
+    Ok(publish(Target::User(to), node, content_type, content_length, body).await)
+}
+
+async fn publish<S, B>(
+    target: Target,
+    node: Arc<Node>,
+    content_type: Option<String>,
+    content_length: Option<u64>,
+    body: S,
+) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let limit = node.config.max_frame_bytes;
+    let max_text = node.config.max_text_bytes;
+    let id = node.settings.ids.next_id();
+    // Validate the address first (a bad one is refused without reading the
+    // body), then the body, then build the frame exactly as a session would.
     let prepared = async {
-        let to = UserId::parse(&to)?;
-        let post: DirectPost = read_json(
-            content_type,
-            content_length,
-            body,
-            node.config.max_frame_bytes,
-        )
-        .await?;
-        let from = user_field(post.from, "from")?;
-        let text = validate_text(post.text, node.config.max_text_bytes)
-            .map_err(|(c, m)| client_error(c, m))?;
-        ready(&node)?;
-        let id = node.settings.ids.next_id();
-        let frame = ServerFrame::Direct {
-            id: id.clone(),
-            from: from.to_string(),
-            to: to.to_string(),
-            text,
-            ts: now_ms(),
+        let text_of = |text| validate_text(text, max_text).map_err(|(c, m)| client_error(c, m));
+        let built = match &target {
+            Target::Room(room) => {
+                let room = RoomName::parse(room)?;
+                let post: RoomPost = read_json(content_type, content_length, body, limit).await?;
+                let from = user_field(post.user, "user")?;
+                let frame = ServerFrame::Message {
+                    id: id.clone(),
+                    room: room.to_string(),
+                    from: from.to_string(),
+                    text: text_of(post.text)?,
+                    ts: now_ms(),
+                };
+                (frame, Destination::Room(room))
+            }
+            Target::User(to) => {
+                let to = UserId::parse(to)?;
+                let post: DirectPost = read_json(content_type, content_length, body, limit).await?;
+                let from = user_field(post.from, "from")?;
+                let frame = ServerFrame::Direct {
+                    id: id.clone(),
+                    from: from.to_string(),
+                    to: to.to_string(),
+                    text: text_of(post.text)?,
+                    ts: now_ms(),
+                };
+                (frame, Destination::User(to))
+            }
         };
-        Ok::<_, ClientError>((to, id, Bytes::from(frame.to_json())))
+        ready(&node)?;
+        Ok::<_, ClientError>(built)
     }
     .await;
-    let (to, id, payload) = match prepared {
-        Ok(p) => p,
-        Err(e) => return Ok(error_response(&e)),
+    let (frame, destination) = match prepared {
+        Ok(built) => built,
+        Err(e) => return error_response(&e),
     };
+    let payload = Bytes::from(frame.to_json());
     let published_at = std::time::Instant::now();
-    let result = node.bus.publish_direct(&to, payload).await;
-    observe(&node, published_at, "direct");
-    Ok(match result {
+    let (kind, result) = match destination {
+        Destination::User(to) => ("direct", node.bus.publish_direct(&to, payload).await),
+        Destination::Room(room) => ("message", node.bus.publish_room(&room, payload).await),
+    };
+    observe(&node, published_at, kind);
+    match result {
         Ok(()) => accepted(id),
         Err(e) => bus_refusal(e),
-    })
+    }
 }

@@ -149,6 +149,27 @@ where
     write(sink, Message::text(frame.to_json())).await
 }
 
+/// The frame every receiver gets for a client's accepted frame: the server sets
+/// `id`, `from` and `ts`, so a client cannot forge them.
+fn outgoing(accepted: ClientFrame, id: &str, member: &Member) -> ServerFrame {
+    match accepted {
+        ClientFrame::Message { text, .. } => ServerFrame::Message {
+            id: id.to_owned(),
+            room: member.room.to_string(),
+            from: member.user.to_string(),
+            text,
+            ts: now_ms(),
+        },
+        ClientFrame::Direct { to, text, .. } => ServerFrame::Direct {
+            id: id.to_owned(),
+            from: member.user.to_string(),
+            to: to.to_string(),
+            text,
+            ts: now_ms(),
+        },
+    }
+}
+
 /// Await one publish's confirm, timing it and counting it as in flight meanwhile.
 async fn confirmed(
     metrics: Arc<Metrics>,
@@ -319,22 +340,23 @@ where
                         Some(Inbound::Binary) => Some((ClientError::new(ErrorCode::UnsupportedFrame, "binary frames are not supported; send JSON text"), None)),
                         Some(Inbound::Text(text)) => match ClientFrame::parse(&text, settings.max_text_bytes) {
                             Err(rejected) => Some((rejected.error, rejected.reference)),
-                            Ok(ClientFrame::Message { text, reference }) => {
-                                let id = settings.ids.next_id();
-                                let frame = ServerFrame::Message {
-                                    id: id.clone(),
-                                    room: room.to_string(),
-                                    from: user.to_string(),
-                                    text,
-                                    ts: now_ms(),
+                            Ok(accepted) => {
+                                let (kind, to, reference) = match &accepted {
+                                    ClientFrame::Message { reference, .. } => ("message", None, reference.clone()),
+                                    ClientFrame::Direct { to, reference, .. } => ("direct", Some(to.clone()), reference.clone()),
                                 };
+                                let id = settings.ids.next_id();
+                                let payload = Bytes::from(outgoing(accepted, &id, member).to_json());
                                 let published_at = std::time::Instant::now();
-                                match publisher.publish(Bytes::from(frame.to_json())).await {
+                                let published = match &to {
+                                    None => publisher.publish(payload).await,
+                                    Some(to) => publisher.publish_direct(to, payload).await,
+                                };
+                                match published {
                                     Ok(confirm) => {
-                                        settings.metrics.received("message", Transport::WebSocket);
+                                        settings.metrics.received(kind, Transport::WebSocket);
                                         settings.metrics.publish_in_flight.inc();
                                         confirms.push_back(confirmed(settings.metrics.clone(), published_at, reference, id, confirm));
-                                        None
                                     }
                                     Err(e) => {
                                         debug!(error = %e, "publish failed");
@@ -344,38 +366,9 @@ where
                                         if let Err(e) = write_frame(&settings.metrics, &mut sink, &frame).await {
                                             return SessionEnd::ClientGone(e);
                                         }
-                                        None
                                     }
                                 }
-                            }
-                            Ok(ClientFrame::Direct { to, text, reference }) => {
-                                let id = settings.ids.next_id();
-                                let frame = ServerFrame::Direct {
-                                    id: id.clone(),
-                                    from: user.to_string(),
-                                    to: to.to_string(),
-                                    text,
-                                    ts: now_ms(),
-                                };
-                                let published_at = std::time::Instant::now();
-                                match publisher.publish_direct(&to, Bytes::from(frame.to_json())).await {
-                                    Ok(confirm) => {
-                                        settings.metrics.received("direct", Transport::WebSocket);
-                                        settings.metrics.publish_in_flight.inc();
-                                        confirms.push_back(confirmed(settings.metrics.clone(), published_at, reference, id, confirm));
-                                        None
-                                    }
-                                    Err(e) => {
-                                        debug!(error = %e, "publish failed");
-                                        // The broker's fault, not the client's: tell it, but
-                                        // don't count it against the abuse budget.
-                                        let frame = ServerFrame::error(&ClientError::new(ErrorCode::Unavailable, "the message was not delivered; the broker is unavailable"), reference);
-                                        if let Err(e) = write_frame(&settings.metrics, &mut sink, &frame).await {
-                                            return SessionEnd::ClientGone(e);
-                                        }
-                                        None
-                                    }
-                                }
+                                None
                             }
                         },
                     };

@@ -1,6 +1,7 @@
 //! Session behaviour over real WebSockets, run on both buses: the embedded one and
 //! RabbitMQ. The same test bodies run twice (see `on_both_buses!`).
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -10,27 +11,6 @@ use common::*;
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-
-macro_rules! on_both_buses {
-    ($($name:ident),* $(,)?) => {
-        mod memory_bus {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::BusKind::Memory).await;
-                }
-            )*
-        }
-        mod amqp_bus {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::BusKind::Amqp).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_buses!(
     two_clients_exchange_messages,

@@ -1,6 +1,7 @@
 //! Direct messages, presence and the live node list: across nodes through
 //! RabbitMQ, and on the embedded bus for one node.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeSet;
@@ -69,17 +70,6 @@ async fn two_nodes(test: &str, ttl_secs: u64) -> (warren::RunningServer, warren:
         }
     }
     (a, b)
-}
-
-macro_rules! on_both_buses {
-    ($($name:ident),* $(,)?) => {
-        mod memory_bus {
-            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Memory).await; } )*
-        }
-        mod amqp_bus {
-            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Amqp).await; } )*
-        }
-    };
 }
 
 on_both_buses!(

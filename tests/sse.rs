@@ -1,6 +1,7 @@
 //! Server-Sent Events and HTTP publishing: the same rooms as WebSocket clients,
 //! across nodes, with the same refusals.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -96,17 +97,6 @@ async fn post(url: String, body: Value) -> (u16, Value) {
         .await
         .unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
-}
-
-macro_rules! on_both_buses {
-    ($($name:ident),* $(,)?) => {
-        mod memory_bus {
-            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Memory).await; } )*
-        }
-        mod amqp_bus {
-            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Amqp).await; } )*
-        }
-    };
 }
 
 on_both_buses!(

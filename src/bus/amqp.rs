@@ -165,52 +165,9 @@ impl AmqpBus {
         let channel = conn.open_channel().await.map_err(unavailable)?;
         let exchange = format!("{}.presence", self.prefix);
         let queue = format!("{}.node.{node_id}", self.prefix);
-        let declared = async {
-            channel
-                .exchange_declare(
-                    exchange.as_str().into(),
-                    ExchangeKind::Fanout,
-                    ExchangeDeclareOptions {
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    queue.as_str().into(),
-                    exchange.as_str().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            // Presence is soft state, refreshed by every heartbeat: no acks.
-            channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    queue.as_str().into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-        }
-        .await;
+        // Presence is soft state, refreshed by every heartbeat: no acks.
+        let declared =
+            subscribe_to_fanout(&channel, &exchange, &queue, FieldTable::default(), true).await;
         match declared {
             Ok(consumer) => Ok(AmqpPresenceLink {
                 conn,
@@ -349,17 +306,6 @@ impl AmqpBus {
         channel
             .basic_qos(PREFETCH, BasicQosOptions { global: false })
             .await?;
-        channel
-            .exchange_declare(
-                exchange.into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
         let mut args = FieldTable::default();
         args.insert(
             "x-max-length".into(),
@@ -369,35 +315,62 @@ impl AmqpBus {
             "x-overflow".into(),
             AMQPValue::LongString("drop-head".into()),
         );
-        channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.into(),
-                exchange.into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .basic_consume(
-                queue.into(),
-                queue.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
+        subscribe_to_fanout(channel, exchange, queue, args, false).await
     }
+}
+
+/// Declare a fanout exchange (auto-deleted with its last queue) and an exclusive,
+/// auto-deleted queue bound to it, and consume the queue. The one topology both
+/// sessions and presence links use.
+async fn subscribe_to_fanout(
+    channel: &Channel,
+    exchange: &str,
+    queue: &str,
+    arguments: FieldTable,
+    no_ack: bool,
+) -> lapin::Result<Consumer> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_consume(
+            queue.into(),
+            queue.into(),
+            BasicConsumeOptions {
+                no_ack,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 fn reply_code(e: &lapin::Error) -> Option<u16> {

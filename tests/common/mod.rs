@@ -29,6 +29,21 @@ pub fn unique_prefix(test: &str) -> String {
     format!("t{:08x}.{test}", rand::random::<u32>())
 }
 
+/// Run each named `async fn(BusKind)` as two tests: one on the embedded bus,
+/// one on RabbitMQ. The session code does not know which bus it talks to, and
+/// these tests hold it to that.
+#[macro_export]
+macro_rules! on_both_buses {
+    ($($name:ident),* $(,)?) => {
+        mod memory_bus {
+            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Memory).await; } )*
+        }
+        mod amqp_bus {
+            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Amqp).await; } )*
+        }
+    };
+}
+
 /// Which bus a test runs against.
 #[derive(Clone, Copy, Debug)]
 pub enum BusKind {

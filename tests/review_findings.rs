@@ -1,0 +1,342 @@
+//! Review findings: each test here fails on the code as reviewed and passes once
+//! the bug it names is fixed. Every test uses its own prefix and 127.0.0.1 only.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+fn names(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn apply_presence(members: &mut BTreeSet<String>, frame: &Value) {
+    members.extend(names(&frame["joins"]));
+    for gone in names(&frame["leaves"]) {
+        members.remove(&gone);
+    }
+}
+
+async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (_, _, body) = get(addr, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------
+// 1. Shutdown waits forever for an HTTP request whose body never finishes.
+
+#[tokio::test]
+async fn rf_shutdown_is_not_held_hostage_by_a_stalled_request_body() {
+    let server = start(config(BusKind::Memory, &unique_prefix("rfstall"))).await;
+    let addr = server.local_addr();
+    let mut raw = TcpStream::connect(addr).await.unwrap();
+    raw.write_all(
+        format!(
+            "POST /rooms/r/messages HTTP/1.1\r\nhost: {addr}\r\n\
+             content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"user\":"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The handler is now waiting for the rest of the body, which never comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(10), server.shutdown()).await;
+    drop(raw);
+    assert!(
+        stopped.is_ok(),
+        "shutdown (SIGINT, or the end of a SIGTERM drain) hung on one client that \
+         stopped sending its POST body"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2. warren_publish_in_flight leaks when a session ends with confirms pending.
+
+#[tokio::test]
+async fn rf_publish_in_flight_returns_to_zero_after_a_session_ends_mid_burst() {
+    let server = start(config(BusKind::Amqp, &unique_prefix("rfinflight"))).await;
+    let addr = server.local_addr();
+    let mut c = connect(addr, "inflight", "burst").await;
+    for i in 0..1000 {
+        c.socket
+            .feed(Message::text(
+                json!({"type":"message","text":format!("{i}"),"ref":format!("r{i}")}).to_string(),
+            ))
+            .await
+            .unwrap();
+    }
+    // Close right behind the burst: the session reads the Close while most
+    // confirms are still on their way.
+    c.socket.close(None).await.unwrap();
+    drop(c);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(addr, r#"warren_connections{transport="ws"}"#).await != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "session never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let in_flight = metric(addr, "warren_publish_in_flight").await;
+    server.shutdown().await;
+    assert_eq!(
+        in_flight, 0.0,
+        "no session is open, yet the gauge says {in_flight} publishes await a confirm"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. A session busy with deliveries misses presence frames (Lagged is only
+//    logged), and since presence is diff-only its member list stays wrong.
+
+#[tokio::test]
+async fn rf_a_busy_session_ends_up_with_the_right_member_list() {
+    let mut cfg = config(BusKind::Memory, &unique_prefix("rflag"));
+    cfg.presence_batch_ms = 10;
+    cfg.max_text_bytes = 60_000;
+    cfg.max_frame_bytes = 65_536;
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let http = reqwest::Client::new();
+    let post = |text: String| {
+        http.post(format!("http://{addr}/rooms/lag/messages"))
+            .json(&json!({"user": "flooder", "text": text}))
+            .send()
+    };
+
+    let mut watcher = connect(addr, "lag", "watcher").await;
+    let mut members = names(&watcher.welcome["members"]);
+    let gone = connect(addr, "lag", "gone").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !members.contains("gone") {
+        let f = tokio::time::timeout_at(deadline, next_frame(&mut watcher.socket))
+            .await
+            .expect("gone's join");
+        if f["type"] == "presence" {
+            apply_presence(&mut members, &f);
+        }
+    }
+
+    // The watcher stops reading for ~4 s (well under the 10 s write timeout)
+    // while the room is busy: its session sits in a blocked write.
+    let big = "x".repeat(60_000);
+    for _ in 0..150 {
+        assert_eq!(post(big.clone()).await.unwrap().status().as_u16(), 202);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(gone);
+    let _early = connect(addr, "lag", "early").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..70 {
+        let c = connect(addr, "lag", &format!("churn{i}")).await;
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    assert_eq!(post("sync".into()).await.unwrap().status().as_u16(), 202);
+
+    // Catch up, then let the last flushes arrive.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let f = tokio::time::timeout_at(deadline, next_frame(&mut watcher.socket))
+            .await
+            .expect("catching up");
+        match f["type"].as_str() {
+            Some("presence") => apply_presence(&mut members, &f),
+            Some("message") if f["text"] == "sync" => break,
+            _ => {}
+        }
+    }
+    let settle = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(f) = tokio::time::timeout_at(settle, next_frame(&mut watcher.socket)).await {
+        if f["type"] == "presence" {
+            apply_presence(&mut members, &f);
+        }
+    }
+    let (_, _, body) = get(addr, "/rooms/lag/members").await;
+    let truth = names(&serde_json::from_str::<Value>(&body).unwrap()["members"]);
+    server.shutdown().await;
+    assert_eq!(
+        members, truth,
+        "the watcher's member list (welcome + presence diffs) diverged from /members"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 4. HTTP publishing lets anyone speak as a user who is connected right now.
+
+#[tokio::test]
+async fn rf_http_publish_cannot_speak_for_a_connected_user() {
+    let server = start(config(BusKind::Memory, &unique_prefix("rfspoof"))).await;
+    let addr = server.local_addr();
+    let mut alice = connect(addr, "bank", "alice").await;
+    let mut bob = connect(addr, "bank", "bob").await;
+    let http = reqwest::Client::new();
+    let room = http
+        .post(format!("http://{addr}/rooms/bank/messages"))
+        .json(&json!({"user": "alice", "text": "bob, send the money to mallory"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    let direct = http
+        .post(format!("http://{addr}/users/bob/messages"))
+        .json(&json!({"from": "alice", "text": "it's me, alice"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    let _ = (&mut alice, &mut bob);
+    server.shutdown().await;
+    assert_ne!(
+        room, 202,
+        "a request with no credential published as the connected user alice"
+    );
+    assert_ne!(direct, 202, "… and sent a direct message as alice");
+}
+
+// ---------------------------------------------------------------------------
+// 5/6. A broker that stops reading (memory/disk alarm → connection.blocked, or
+//      a half-open network path): nothing on the shutdown path has a deadline.
+
+/// A TCP proxy to the local broker whose client→broker direction can be frozen:
+/// the broker "stops reading", as RabbitMQ does to a blocked publisher.
+struct FreezingProxy {
+    addr: SocketAddr,
+    frozen: Arc<AtomicBool>,
+}
+
+impl FreezingProxy {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(broker) = TcpStream::connect("127.0.0.1:5672").await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut br, mut bw) = broker.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut br, &mut cw).await;
+                });
+                let f = f.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        if f.load(Ordering::SeqCst) {
+                            // Stop reading; keep both sockets open.
+                            std::future::pending::<()>().await;
+                        }
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if f.load(Ordering::SeqCst) {
+                            std::future::pending::<()>().await;
+                        }
+                        if bw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        FreezingProxy { addr, frozen }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn rf_shutdown_completes_when_the_broker_stops_answering() {
+    let proxy = FreezingProxy::start().await;
+    let mut cfg = config(BusKind::Amqp, &unique_prefix("rffrozen"));
+    cfg.amqp_url = Some(proxy.url());
+    cfg.amqp_connections = 1;
+    let server = start(cfg).await;
+    let mut c = connect(server.local_addr(), "frozen", "f1").await;
+    proxy.freeze();
+    let stopping = tokio::spawn(server.shutdown());
+    // The session itself says goodbye (1001) ...
+    assert_eq!(close_code(&mut c.socket).await, Some(1001));
+    // ... but then waits, without a deadline, for queue.delete-ok, then the
+    // presence goodbye, then connection.close-ok.
+    let done = tokio::time::timeout(Duration::from_secs(15), stopping).await;
+    assert!(
+        done.is_ok(),
+        "shutdown still running 15 s after the broker stopped answering"
+    );
+}
+
+#[tokio::test]
+async fn rf_a_publish_the_broker_cannot_take_does_not_wedge_the_session() {
+    let proxy = FreezingProxy::start().await;
+    let mut cfg = config(BusKind::Amqp, &unique_prefix("rfwedge"));
+    cfg.amqp_url = Some(proxy.url());
+    cfg.amqp_connections = 1;
+    cfg.max_text_bytes = 60_000;
+    cfg.max_frame_bytes = 65_536;
+    let server = start(cfg).await;
+    let c = connect(server.local_addr(), "wedge", "w1").await;
+    let (mut tx, mut rx) = c.socket.split();
+    proxy.freeze();
+    // ~18 MB of publishes: more than the kernel buffers between lapin and the
+    // frozen broker hold, so one `basic_publish(..).await` never resolves.
+    let big = json!({"type":"message","text":"y".repeat(60_000)}).to_string();
+    tokio::spawn(async move {
+        for _ in 0..300 {
+            if tx.send(Message::text(big.clone())).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Shutdown's first step is the session's 1001; a session parked inside
+    // `publisher.publish(..).await` never gets back to its select! to see it.
+    let _stopping = tokio::spawn(server.shutdown());
+    let closed = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match rx.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        closed.ok().flatten(),
+        Some(1001),
+        "the session never answered shutdown: it is stuck in a publish"
+    );
+}
