@@ -92,6 +92,11 @@ pub struct Config {
     #[arg(long, env = "WARREN_SSE_KEEPALIVE_SECS", default_value_t = 15)]
     pub sse_keepalive_secs: u64,
 
+    /// Secret for the posting tokens in `welcome` frames. Every node of a cluster
+    /// must share it; unset, each node picks a random one (fine for one node).
+    #[arg(long, env = "WARREN_SESSION_SECRET", hide_env_values = true)]
+    pub session_secret: Option<String>,
+
     /// Log format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

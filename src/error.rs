@@ -26,6 +26,9 @@ pub enum ErrorCode {
     MessageTooLarge,
     UnsupportedFrame,
     UnsupportedMediaType,
+    RequestTimeout,
+    InvalidRequest,
+    TokenRequired,
     Internal,
 }
 
@@ -48,6 +51,9 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::UnsupportedFrame => "unsupported_frame",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::TokenRequired => "token_required",
             ErrorCode::Internal => "internal",
         }
     }
@@ -61,13 +67,15 @@ impl ErrorCode {
             | ErrorCode::UnknownType
             | ErrorCode::InvalidMessage
             | ErrorCode::UnsupportedFrame => StatusCode::BAD_REQUEST,
-            ErrorCode::OriginNotAllowed => StatusCode::FORBIDDEN,
+            ErrorCode::OriginNotAllowed | ErrorCode::TokenRequired => StatusCode::FORBIDDEN,
             ErrorCode::NotFound | ErrorCode::UserNotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::UserTaken => StatusCode::CONFLICT,
             ErrorCode::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -44,6 +44,19 @@ pub fn error_response(error: &ClientError) -> Response {
     response
 }
 
+/// The Origin header. One that is not valid text is kept as a value no allowed
+/// origin can match, so it is refused as `origin_not_allowed`, not as a 404.
+fn origin() -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
+    warp::header::headers_cloned().map(|headers: HeaderMap| {
+        headers.get("origin").map(|value| {
+            value
+                .to_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|_| "\u{fffd}unreadable-origin".to_owned())
+        })
+    })
+}
+
 /// All routes of a node.
 pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let with_node = {
@@ -55,7 +68,7 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(warp::get())
         .and(with_node.clone())
         .and(warp::query::<HashMap<String, String>>())
-        .and(warp::header::optional::<String>("origin"))
+        .and(origin())
         .and(warp::header::optional::<String>("host"))
         .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
         .and_then(crate::upgrade::handle);
@@ -99,8 +112,9 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(warp::get())
         .and(with_node.clone())
         .and(warp::query::<HashMap<String, String>>())
-        .and(warp::header::optional::<String>("origin"))
+        .and(origin())
         .and(warp::header::optional::<String>("host"))
+        .and(warp::header::optional::<String>("accept"))
         .and_then(crate::sse::handle);
 
     let room_post = warp::path!("rooms" / String / "messages")
@@ -224,7 +238,7 @@ async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> 
         ClientError::new(ErrorCode::MethodNotAllowed, "method not allowed here")
     } else {
         tracing::debug!(?rejection, "unhandled rejection");
-        ClientError::new(ErrorCode::NotFound, "no such resource")
+        ClientError::new(ErrorCode::InvalidRequest, "the request could not be read")
     };
     Ok(error_response(&error))
 }

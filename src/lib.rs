@@ -8,8 +8,11 @@
 //! - [`server`]: a running node: binds the port, holds the shared [`server::Node`]
 //!   state, and shuts everything down in order.
 //! - [`http`]: every HTTP route as a warp filter; JSON error bodies.
-//! - [`upgrade`]: the WebSocket handshake. Validates, claims the user id, and
-//!   subscribes on the bus *before* upgrading, so refusals are HTTP statuses.
+//! - [`handshake`]: admission shared by every transport: validate, claim the
+//!   user id, subscribe on the bus — before any byte of the stream is sent.
+//! - [`upgrade`]: the WebSocket transport.
+//! - [`sse`]: the Server-Sent Events transport; [`publish`]: HTTP publishing.
+//! - [`metrics`]: the node's Prometheus metrics.
 //! - [`session`]: one connection's loop: client frames in, publishes out,
 //!   deliveries forwarded as they are, acks once the broker confirms.
 //! - [`protocol`]: the JSON frames (the wire protocol, `docs/PROTOCOL.md`).
@@ -19,6 +22,8 @@
 //! - [`presence`]: who is in each room across nodes, and the live node list,
 //!   gossiped between nodes over the bus ([`presence::view`] is the pure state).
 //! - [`claims`]: which user ids have a session on this node.
+//! - [`tokens`]: posting tokens, so HTTP publishing cannot speak for a
+//!   connected user.
 //! - [`names`]: validated room and user names.
 //! - [`error`]: every client-visible error code, its HTTP status.
 //! - [`config`]: flags and environment variables.
@@ -39,6 +44,7 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod sse;
+pub mod tokens;
 pub mod upgrade;
 
 pub use config::Config;

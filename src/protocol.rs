@@ -22,6 +22,8 @@ pub enum ServerFrame {
         node: String,
         /// Everyone in the room, on every node, the new member included.
         members: Vec<String>,
+        /// Proof of this session for HTTP publishing as `user` (see `tokens`).
+        token: String,
     },
     /// A chat message in a room. Published once, serialised once, delivered as is.
     Message {
@@ -44,6 +46,10 @@ pub enum ServerFrame {
         room: String,
         joins: Vec<String>,
         leaves: Vec<String>,
+        /// Only on a resync, after the client missed presence frames: the whole
+        /// member list, which replaces what the client had.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        members: Option<Vec<String>>,
     },
     /// The broker confirmed the client's message carrying `ref`.
     Ack {
@@ -87,7 +93,10 @@ impl<'de> Deserialize<'de> for ErrorCode {
     }
 }
 
-const ALL_CODES: [ErrorCode; 16] = [
+const ALL_CODES: [ErrorCode; 19] = [
+    ErrorCode::TokenRequired,
+    ErrorCode::RequestTimeout,
+    ErrorCode::InvalidRequest,
     ErrorCode::UnsupportedMediaType,
     ErrorCode::InvalidRoom,
     ErrorCode::InvalidUser,
@@ -146,6 +155,8 @@ pub struct AcceptedBody {
 pub struct RoomPost {
     pub user: Option<serde_json::Value>,
     pub text: Option<serde_json::Value>,
+    /// Required while `user` holds a session: that session's welcome token.
+    pub token: Option<String>,
 }
 
 /// The body of `POST /users/<user>/messages`.
@@ -153,6 +164,8 @@ pub struct RoomPost {
 pub struct DirectPost {
     pub from: Option<serde_json::Value>,
     pub text: Option<serde_json::Value>,
+    /// Required while `from` holds a session: that session's welcome token.
+    pub token: Option<String>,
 }
 
 /// The `type` and, when it has one, the `id` of a serialised server frame,
@@ -438,6 +451,7 @@ mod tests {
             room: "r".into(),
             joins: vec![],
             leaves: vec![],
+            members: None,
         };
         assert_eq!(frame_head(&presence.to_json()), Some(("presence", None)));
         assert_eq!(frame_head("nonsense"), None);

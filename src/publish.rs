@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -23,6 +24,10 @@ use crate::names::{RoomName, UserId};
 use crate::protocol::{AcceptedBody, DirectPost, RoomPost, ServerFrame, validate_text};
 use crate::server::Node;
 use crate::session::now_ms;
+
+/// How long a client may take to send a whole body: a trickle must not hold a
+/// connection (or shutdown) hostage.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn client_error(code: ErrorCode, message: impl Into<String>) -> ClientError {
     ClientError::new(code, message)
@@ -63,7 +68,18 @@ where
     }
     let mut body = body;
     let mut buffer = BytesMut::new();
-    while let Some(chunk) = body.next().await {
+    let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(client_error(
+                    ErrorCode::RequestTimeout,
+                    "the body did not arrive in time",
+                ));
+            }
+        };
         let mut chunk = chunk
             .map_err(|e| client_error(ErrorCode::InvalidJson, format!("body unreadable: {e}")))?;
         if buffer.len() + chunk.remaining() > limit {
@@ -121,6 +137,30 @@ fn observe(node: &Node, published_at: std::time::Instant, kind: &'static str) {
     metrics
         .confirm_seconds
         .observe(published_at.elapsed().as_secs_f64());
+}
+
+/// May this request speak as `from`? With its session's token, yes; without,
+/// only while no session anywhere holds the id (see [`crate::tokens`]).
+async fn authorize(node: &Node, from: &UserId, token: Option<&str>) -> Result<(), ClientError> {
+    if token.is_some_and(|t| node.settings.tokens.verify(from, t)) {
+        return Ok(());
+    }
+    let connected = node.claims.is_claimed(from)
+        || node.bus.is_connected(from).await.map_err(|_| {
+            client_error(
+                ErrorCode::Unavailable,
+                "the message broker is unavailable; retry shortly",
+            )
+        })?;
+    if connected {
+        return Err(client_error(
+            ErrorCode::TokenRequired,
+            format!(
+                "{from} is connected: only its session may post as it (send the token from its welcome)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn ready(node: &Node) -> Result<(), ClientError> {
@@ -198,6 +238,7 @@ where
                 let room = RoomName::parse(room)?;
                 let post: RoomPost = read_json(content_type, content_length, body, limit).await?;
                 let from = user_field(post.user, "user")?;
+                authorize(&node, &from, post.token.as_deref()).await?;
                 let frame = ServerFrame::Message {
                     id: id.clone(),
                     room: room.to_string(),
@@ -211,6 +252,7 @@ where
                 let to = UserId::parse(to)?;
                 let post: DirectPost = read_json(content_type, content_length, body, limit).await?;
                 let from = user_field(post.from, "from")?;
+                authorize(&node, &from, post.token.as_deref()).await?;
                 let frame = ServerFrame::Direct {
                     id: id.clone(),
                     from: from.to_string(),

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::bus::Bus;
 use crate::bus::amqp::AmqpBus;
@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::presence::{Presence, PresenceTiming};
 use crate::session::{MessageIds, SessionSettings, StopSignals};
+use crate::tokens::Tokens;
 
 /// What every request handler and session of a node shares.
 pub struct Node {
@@ -95,6 +96,7 @@ impl RunningServer {
         );
         let node = Arc::new(Node {
             settings: Arc::new(SessionSettings {
+                tokens: Tokens::new(config.session_secret.as_deref()),
                 metrics: metrics.clone(),
                 node_id: node_id.clone(),
                 max_text_bytes: config.max_text_bytes,
@@ -168,15 +170,33 @@ impl RunningServer {
     }
 }
 
+/// After shutdown begins, how long open HTTP requests (a slow upload, say) may
+/// take before they are cut.
+const HTTP_GRACE: Duration = Duration::from_secs(5);
+/// How long sessions may take to close and delete their queues at shutdown.
+const SESSIONS_GRACE: Duration = Duration::from_secs(15);
+
 async fn serve(node: Arc<Node>, listener: TcpListener) {
     let routes = crate::http::routes(node.clone());
-    warp::serve(routes)
+    let http = warp::serve(routes)
         .incoming(listener)
         .graceful(node.shutdown.clone().cancelled_owned())
-        .run()
-        .await;
+        .run();
+    let cut_off = async {
+        node.shutdown.cancelled().await;
+        tokio::time::sleep(HTTP_GRACE).await;
+    };
+    tokio::select! {
+        _ = http => {}
+        _ = cut_off => warn!("HTTP requests still open after the grace period; cutting them"),
+    }
     node.sessions.close();
-    node.sessions.wait().await;
+    if tokio::time::timeout(SESSIONS_GRACE, node.sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!("sessions still closing after the grace period; stopping anyway");
+    }
     node.presence.stop().await;
     node.bus.close().await;
     info!("stopped");

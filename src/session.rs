@@ -27,6 +27,7 @@ use crate::metrics::{Metrics, Transport};
 use crate::names::{RoomName, UserId};
 use crate::presence::Joined;
 use crate::protocol::{ClientFrame, ServerFrame};
+use crate::tokens::Tokens;
 
 /// Close codes this server sends (RFC 6455 §7.4.1 and the IANA registry).
 pub mod close_code {
@@ -50,6 +51,9 @@ const WRITE_BATCH: usize = 256;
 /// A socket that cannot take a write for this long is dropped: it is dead or too
 /// slow to serve, and waiting longer would only hold its queue's backlog hostage.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long handing one message to the broker may take before the broker is
+/// considered stuck and the session closes with 1013.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the closing handshake may take before the socket is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Invalid frames tolerated per [`ERROR_WINDOW`] before the socket is closed with
@@ -100,6 +104,8 @@ impl MessageIds {
 /// What every session of a node shares.
 pub struct SessionSettings {
     pub metrics: Arc<Metrics>,
+    /// Issues the posting token every `welcome` carries.
+    pub tokens: Tokens,
     pub node_id: String,
     pub max_text_bytes: usize,
     pub ping_interval: Duration,
@@ -170,17 +176,34 @@ fn outgoing(accepted: ClientFrame, id: &str, member: &Member) -> ServerFrame {
     }
 }
 
+/// Counts a publish as in flight for as long as it lives: a session that ends
+/// with confirms pending drops them, and the count must drop with them.
+struct InFlight(Arc<Metrics>);
+
+impl InFlight {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.publish_in_flight.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.publish_in_flight.dec();
+    }
+}
+
 /// Await one publish's confirm, timing it and counting it as in flight meanwhile.
 async fn confirmed(
-    metrics: Arc<Metrics>,
+    in_flight: InFlight,
     published_at: std::time::Instant,
     reference: Option<String>,
     id: String,
     confirm: Confirm,
 ) -> (Option<String>, String, Result<(), BusError>) {
     let result = confirm.await;
-    metrics.publish_in_flight.dec();
-    metrics
+    in_flight
+        .0
         .confirm_seconds
         .observe(published_at.elapsed().as_secs_f64());
     (reference, id, result)
@@ -236,12 +259,13 @@ where
         lease,
     } = subscription;
     let end = async {
-        let Joined { members, mut updates } = joined;
+        let mut joined = joined;
         let welcome = ServerFrame::Welcome {
             user: user.to_string(),
             room: room.to_string(),
             node: settings.node_id.clone(),
-            members,
+            members: std::mem::take(&mut joined.members),
+            token: settings.tokens.issue(user),
         };
         if let Err(e) = write_frame(&settings.metrics, &mut sink, &welcome).await {
             return SessionEnd::ClientGone(e);
@@ -259,8 +283,9 @@ where
         tokio::pin!(restart_due);
 
         loop {
+            // Not biased: under load every branch gets its turn, so a busy room's
+            // deliveries cannot starve the client's own frames (or vice versa).
             tokio::select! {
-                biased;
                 _ = stop.shutdown.cancelled() => {
                     let _ = write(&mut sink, Message::close_with(close_code::GOING_AWAY, "server shutting down")).await;
                     return SessionEnd::Shutdown;
@@ -295,18 +320,23 @@ where
                     }
                     inbox.settle().await;
                 }
-                update = updates.recv() => match update {
+                update = joined.updates.recv() => match update {
                     Ok(frame) => {
                         if let Err(e) = write(&mut sink, Message::text(frame.as_ref())).await {
                             return SessionEnd::ClientGone(e);
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        debug!(missed = n, "presence frames dropped for a slow client");
+                        // Diffs cannot be replayed: send the whole list instead.
+                        debug!(missed = n, "presence frames missed; resyncing the client");
+                        let frame = joined.resync(room.as_str()).await;
+                        if let Err(e) = write_frame(&settings.metrics, &mut sink, &frame).await {
+                            return SessionEnd::ClientGone(e);
+                        }
                     }
                     // The node is stopping; the shutdown branch ends the session.
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        updates = tokio::sync::broadcast::channel(1).1;
+                        joined.updates = tokio::sync::broadcast::channel(1).1;
                     }
                 },
                 Some((reference, id, result)) = confirms.next(), if !confirms.is_empty() => {
@@ -348,15 +378,37 @@ where
                                 let id = settings.ids.next_id();
                                 let payload = Bytes::from(outgoing(accepted, &id, member).to_json());
                                 let published_at = std::time::Instant::now();
-                                let published = match &to {
-                                    None => publisher.publish(payload).await,
-                                    Some(to) => publisher.publish_direct(to, payload).await,
+                                let publish = async {
+                                    match &to {
+                                        None => publisher.publish(payload).await,
+                                        Some(to) => publisher.publish_direct(to, payload).await,
+                                    }
+                                };
+                                // A broker that stops reading (a memory alarm, a half-open
+                                // link) must not freeze the session: bound the publish,
+                                // and let shutdown through while it waits.
+                                let published = tokio::select! {
+                                    published = tokio::time::timeout(PUBLISH_TIMEOUT, publish) => match published {
+                                        Ok(published) => published,
+                                        Err(_) => {
+                                            let _ = write_frame(&settings.metrics, &mut sink, &ServerFrame::error(
+                                                &ClientError::new(ErrorCode::Unavailable, "the message broker is not accepting messages; reconnect shortly"),
+                                                reference,
+                                            )).await;
+                                            let _ = write(&mut sink, Message::close_with(close_code::TRY_AGAIN_LATER, "broker unavailable")).await;
+                                            return SessionEnd::BrokerLost;
+                                        }
+                                    },
+                                    _ = stop.shutdown.cancelled() => {
+                                        let _ = write(&mut sink, Message::close_with(close_code::GOING_AWAY, "server shutting down")).await;
+                                        return SessionEnd::Shutdown;
+                                    }
                                 };
                                 match published {
                                     Ok(confirm) => {
                                         settings.metrics.received(kind, Transport::WebSocket);
-                                        settings.metrics.publish_in_flight.inc();
-                                        confirms.push_back(confirmed(settings.metrics.clone(), published_at, reference, id, confirm));
+                                        let in_flight = InFlight::new(settings.metrics.clone());
+                                        confirms.push_back(confirmed(in_flight, published_at, reference, id, confirm));
                                     }
                                     Err(e) => {
                                         debug!(error = %e, "publish failed");

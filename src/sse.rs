@@ -25,7 +25,7 @@ use crate::error::{ClientError, ErrorCode};
 use crate::handshake::{self, Admitted, Handshake};
 use crate::http::error_response;
 use crate::metrics::Transport;
-use crate::protocol::{ServerFrame, frame_head};
+use crate::protocol::{ServerFrame, StatusBody, frame_head};
 use crate::server::Node;
 use crate::session::WRITE_TIMEOUT;
 
@@ -43,12 +43,16 @@ enum StreamEnd {
     TooSlow,
 }
 
+/// `GET /rooms/<room>/events`. With `Accept: application/json` (and not
+/// `text/event-stream`) it only answers what opening the stream would: the
+/// refusal, or 200 — for pages whose EventSource cannot read a refusal.
 pub async fn handle(
     room: String,
     node: Arc<Node>,
     query: HashMap<String, String>,
     origin: Option<String>,
     host: Option<String>,
+    accept: Option<String>,
 ) -> Result<Response, Infallible> {
     let request = match Handshake::new(Some(&room), query.get("user").map(String::as_str)) {
         Ok(h) => h,
@@ -56,6 +60,20 @@ pub async fn handle(
     };
     if let Err(refusal) = handshake::precheck(&node, origin.as_deref(), host.as_deref()) {
         return Ok(error_response(&refusal));
+    }
+    let probe_only = accept
+        .as_deref()
+        .is_some_and(|a| a.contains("application/json") && !a.contains("text/event-stream"));
+    if probe_only {
+        return Ok(match handshake::probe(&node, &request).await {
+            Err(refusal) => error_response(&refusal),
+            Ok(()) => warp::reply::json(&StatusBody {
+                status: "acceptable".into(),
+                node: node.settings.node_id.clone(),
+                bus: node.bus.kind().into(),
+            })
+            .into_response(),
+        });
     }
     let admitted = match handshake::admit(&node, request).await {
         Ok(a) => a,
@@ -106,13 +124,13 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
     open.inc();
     info!("connected");
     let mut inbox = subscription.inbox;
-    let joined = node.presence.join(room.as_str(), user.as_str()).await;
-    let mut updates = joined.updates;
+    let mut joined = node.presence.join(room.as_str(), user.as_str()).await;
     let welcome = ServerFrame::Welcome {
         user: user.to_string(),
         room: room.to_string(),
         node: node.settings.node_id.clone(),
-        members: joined.members,
+        members: std::mem::take(&mut joined.members),
+        token: node.settings.tokens.issue(&user),
     };
     let end = async {
         send(&events, &welcome.to_json()).await?;
@@ -120,7 +138,6 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
         tokio::pin!(restart_due);
         loop {
             tokio::select! {
-                biased;
                 _ = node.stop.shutdown.cancelled() => return Err(StreamEnd::Shutdown),
                 _ = &mut restart_due => return Err(StreamEnd::Restart),
                 _ = events.closed() => return Err(StreamEnd::ClientGone),
@@ -140,11 +157,13 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
                         return Err(StreamEnd::BrokerLost);
                     }
                 },
-                update = updates.recv() => match update {
+                update = joined.updates.recv() => match update {
                     Ok(frame) => send(&events, &frame).await?,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        send(&events, &joined.resync(room.as_str()).await.to_json()).await?;
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        updates = tokio::sync::broadcast::channel(1).1;
+                        joined.updates = tokio::sync::broadcast::channel(1).1;
                     }
                 },
             }
@@ -156,7 +175,7 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
         Err(end) => end,
     };
     drop(events);
-    drop(updates);
+    drop(joined);
     drop(inbox);
     node.presence.leave(room.as_str(), user.as_str()).await;
     subscription.lease.release().await;

@@ -660,6 +660,7 @@
     state.attempt = 0;
     if (state.transport === 'ws') state.wsFailures = 0;
     if (typeof f.user === 'string' && f.user) state.user = f.user;
+    state.token = typeof f.token === 'string' ? f.token : undefined;
     if (typeof f.room === 'string' && f.room && f.room !== state.room) {
       state.room = f.room;
     }
@@ -710,6 +711,13 @@
 
   function onPresence(f) {
     if (typeof f.room === 'string' && state.room && f.room !== state.room) return;
+    if (Array.isArray(f.members)) {
+      // A resync (we missed diffs): the whole list replaces ours.
+      const now = new Set(f.members.filter((n) => typeof n === 'string' && n));
+      const leaves = [...state.members].filter((n) => !now.has(n));
+      applyPresence([...now], leaves);
+      return;
+    }
     applyPresence(Array.isArray(f.joins) ? f.joins : [], Array.isArray(f.leaves) ? f.leaves : []);
   }
 
@@ -944,9 +952,11 @@
   function onSseFailedBeforeOpen(gen) {
     const ctrl = typeof AbortController === 'function' ? new AbortController() : null;
     const timer = setTimeout(() => { if (ctrl) ctrl.abort(); }, PROBE_TIMEOUT_MS);
+    // Accept: application/json asks the server what the stream would answer
+    // without opening one (opening one would take our name for a moment).
     fetch(sseUrl(), {
       cache: 'no-store',
-      headers: { Accept: 'text/event-stream, application/json' },
+      headers: { Accept: 'application/json' },
       signal: ctrl ? ctrl.signal : undefined,
     })
       .then((res) => {
@@ -1068,9 +1078,10 @@
     const url = conv.kind === 'direct'
       ? '/users/' + encodeURIComponent(conv.peer) + '/messages'
       : '/rooms/' + encodeURIComponent(state.room) + '/messages';
+    // The token from our welcome proves we are the session speaking as state.user.
     const body = conv.kind === 'direct'
-      ? { from: state.user, text: text }
-      : { user: state.user, text: text };
+      ? { from: state.user, text: text, token: state.token }
+      : { user: state.user, text: text, token: state.token };
     fetch(url, {
       method: 'POST',
       cache: 'no-store',

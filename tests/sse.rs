@@ -125,9 +125,32 @@ async fn sse_and_websocket_share_a_room(bus: BusKind) {
         "id: is the message id"
     );
 
+    // Speaking as a connected user takes that session's token...
     let (status, body) = post(
         format!("http://{addr}/rooms/mixed/messages"),
-        json!({"user":"reader","text":"from http"}),
+        json!({"user":"reader","text":"forged"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("token_required"))
+    );
+    let token = welcome.data["token"]
+        .as_str()
+        .expect("welcome carries a token")
+        .to_owned();
+    let (status, body) = post(
+        format!("http://{addr}/rooms/mixed/messages"),
+        json!({"user":"reader","text":"forged","token":"00ff"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (403, Some("token_required"))
+    );
+    let (status, body) = post(
+        format!("http://{addr}/rooms/mixed/messages"),
+        json!({"user":"reader","text":"from http","token":token}),
     )
     .await;
     assert_eq!(status, 202, "{body}");
@@ -139,25 +162,48 @@ async fn sse_and_websocket_share_a_room(bus: BusKind) {
     assert_eq!(at_ws["id"], body["id"]);
     assert_eq!(reader.next_not_presence().await.data["id"], body["id"]);
 
+    // ...while an id nobody holds may be used freely, as with a WebSocket.
     let (status, body) = post(
         format!("http://{addr}/users/reader/messages"),
-        json!({"from":"writer","text":"dm"}),
+        json!({"from":"script","text":"dm"}),
     )
     .await;
     assert_eq!(status, 202, "{body}");
     let dm = reader.next_not_presence().await;
     assert_eq!(
         (dm.event.as_str(), dm.data["text"].as_str()),
-        ("direct", Some("dm"))
+        ("direct", Some("dm")),
+        "{:?}",
+        dm.data
     );
     let (status, body) = post(
         format!("http://{addr}/users/ghost/messages"),
-        json!({"from":"writer","text":"dm"}),
+        json!({"from":"script","text":"dm"}),
     )
     .await;
     assert_eq!(
         (status, body["code"].as_str()),
         (404, Some("user_not_found"))
+    );
+    // Asking with Accept: application/json only probes: no stream, no session.
+    let probe = |user: &str| {
+        reqwest::Client::new()
+            .get(format!("http://{addr}/rooms/mixed/events?user={user}"))
+            .header("accept", "application/json")
+            .send()
+    };
+    let answer = probe("reader").await.unwrap();
+    assert_eq!(answer.status().as_u16(), 409);
+    let answer = probe("newcomer").await.unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    assert_eq!(
+        answer.json::<Value>().await.unwrap()["status"],
+        "acceptable"
+    );
+    let (_, _, members) = get(addr, "/rooms/mixed/members").await;
+    assert!(
+        !members.contains("newcomer"),
+        "a probe opened a session: {members}"
     );
     // The same id cannot be taken by another transport while the stream lives.
     let (status, body) = refused(addr, "room=mixed&user=reader", None).await;
@@ -308,7 +354,9 @@ async fn sse_and_websocket_interoperate_across_nodes() {
     ))
     .await;
     let mut sse = stream.unwrap();
-    assert_eq!(sse.next().await.event, "welcome");
+    let welcome = sse.next().await;
+    assert_eq!(welcome.event, "welcome");
+    let token = welcome.data["token"].as_str().unwrap().to_owned();
     let mut ws = connect(b.local_addr(), "x", "ws-b").await;
     send_json(&mut ws.socket, json!({"type":"message","text":"B to A"})).await;
     let got = sse.next_not_presence().await;
@@ -319,11 +367,22 @@ async fn sse_and_websocket_interoperate_across_nodes() {
     // POSTed on A, received over WebSocket on B.
     let (status, _) = post(
         format!("http://{}/rooms/x/messages", a.local_addr()),
-        json!({"user":"sse-a","text":"A to B"}),
+        json!({"user":"sse-a","text":"A to B","token":token}),
     )
     .await;
     assert_eq!(status, 202);
     let at_b = next_matching(&mut ws.socket, |f| f["text"] == "A to B").await;
+    // The token holds on every node of the cluster (they share the secret).
+    let (status, _) = post(
+        format!("http://{}/rooms/x/messages", b.local_addr()),
+        json!({"user":"sse-a","text":"via B","token":token}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        next_matching(&mut ws.socket, |f| f["text"] == "via B").await["from"],
+        "sse-a"
+    );
     assert_eq!(at_b["from"], "sse-a");
     // The SSE client leaves: its queue goes.
     drop(sse);

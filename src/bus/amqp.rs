@@ -42,6 +42,9 @@ use crate::names::{RoomName, UserId};
 /// the session's queue on the broker.
 pub const PREFETCH: u16 = 256;
 
+/// How long deleting a session's queue may take.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// AMQP reply codes we act on.
 const NOT_FOUND: u16 = 404;
 const RESOURCE_LOCKED: u16 = 405;
@@ -166,8 +169,15 @@ impl AmqpBus {
         let exchange = format!("{}.presence", self.prefix);
         let queue = format!("{}.node.{node_id}", self.prefix);
         // Presence is soft state, refreshed by every heartbeat: no acks.
-        let declared =
-            subscribe_to_fanout(&channel, &exchange, &queue, FieldTable::default(), true).await;
+        // Bounded like a session's queue: if this node's presence task stalls,
+        // old gossip goes first (the next snapshot supersedes it anyway).
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(1000));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("drop-head".into()),
+        );
+        let declared = subscribe_to_fanout(&channel, &exchange, &queue, args, true).await;
         match declared {
             Ok(consumer) => Ok(AmqpPresenceLink {
                 conn,
@@ -517,7 +527,15 @@ pub struct AmqpLease {
 impl AmqpLease {
     pub async fn release(mut self) {
         if let Some(state) = self.state.take() {
-            release(state).await;
+            // A broker that stopped answering must not hold the session (and
+            // shutdown) forever; the exclusive queue dies with its connection,
+            // which shutdown closes anyway.
+            if tokio::time::timeout(RELEASE_TIMEOUT, release(state))
+                .await
+                .is_err()
+            {
+                warn!("queue deletion timed out; the queue goes with its connection");
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use rand::Rng;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Channels a pooled connection carries at most (RabbitMQ's default limit is 2,047).
 pub const MAX_CHANNELS_PER_CONNECTION: usize = 2000;
@@ -47,6 +47,8 @@ pub struct PooledConnection {
     /// Cancelled when the supervisor sees this connection die, so every session
     /// on it learns at once even if its consumer stays silent.
     pub lost: CancellationToken,
+    /// The broker refuses publishes on this connection (a memory or disk alarm).
+    blocked: std::sync::atomic::AtomicBool,
 }
 
 impl PooledConnection {
@@ -131,7 +133,11 @@ impl Pool {
             .slots
             .iter()
             .filter_map(|slot| slot.read().unwrap().clone())
-            .filter(|c| c.is_connected() && c.load() < MAX_CHANNELS_PER_CONNECTION)
+            .filter(|c| {
+                c.is_connected()
+                    && !c.blocked.load(Ordering::Relaxed)
+                    && c.load() < MAX_CHANNELS_PER_CONNECTION
+            })
             .min_by_key(|c| c.load())
     }
 
@@ -161,6 +167,8 @@ impl Pool {
             .collect();
         if connected.is_empty() {
             Err(self.inner.last_error.lock().unwrap().clone())
+        } else if connected.iter().all(|c| c.blocked.load(Ordering::Relaxed)) {
+            Err("the broker is refusing messages (resource alarm)".into())
         } else if connected
             .iter()
             .all(|c| c.load() >= MAX_CHANNELS_PER_CONNECTION)
@@ -194,6 +202,7 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
                     connection: conn,
                     channels: AtomicUsize::new(0),
                     lost: CancellationToken::new(),
+                    blocked: std::sync::atomic::AtomicBool::new(false),
                 });
                 let mut events = conn.connection.events_listener();
                 *pool.slots[slot].write().unwrap() = Some(conn.clone());
@@ -207,11 +216,26 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
                     tokio::select! {
                         _ = pool.stop.cancelled() => {
                             pool.slots[slot].write().unwrap().take();
-                            let _ = conn.connection.close(200, "node shutting down".into()).await;
+                            let close = conn.connection.close(200, "node shutting down".into());
+                            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
                             return;
                         }
                         event = events.next() => match event {
+                            // Channel errors (a passive declare's 404, a taken
+                            // user's 405) are reported here too; only a dead
+                            // connection ends this one.
+                            Some(lapin::Event::Error(e)) if conn.is_connected() => {
+                                debug!(slot, error = %e, "channel-level error; connection still up");
+                            }
                             Some(lapin::Event::Error(e)) => break e.to_string(),
+                            Some(lapin::Event::ConnectionBlocked(reason)) => {
+                                warn!(slot, %reason, "the broker blocked publishing (resource alarm)");
+                                conn.blocked.store(true, Ordering::Relaxed);
+                            }
+                            Some(lapin::Event::ConnectionUnblocked) => {
+                                info!(slot, "the broker unblocked publishing");
+                                conn.blocked.store(false, Ordering::Relaxed);
+                            }
                             Some(_) => {}
                             None => break "connection events ended".to_string(),
                         },

@@ -31,6 +31,8 @@ use view::{Change, ClusterView, Gossip, NodeInfo};
 
 /// Presence frames a session may fall behind before it misses some.
 const UPDATES_BUFFER: usize = 64;
+/// How long one gossip publish may take.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Commands queued for the presence task; senders wait when it is full.
 const COMMAND_BUFFER: usize = 1024;
 
@@ -55,13 +57,28 @@ pub struct Joined {
     pub members: Vec<String>,
     /// Serialised `presence` frames for the session's room.
     pub updates: broadcast::Receiver<Arc<str>>,
+    /// Where to ask for the whole list again after missing updates.
+    pub presence: Presence,
+}
+
+impl Joined {
+    /// The frame that puts a client that missed presence frames right again:
+    /// the whole member list, which replaces what it had.
+    pub async fn resync(&self, room: &str) -> ServerFrame {
+        ServerFrame::Presence {
+            room: room.to_owned(),
+            joins: Vec::new(),
+            leaves: Vec::new(),
+            members: Some(self.presence.members(room).await),
+        }
+    }
 }
 
 enum Command {
     Join {
         room: String,
         user: String,
-        reply: oneshot::Sender<Joined>,
+        reply: oneshot::Sender<(Vec<String>, broadcast::Receiver<Arc<str>>)>,
     },
     Leave {
         room: String,
@@ -114,11 +131,16 @@ impl Presence {
             })
             .await;
         match (sent, rx.await) {
-            (Ok(()), Ok(joined)) => joined,
+            (Ok(()), Ok((members, updates))) => Joined {
+                members,
+                updates,
+                presence: self.clone(),
+            },
             // The task is gone (the node is stopping): an empty, silent presence.
             _ => Joined {
                 members: vec![user.to_owned()],
                 updates: broadcast::channel(1).1,
+                presence: self.clone(),
             },
         }
     }
@@ -194,6 +216,7 @@ impl Rooms {
                 room: room.clone(),
                 joins,
                 leaves,
+                members: None,
             };
             let _ = sender.send(Arc::from(frame.to_json()));
         }
@@ -213,9 +236,18 @@ async fn connect_link(bus: &Bus, node_id: &str) -> Option<PresenceLink> {
 async fn publish(link: &mut Option<PresenceLink>, gossip: &Gossip) {
     let Some(l) = link else { return };
     let payload = Bytes::from(serde_json::to_vec(gossip).expect("gossip serialises"));
-    if let Err(e) = l.publish(payload).await {
-        warn!(error = %e, "presence publish failed");
-        *link = None;
+    // Bounded: sessions wait on this task to join and leave, so a broker that
+    // stops reading must cost the link (rebuilt at the next heartbeat), not them.
+    match tokio::time::timeout(PUBLISH_TIMEOUT, l.publish(payload)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "presence publish failed");
+            *link = None;
+        }
+        Err(_) => {
+            warn!("presence publish timed out");
+            *link = None;
+        }
     }
 }
 
@@ -264,7 +296,7 @@ async fn run(
                     }
                     rooms.dirty.insert(room.clone());
                     let updates = rooms.updates[&room].subscribe();
-                    let _ = reply.send(Joined { members: members.into_iter().collect(), updates });
+                    let _ = reply.send((members.into_iter().collect(), updates));
                 }
                 Some(Command::Leave { room, user }) => {
                     view.leave_local(&room, &user);
@@ -282,7 +314,10 @@ async fn run(
                     let _ = reply.send(view.nodes(now_ms()));
                 }
                 Some(Command::Stop { done }) => {
-                    publish(&mut link, &Gossip::Goodbye { node: node_id.clone() }).await;
+                    let goodbye = Gossip::Goodbye { node: node_id.clone() };
+                    let goodbye = publish(&mut link, &goodbye);
+                    // Without a goodbye the others expire us after the TTL anyway.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), goodbye).await;
                     drop(link);
                     let _ = done.send(());
                     return;

@@ -59,6 +59,8 @@ pub fn config(bus: BusKind, prefix: &str) -> Config {
         BusKind::Amqp => Some(amqp_url()),
     };
     c.prefix = prefix.to_owned();
+    // Nodes of one test cluster share the posting-token secret, as a real one must.
+    c.session_secret = Some(format!("secret-{prefix}"));
     c.amqp_connections = 2;
     c.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").into();
     c
