@@ -70,7 +70,7 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(warp::query::<HashMap<String, String>>())
         .and(origin())
         .and(warp::header::optional::<String>("host"))
-        .and(warp::ws().map(Some).or(warp::any().map(|| None)).unify())
+        .and(crate::upgrade::upgrade_request())
         .and_then(crate::upgrade::handle);
 
     let healthz = warp::path!("healthz")
@@ -178,23 +178,27 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .with(warp::reply::with::headers(security))
         .map(Reply::into_response);
 
-    ws.or(healthz)
+    // Each route is boxed: one unboxed chain of this many filters makes a type
+    // deep enough to overflow the compiler's recursion limit in release builds.
+    let sessions = ws.boxed().or(events.boxed()).unify().boxed();
+    let publishing = room_post.boxed().or(direct_post.boxed()).unify().boxed();
+    let state = healthz
+        .boxed()
+        .or(readyz.boxed())
         .unify()
-        .or(members)
+        .or(members.boxed())
         .unify()
-        .or(cluster)
+        .or(cluster.boxed())
         .unify()
-        .or(events)
+        .or(metrics.boxed())
         .unify()
-        .or(metrics)
+        .boxed();
+    sessions
+        .or(publishing)
         .unify()
-        .or(room_post)
+        .or(state)
         .unify()
-        .or(direct_post)
-        .unify()
-        .or(readyz)
-        .unify()
-        .or(page)
+        .or(page.boxed())
         .unify()
         .recover(handle_rejection)
         .unify()

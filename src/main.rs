@@ -9,7 +9,10 @@ use warren::shutdown::Signal;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // lapin logs every returned (unroutable) message at WARN with its body; a
+    // direct message to an offline user is routine here, and private.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin::returned_messages=error"));
     match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_writer(std::io::stderr)

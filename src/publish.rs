@@ -131,9 +131,11 @@ fn bus_refusal(error: BusError) -> Response {
     })
 }
 
-fn observe(node: &Node, published_at: std::time::Instant, kind: &'static str) {
+fn observe(node: &Node, published_at: std::time::Instant, kind: &'static str, accepted: bool) {
     let metrics = &node.settings.metrics;
-    metrics.received(kind, Transport::Http);
+    if accepted {
+        metrics.received(kind, Transport::Http);
+    }
     metrics
         .confirm_seconds
         .observe(published_at.elapsed().as_secs_f64());
@@ -277,7 +279,7 @@ where
         Destination::User(to) => ("direct", node.bus.publish_direct(&to, payload).await),
         Destination::Room(room) => ("message", node.bus.publish_room(&room, payload).await),
     };
-    observe(&node, published_at, kind);
+    observe(&node, published_at, kind, result.is_ok());
     match result {
         Ok(()) => accepted(id),
         Err(e) => bus_refusal(e),

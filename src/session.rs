@@ -19,7 +19,9 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
-use warp::ws::Message;
+use tungstenite::Message;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::bus::{BusError, Confirm, Subscription};
 use crate::error::{ClientError, ErrorCode};
@@ -130,6 +132,14 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A close frame with `code` and a short reason.
+fn close_with(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    }))
 }
 
 async fn write<S>(sink: &mut S, message: Message) -> Result<(), String>
@@ -287,11 +297,11 @@ where
             // deliveries cannot starve the client's own frames (or vice versa).
             tokio::select! {
                 _ = stop.shutdown.cancelled() => {
-                    let _ = write(&mut sink, Message::close_with(close_code::GOING_AWAY, "server shutting down")).await;
+                    let _ = write(&mut sink, close_with(close_code::GOING_AWAY, "server shutting down")).await;
                     return SessionEnd::Shutdown;
                 }
                 _ = &mut restart_due => {
-                    let _ = write(&mut sink, Message::close_with(close_code::SERVICE_RESTART, "node restarting; reconnect")).await;
+                    let _ = write(&mut sink, close_with(close_code::SERVICE_RESTART, "node restarting; reconnect")).await;
                     return SessionEnd::Restart;
                 }
                 delivery = inbox.recv() => {
@@ -300,7 +310,7 @@ where
                             &ClientError::new(ErrorCode::Unavailable, "lost the message broker; reconnect shortly"),
                             None,
                         )).await;
-                        let _ = write(&mut sink, Message::close_with(close_code::TRY_AGAIN_LATER, "broker unavailable")).await;
+                        let _ = write(&mut sink, close_with(close_code::TRY_AGAIN_LATER, "broker unavailable")).await;
                         return SessionEnd::BrokerLost;
                     };
                     // Batch whatever else is ready into one flush.
@@ -363,7 +373,7 @@ where
                         Some(Inbound::Close) => return SessionEnd::ClientClosed,
                         Some(Inbound::Failed(e)) => return SessionEnd::ClientGone(e),
                         Some(Inbound::TooLarge) => {
-                            let _ = write(&mut sink, Message::close_with(close_code::MESSAGE_TOO_BIG, "message too big")).await;
+                            let _ = write(&mut sink, close_with(close_code::MESSAGE_TOO_BIG, "message too big")).await;
                             return SessionEnd::TooLarge;
                         }
                         Some(Inbound::Control) => continue,
@@ -395,12 +405,12 @@ where
                                                 &ClientError::new(ErrorCode::Unavailable, "the message broker is not accepting messages; reconnect shortly"),
                                                 reference,
                                             )).await;
-                                            let _ = write(&mut sink, Message::close_with(close_code::TRY_AGAIN_LATER, "broker unavailable")).await;
+                                            let _ = write(&mut sink, close_with(close_code::TRY_AGAIN_LATER, "broker unavailable")).await;
                                             return SessionEnd::BrokerLost;
                                         }
                                     },
                                     _ = stop.shutdown.cancelled() => {
-                                        let _ = write(&mut sink, Message::close_with(close_code::GOING_AWAY, "server shutting down")).await;
+                                        let _ = write(&mut sink, close_with(close_code::GOING_AWAY, "server shutting down")).await;
                                         return SessionEnd::Shutdown;
                                     }
                                 };
@@ -431,7 +441,7 @@ where
                         }
                         errors_in_window += 1;
                         if errors_in_window > ERROR_BUDGET {
-                            let _ = write(&mut sink, Message::close_with(close_code::POLICY_VIOLATION, "too many invalid frames")).await;
+                            let _ = write(&mut sink, close_with(close_code::POLICY_VIOLATION, "too many invalid frames")).await;
                             return SessionEnd::Abusive;
                         }
                         if let Err(e) = write_frame(&settings.metrics, &mut sink, &ServerFrame::error(&error, reference)).await {
@@ -444,10 +454,10 @@ where
                     // unread: that is not silence.
                     let reading = confirms.len() < MAX_IN_FLIGHT;
                     if reading && last_heard.elapsed() > settings.ping_interval * 2 {
-                        let _ = write(&mut sink, Message::close_with(close_code::GOING_AWAY, "no answer to pings")).await;
+                        let _ = write(&mut sink, close_with(close_code::GOING_AWAY, "no answer to pings")).await;
                         return SessionEnd::Silent;
                     }
-                    if let Err(e) = write(&mut sink, Message::ping(Bytes::new())).await {
+                    if let Err(e) = write(&mut sink, Message::Ping(Bytes::new())).await {
                         return SessionEnd::ClientGone(e);
                     }
                 }

@@ -1,14 +1,28 @@
 //! The WebSocket transport: `GET /ws`, admitted by [`crate::handshake`], then the
 //! socket handed to [`crate::session`].
+//!
+//! warp answers the HTTP side, but the upgrade itself is done here: warp 0.4's
+//! `ws()` leaves tungstenite's read buffer at 128 KiB per connection (resident,
+//! and zero-filled before every read), which dominates an idle connection's
+//! memory. We answer the 101 ourselves, take hyper's upgraded connection, and
+//! build the WebSocket with a small read buffer ([`READ_BUFFER`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use tracing::{Instrument, info, info_span};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{Instrument, debug, info, info_span};
+use tungstenite::Message;
+use tungstenite::handshake::derive_accept_key;
+use tungstenite::protocol::{Role, WebSocketConfig};
+use warp::Filter;
+use warp::http::StatusCode;
+use warp::http::header::{CONNECTION, HeaderMap, HeaderValue, SEC_WEBSOCKET_ACCEPT, UPGRADE};
 use warp::reply::{Reply, Response};
-use warp::ws::{Message, Ws};
 
 use crate::error::{ClientError, ErrorCode};
 use crate::handshake::{self, Admitted, Handshake};
@@ -17,6 +31,47 @@ use crate::metrics::Transport;
 use crate::server::Node;
 use crate::session::{self, Inbound, Member};
 
+/// Bytes tungstenite reads from the socket at a time. Chat frames are small; a
+/// larger frame just takes more reads. 4 KiB instead of 128 KiB is most of what
+/// an idle connection costs.
+pub const READ_BUFFER: usize = 4 * 1024;
+
+/// A request that asks for a WebSocket, with what the upgrade needs.
+pub struct UpgradeRequest {
+    key: String,
+    on_upgrade: OnUpgrade,
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `Some` when the request is a valid WebSocket upgrade (RFC 6455 §4.2.1),
+/// `None` for a plain request.
+pub fn upgrade_request()
+-> impl Filter<Extract = (Option<UpgradeRequest>,), Error = Infallible> + Clone {
+    warp::header::headers_cloned()
+        .and(warp::ext::optional::<OnUpgrade>())
+        .map(|headers: HeaderMap, on_upgrade: Option<OnUpgrade>| {
+            let connection_upgrade = header(&headers, "connection").is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            });
+            let websocket =
+                header(&headers, "upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+            let version_13 = header(&headers, "sec-websocket-version") == Some("13");
+            let key = header(&headers, "sec-websocket-key").map(str::to_owned);
+            match (
+                connection_upgrade && websocket && version_13,
+                key,
+                on_upgrade,
+            ) {
+                (true, Some(key), Some(on_upgrade)) => Some(UpgradeRequest { key, on_upgrade }),
+                _ => None,
+            }
+        })
+}
+
 /// `GET /ws`, with or without the upgrade headers. Without them it answers what an
 /// upgrade would get: the refusal, or 426 when the upgrade would be accepted.
 pub async fn handle(
@@ -24,7 +79,7 @@ pub async fn handle(
     query: HashMap<String, String>,
     origin: Option<String>,
     host: Option<String>,
-    ws: Option<Ws>,
+    upgrade: Option<UpgradeRequest>,
 ) -> Result<Response, Infallible> {
     let request = match Handshake::from_query(&query) {
         Ok(h) => h,
@@ -33,7 +88,7 @@ pub async fn handle(
     if let Err(refusal) = handshake::precheck(&node, origin.as_deref(), host.as_deref()) {
         return Ok(error_response(&refusal));
     }
-    let Some(ws) = ws else {
+    let Some(upgrade) = upgrade else {
         return Ok(error_response(
             &match handshake::probe(&node, &request).await {
                 Err(refusal) => refusal,
@@ -45,72 +100,106 @@ pub async fn handle(
         ));
     };
     match handshake::admit(&node, request).await {
-        Ok(admitted) => Ok(upgrade(node, admitted, ws)),
+        Ok(admitted) => Ok(accept(node, admitted, upgrade)),
         Err(refusal) => Ok(error_response(&refusal)),
     }
 }
 
-fn upgrade(node: Arc<Node>, admitted: Admitted, ws: Ws) -> Response {
+/// Answer 101 and run the session on the upgraded connection.
+fn accept(node: Arc<Node>, admitted: Admitted, upgrade: UpgradeRequest) -> Response {
+    let UpgradeRequest { key, on_upgrade } = upgrade;
+    let span =
+        info_span!("session", transport = "ws", user = %admitted.user, room = %admitted.room);
+    // Tracked from here, so shutdown waits for it even before the upgrade lands.
+    let sessions = node.sessions.clone();
+    sessions.spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    // The client left between our 101 and its first byte.
+                    debug!(error = %e, "upgrade did not complete");
+                    let Admitted {
+                        claim,
+                        subscription,
+                        ..
+                    } = admitted;
+                    subscription.lease.release().await;
+                    drop(claim);
+                    return;
+                }
+            };
+            let max = node.config.max_frame_bytes;
+            let config = WebSocketConfig::default()
+                .read_buffer_size(READ_BUFFER)
+                .max_message_size(Some(max))
+                .max_frame_size(Some(max));
+            let socket = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            )
+            .await;
+            run(node, admitted, socket).await;
+        }
+        .instrument(span),
+    );
+    let mut response =
+        warp::reply::with_status(warp::reply(), StatusCode::SWITCHING_PROTOCOLS).into_response();
+    let headers = response.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    let accept = derive_accept_key(key.as_bytes());
+    headers.insert(
+        SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    response
+}
+
+async fn run<S>(node: Arc<Node>, admitted: Admitted, socket: WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let Admitted {
         room,
         user,
         claim,
         subscription,
     } = admitted;
-    // The session counts as a tracked task from here, so shutdown waits for it
-    // even before warp runs the upgrade callback.
-    let task = node.sessions.token();
-    let max = node.config.max_frame_bytes;
-    let span = info_span!("session", transport = "ws", %user, %room);
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            async move {
-                let _task = task;
-                let open = node.settings.metrics.connections(Transport::WebSocket);
-                open.inc();
-                info!("connected");
-                let (sink, stream) = socket.split();
-                let inbound = stream.map(to_inbound);
-                let joined = node.presence.join(room.as_str(), user.as_str()).await;
-                let member = Member { room, user };
-                let (end, lease) = session::run(
-                    sink,
-                    inbound,
-                    subscription,
-                    joined,
-                    &member,
-                    &node.settings,
-                    &node.stop,
-                )
-                .await;
-                node.presence
-                    .leave(member.room.as_str(), member.user.as_str())
-                    .await;
-                lease.release().await;
-                drop(claim);
-                open.dec();
-                info!(?end, "disconnected");
-            }
-            .instrument(span)
-        })
-        .into_response()
+    let open = node.settings.metrics.connections(Transport::WebSocket);
+    open.inc();
+    info!("connected");
+    let (sink, stream) = socket.split();
+    let inbound = stream.map(to_inbound);
+    let joined = node.presence.join(room.as_str(), user.as_str()).await;
+    let member = Member { room, user };
+    let (end, lease) = session::run(
+        sink,
+        inbound,
+        subscription,
+        joined,
+        &member,
+        &node.settings,
+        &node.stop,
+    )
+    .await;
+    node.presence
+        .leave(member.room.as_str(), member.user.as_str())
+        .await;
+    lease.release().await;
+    drop(claim);
+    open.dec();
+    info!(?end, "disconnected");
 }
 
-fn to_inbound(item: Result<Message, warp::Error>) -> Inbound {
+fn to_inbound(item: Result<Message, tungstenite::Error>) -> Inbound {
     match item {
-        Ok(m) if m.is_text() => Inbound::Text(m.to_str().unwrap_or_default().to_owned()),
-        Ok(m) if m.is_binary() => Inbound::Binary,
-        Ok(m) if m.is_close() => Inbound::Close,
-        Ok(_) => Inbound::Control,
-        Err(e) if is_capacity_error(&e) => Inbound::TooLarge,
+        Ok(Message::Text(text)) => Inbound::Text(text.as_str().to_owned()),
+        Ok(Message::Binary(_)) => Inbound::Binary,
+        Ok(Message::Close(_)) => Inbound::Close,
+        Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Inbound::Control,
+        Err(tungstenite::Error::Capacity(_)) => Inbound::TooLarge,
         Err(e) => Inbound::Failed(e.to_string()),
     }
-}
-
-fn is_capacity_error(e: &warp::Error) -> bool {
-    use std::error::Error as _;
-    e.source()
-        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
-        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
 }

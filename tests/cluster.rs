@@ -294,3 +294,36 @@ async fn a_url_list_fails_over_to_the_next_broker() {
     assert!(reconnects >= 1.0, "{reconnects}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn channel_errors_from_probes_and_posts_leave_other_sessions_alone() {
+    // Probing a free name (a passive declare that fails with 404) and posting to
+    // an empty room close only their own short-lived channels.
+    let server = start(config(BusKind::Amqp, &unique_prefix("chanerr"))).await;
+    let addr = server.local_addr();
+    let mut users = Vec::new();
+    for i in 0..6 {
+        users.push(connect(addr, "calm", &format!("calm{i}")).await);
+    }
+    let client = reqwest::Client::new();
+    for i in 0..5 {
+        assert_eq!(get(addr, &format!("/ws?user=free{i}")).await.0, 426);
+        let posted = client
+            .post(format!("http://{addr}/rooms/empty{i}/messages"))
+            .json(&json!({"user": format!("script{i}"), "text": "anyone?"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(posted.status().as_u16(), 202);
+    }
+    assert_eq!(get(addr, "/readyz").await.0, 200);
+    for (i, u) in users.iter_mut().enumerate() {
+        let r = format!("still-{i}");
+        send_json(&mut u.socket, json!({"type":"message","text":"ok","ref":r})).await;
+        assert_eq!(
+            next_matching(&mut u.socket, |f| f["type"] == "ack").await["ref"],
+            r.as_str()
+        );
+    }
+    server.shutdown().await;
+}

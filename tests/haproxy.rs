@@ -98,6 +98,7 @@ impl Node {
             .args(["--amqp-connections", "2"])
             .args(["--drain-secs", "1", "--drain-jitter-secs", "1"])
             .env("AMQP_URL", amqp_url())
+            .env("WARREN_SESSION_SECRET", format!("secret-{prefix}"))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

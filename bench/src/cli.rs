@@ -32,7 +32,11 @@ pub struct Args {
     pub repeat: usize,
 
     /// Warren node WebSocket endpoints; clients are spread over them round-robin.
-    #[arg(long = "url", value_delimiter = ',', default_value = "ws://127.0.0.1:8080/ws")]
+    #[arg(
+        long = "url",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080/ws"
+    )]
     pub urls: Vec<String>,
 
     /// The broker, for the amqp target (and to declare the Web-STOMP exchange).
@@ -71,6 +75,11 @@ pub struct Args {
     /// Connections opened at once while connecting.
     #[arg(long, default_value_t = 128)]
     pub connect_concurrency: usize,
+
+    /// Before each run, wait up to this many seconds for other processes to use
+    /// less than a quarter of a core (0: don't wait).
+    #[arg(long, default_value_t = 300.0)]
+    pub quiet_wait: f64,
 
     /// PIDs of the Warren node(s), for their CPU seconds and peak RSS.
     #[arg(long = "server-pid", value_delimiter = ',')]

@@ -145,7 +145,10 @@ mod tests {
 
     #[test]
     fn acks_are_not_deliveries() {
-        assert_eq!(parse(br#"{"type":"ack","ref":"a","id":"b"}"#), Received::Other);
+        assert_eq!(
+            parse(br#"{"type":"ack","ref":"a","id":"b"}"#),
+            Received::Other
+        );
         assert_eq!(
             parse(br#"{"type":"message","text":"hello"}"#),
             Received::Malformed

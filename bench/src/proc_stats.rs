@@ -44,12 +44,74 @@ pub fn find_broker() -> Option<u32> {
     })
 }
 
-/// CPU seconds of the servers, the broker and the bench at one moment.
+/// Busy CPU seconds of the whole machine so far, all cores, from `/proc/stat`.
+fn machine_busy_secs() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
+    let ticks: Vec<f64> = cpu
+        .split_whitespace()
+        .take(8)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let busy: f64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    Some(busy / clock_ticks())
+}
+
+/// Wait until the rest of the machine is quiet: at most `max_busy` cores busy over
+/// one second, not counting the processes under test. Gives up after `patience`.
+/// Returns whether it got quiet. A benchmark on a shared two-core machine is
+/// worthless while a compiler runs beside it.
+pub async fn wait_for_quiet(
+    watch: &CpuWatch,
+    max_busy: f64,
+    patience: std::time::Duration,
+) -> bool {
+    let give_up = std::time::Instant::now() + patience;
+    let mut told = false;
+    loop {
+        let before = watch.snapshot();
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let others = (watch.snapshot() - before).others();
+        if others <= max_busy {
+            return true;
+        }
+        if std::time::Instant::now() >= give_up {
+            eprintln!(
+                "warren-bench: other processes still use {others:.2} cores; measuring anyway"
+            );
+            return false;
+        }
+        if !told {
+            eprintln!(
+                "warren-bench: waiting for other processes ({others:.2} cores busy) to finish"
+            );
+            told = true;
+        }
+    }
+}
+
+/// CPU seconds of the servers, the broker, the bench and the whole machine at one
+/// moment. The machine's figure exposes anything else that ran during a
+/// measurement (a compiler, another test) and so makes a disturbed run visible.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuSnapshot {
     pub servers: f64,
     pub broker: f64,
     pub bench: f64,
+    pub machine: f64,
+}
+
+impl CpuSnapshot {
+    /// CPU seconds spent by processes other than the servers, broker and bench.
+    pub fn others(&self) -> f64 {
+        (self.machine - self.servers - self.broker - self.bench).max(0.0)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +126,7 @@ impl CpuWatch {
             servers: self.servers.iter().filter_map(|pid| cpu_secs(*pid)).sum(),
             broker: self.broker.and_then(cpu_secs).unwrap_or(0.0),
             bench: cpu_secs(std::process::id()).unwrap_or(0.0),
+            machine: machine_busy_secs().unwrap_or(0.0),
         }
     }
 
@@ -81,10 +144,7 @@ impl CpuWatch {
         if self.servers.is_empty() {
             return None;
         }
-        self.servers
-            .iter()
-            .map(|pid| status_kib(*pid, field))
-            .sum()
+        self.servers.iter().map(|pid| status_kib(*pid, field)).sum()
     }
 }
 
@@ -96,6 +156,7 @@ impl std::ops::Sub for CpuSnapshot {
             servers: self.servers - earlier.servers,
             broker: self.broker - earlier.broker,
             bench: self.bench - earlier.bench,
+            machine: self.machine - earlier.machine,
         }
     }
 }
@@ -109,7 +170,8 @@ pub fn raise_fd_limit() {
     };
     // SAFETY: getrlimit/setrlimit write/read only the struct we pass.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }

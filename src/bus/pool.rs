@@ -222,9 +222,9 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
                         }
                         event = events.next() => match event {
                             // Channel errors (a passive declare's 404, a taken
-                            // user's 405) are reported here too; only a dead
-                            // connection ends this one.
-                            Some(lapin::Event::Error(e)) if conn.is_connected() => {
+                            // user's 405) are reported here too, as AMQP "soft"
+                            // errors; they close one channel, not the connection.
+                            Some(lapin::Event::Error(e)) if e.is_amqp_soft_error() => {
                                 debug!(slot, error = %e, "channel-level error; connection still up");
                             }
                             Some(lapin::Event::Error(e)) => break e.to_string(),
