@@ -97,6 +97,12 @@ pub struct Config {
     #[arg(long, env = "WARREN_SESSION_SECRET", hide_env_values = true)]
     pub session_secret: Option<String>,
 
+    /// Rooms with more members than this get no live presence diffs, and their
+    /// `welcome` lists only this many (with `members_total`): per-join frames to
+    /// every member would cost O(members²).
+    #[arg(long, env = "WARREN_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
+    pub presence_max_members: usize,
+
     /// Log format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

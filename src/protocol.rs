@@ -20,8 +20,11 @@ pub enum ServerFrame {
         user: String,
         room: String,
         node: String,
-        /// Everyone in the room, on every node, the new member included.
+        /// Everyone in the room, on every node, the new member included (at most
+        /// `--presence-max-members` of them, sorted).
         members: Vec<String>,
+        /// How many members the room has in all.
+        members_total: usize,
         /// Proof of this session for HTTP publishing as `user` (see `tokens`).
         token: String,
     },

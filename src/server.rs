@@ -92,6 +92,7 @@ impl RunningServer {
             PresenceTiming {
                 ttl: Duration::from_secs(config.presence_ttl_secs.max(1)),
                 batch: Duration::from_millis(config.presence_batch_ms.max(10)),
+                max_members: config.presence_max_members,
             },
         );
         let node = Arc::new(Node {

@@ -275,6 +275,7 @@ where
             room: room.to_string(),
             node: settings.node_id.clone(),
             members: std::mem::take(&mut joined.members),
+        members_total: joined.total,
             token: settings.tokens.issue(user),
         };
         if let Err(e) = write_frame(&settings.metrics, &mut sink, &welcome).await {

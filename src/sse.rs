@@ -130,6 +130,7 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
         room: room.to_string(),
         node: node.settings.node_id.clone(),
         members: std::mem::take(&mut joined.members),
+        members_total: joined.total,
         token: node.settings.tokens.issue(&user),
     };
     let end = async {

@@ -75,7 +75,70 @@ async fn two_nodes(test: &str, ttl_secs: u64) -> (warren::RunningServer, warren:
 on_both_buses!(
     direct_messages_on_one_node,
     members_and_presence_diffs_on_one_node,
+    large_rooms_cap_the_list_and_stop_diffs,
 );
+
+async fn large_rooms_cap_the_list_and_stop_diffs(bus: BusKind) {
+    let mut cfg = config(bus, &unique_prefix("large"));
+    cfg.presence_max_members = 3;
+    cfg.presence_batch_ms = 20;
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let mut watcher = connect(addr, "big", "a-watcher").await;
+    let mut seen = names(&watcher.welcome["members"]);
+    let mut others = Vec::new();
+    for u in ["b", "c"] {
+        others.push(connect(addr, "big", u).await);
+    }
+    await_members(
+        &mut watcher.socket,
+        &mut seen,
+        &set(&["a-watcher", "b", "c"]),
+    )
+    .await;
+    // Over the cap: the welcome lists three of five, and says five.
+    others.push(connect(addr, "big", "d").await);
+    let fifth = connect(addr, "big", "e").await;
+    assert_eq!(fifth.welcome["members"].as_array().unwrap().len(), 3);
+    assert_eq!(fifth.welcome["members_total"], 5);
+    let (_, _, body) = get(addr, "/rooms/big/members").await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["members"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    // Large mode is the absence of frames, so only time shows it: let several
+    // batch intervals pass (the test runs with 20 ms batches) while the room is
+    // over the cap; none of them may send the watcher a diff.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Back under the cap: one frame with the whole list.
+    drop(fifth);
+    drop(others.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let resync = loop {
+        let f = tokio::time::timeout_at(deadline, next_frame(&mut watcher.socket))
+            .await
+            .expect("a resync once the room is small again");
+        if f["type"] == "presence" && f["members"].is_array() {
+            break f;
+        }
+        // While large, no diff may name d or e.
+        if f["type"] == "presence" {
+            let named: BTreeSet<String> = names(&f["joins"])
+                .into_iter()
+                .chain(names(&f["leaves"]))
+                .collect();
+            assert!(
+                !named.contains("d") && !named.contains("e"),
+                "a diff in a large room: {f}"
+            );
+        }
+    };
+    assert_eq!(names(&resync["members"]), set(&["a-watcher", "b", "c"]));
+    server.shutdown().await;
+}
 
 async fn direct_messages_on_one_node(bus: BusKind) {
     let server = start(config(bus, &unique_prefix("dm1"))).await;
@@ -254,7 +317,11 @@ async fn members_span_nodes_and_diffs_reach_every_node() {
 #[tokio::test]
 async fn two_hundred_joins_arrive_as_a_few_batched_frames() {
     const N: usize = 200;
-    let server = start(config(BusKind::Amqp, &unique_prefix("burst"))).await;
+    let mut cfg = config(BusKind::Amqp, &unique_prefix("burst"));
+    // Batches of 500 ms: the count must not hinge on how fast 200 clients can
+    // connect on a busy machine.
+    cfg.presence_batch_ms = 500;
+    let server = start(cfg).await;
     let addr = server.local_addr();
     let mut watcher = connect(addr, "burst", "watcher").await;
     let joins = (0..N).map(|i| async move { connect(addr, "burst", &format!("u{i}")).await });

@@ -43,6 +43,8 @@ pub struct PresenceTiming {
     pub ttl: Duration,
     /// How long joins and leaves are gathered into one delta / one frame.
     pub batch: Duration,
+    /// Rooms larger than this get no live diffs and a capped `welcome` list.
+    pub max_members: usize,
 }
 
 impl PresenceTiming {
@@ -54,7 +56,10 @@ impl PresenceTiming {
 
 /// What a session gets when it joins: the members now, and the changes to come.
 pub struct Joined {
+    /// The room's members, at most `max_members` of them (sorted).
     pub members: Vec<String>,
+    /// How many members the room has in all.
+    pub total: usize,
     /// Serialised `presence` frames for the session's room.
     pub updates: broadcast::Receiver<Arc<str>>,
     /// Where to ask for the whole list again after missing updates.
@@ -78,7 +83,7 @@ enum Command {
     Join {
         room: String,
         user: String,
-        reply: oneshot::Sender<(Vec<String>, broadcast::Receiver<Arc<str>>)>,
+        reply: oneshot::Sender<(Vec<String>, usize, broadcast::Receiver<Arc<str>>)>,
     },
     Leave {
         room: String,
@@ -131,14 +136,16 @@ impl Presence {
             })
             .await;
         match (sent, rx.await) {
-            (Ok(()), Ok((members, updates))) => Joined {
+            (Ok(()), Ok((members, total, updates))) => Joined {
                 members,
+                total,
                 updates,
                 presence: self.clone(),
             },
             // The task is gone (the node is stopping): an empty, silent presence.
             _ => Joined {
                 members: vec![user.to_owned()],
+                total: 1,
                 updates: broadcast::channel(1).1,
                 presence: self.clone(),
             },
@@ -194,6 +201,9 @@ struct Rooms {
     announced: HashMap<String, BTreeSet<String>>,
     /// Rooms whose members may have changed since the last flush.
     dirty: BTreeSet<String>,
+    /// Rooms over `max_members`: no diffs, and a capped list in `welcome`.
+    large: std::collections::HashSet<String>,
+    max_members: usize,
 }
 
 impl Rooms {
@@ -206,17 +216,36 @@ impl Rooms {
                 continue;
             };
             let now = view.members(&room);
-            let joins: Vec<String> = now.difference(announced).cloned().collect();
-            let leaves: Vec<String> = announced.difference(&now).cloned().collect();
-            if joins.is_empty() && leaves.is_empty() {
+            if now.len() > self.max_members {
+                // A large room: live diffs would cost every member a frame per
+                // batch for every join. Its sessions keep the list they have;
+                // `/rooms/<room>/members` stays exact.
+                self.large.insert(room.clone());
+                *announced = now;
                 continue;
             }
-            *announced = now;
-            let frame = ServerFrame::Presence {
-                room: room.clone(),
-                joins,
-                leaves,
-                members: None,
+            let frame = if self.large.remove(&room) {
+                // Back under the cap: everyone gets the whole list again.
+                *announced = now;
+                ServerFrame::Presence {
+                    room: room.clone(),
+                    joins: Vec::new(),
+                    leaves: Vec::new(),
+                    members: Some(announced.iter().cloned().collect()),
+                }
+            } else {
+                let joins: Vec<String> = now.difference(announced).cloned().collect();
+                let leaves: Vec<String> = announced.difference(&now).cloned().collect();
+                if joins.is_empty() && leaves.is_empty() {
+                    continue;
+                }
+                *announced = now;
+                ServerFrame::Presence {
+                    room: room.clone(),
+                    joins,
+                    leaves,
+                    members: None,
+                }
             };
             let _ = sender.send(Arc::from(frame.to_json()));
         }
@@ -262,6 +291,8 @@ async fn run(
         updates: HashMap::new(),
         announced: HashMap::new(),
         dirty: BTreeSet::new(),
+        large: std::collections::HashSet::new(),
+        max_members: timing.max_members.max(1),
     };
     let mut pending: Vec<Change> = Vec::new();
     let mut reply_due = false;
@@ -285,18 +316,37 @@ async fn run(
                 Some(Command::Join { room, user, reply }) => {
                     view.join_local(&room, &user);
                     pending.push(Change { room: room.clone(), user: user.clone(), joined: true });
-                    let members = view.members(&room);
                     if !rooms.updates.contains_key(&room) {
                         rooms.updates.insert(room.clone(), broadcast::channel(UPDATES_BUFFER).0);
                         // New local room: announce as known everyone but the
                         // joiner, so the first flush tells the room about them.
-                        let mut before = members.clone();
+                        let mut before = view.members(&room);
                         before.remove(&user);
                         rooms.announced.insert(room.clone(), before);
                     }
+                    // A small room's welcome is exact. A large one's lists what
+                    // its sessions were last told plus the joiner (at most the cap):
+                    // O(cap) per join rather than O(room), and the next flush's
+                    // state is relative to that anyway.
+                    let announced = &rooms.announced[&room];
+                    let (members, total) = if announced.len() < rooms.max_members {
+                        let exact = view.members(&room);
+                        let total = exact.len();
+                        (exact.into_iter().take(rooms.max_members).collect(), total)
+                    } else {
+                        let total = view.member_count(&room);
+                        let mut members: Vec<String> =
+                            announced.iter().take(rooms.max_members).cloned().collect();
+                        if !announced.contains(&user) {
+                            members.push(user.clone());
+                            members.sort();
+                            members.truncate(rooms.max_members);
+                        }
+                        (members, total)
+                    };
                     rooms.dirty.insert(room.clone());
                     let updates = rooms.updates[&room].subscribe();
-                    let _ = reply.send((members.into_iter().collect(), updates));
+                    let _ = reply.send((members, total, updates));
                 }
                 Some(Command::Leave { room, user }) => {
                     view.leave_local(&room, &user);
@@ -305,6 +355,7 @@ async fn run(
                     if rooms.updates.get(&room).is_some_and(|s| s.receiver_count() == 0) {
                         rooms.updates.remove(&room);
                         rooms.announced.remove(&room);
+                        rooms.large.remove(&room);
                     }
                 }
                 Some(Command::Members { room, reply }) => {

@@ -113,6 +113,18 @@ impl ClusterView {
         all
     }
 
+    /// How many are in `room`, without listing them: O(nodes). Counts a user
+    /// twice only in the moment a reconnect moves them between nodes.
+    pub fn member_count(&self, room: &str) -> usize {
+        self.local.get(room).map_or(0, BTreeSet::len)
+            + self
+                .remote
+                .values()
+                .filter_map(|n| n.rooms.get(room))
+                .map(BTreeSet::len)
+                .sum::<usize>()
+    }
+
     pub fn snapshot(&self, hello: bool, now_ms: u64) -> Gossip {
         Gossip::Snapshot {
             node: self.me.clone(),
