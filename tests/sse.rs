@@ -4,8 +4,6 @@
 #[macro_use]
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -444,7 +442,7 @@ async fn curl_is_a_client() {
         .unwrap();
     let mut out = idle.stdout.take().unwrap();
     let mut seen = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + WAIT;
     while !seen.contains("\n:") && !seen.starts_with(':') {
         let n = tokio::time::timeout_at(deadline, out.read(&mut buf))
             .await
