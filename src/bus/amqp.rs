@@ -231,19 +231,7 @@ impl AmqpBus {
     pub async fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
         let queue = self.queue_name(to);
         self.publish_alone(|channel| async move {
-            channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &payload,
-                    BasicProperties::default(),
-                )
-                .await
-                .map(Some)
+            publish_to_queue(&channel, &queue, &payload).await.map(Some)
         })
         .await
     }
@@ -424,21 +412,36 @@ impl AmqpPublisher {
         to: &UserId,
         payload: Bytes,
     ) -> Result<AmqpConfirm, BusError> {
-        self.channel
-            .basic_publish(
-                "".into(),
-                format!("{}.user.{to}", self.prefix).into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &payload,
-                BasicProperties::default(),
-            )
-            .await
-            .map(AmqpConfirm)
-            .map_err(unavailable)
+        publish_to_queue(
+            &self.channel,
+            &format!("{}.user.{to}", self.prefix),
+            &payload,
+        )
+        .await
+        .map(AmqpConfirm)
+        .map_err(unavailable)
     }
+}
+
+/// Publish straight to a queue through the default exchange, `mandatory`, so a
+/// missing queue (an offline user) comes back as a returned message.
+async fn publish_to_queue(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+) -> lapin::Result<PublisherConfirm> {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            payload,
+            BasicProperties::default(),
+        )
+        .await
 }
 
 /// Resolves when the broker confirms (or refuses) one publish.
