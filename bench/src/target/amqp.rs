@@ -1,0 +1,224 @@
+//! The ceiling: Warren's topology straight on RabbitMQ, without WebSockets or
+//! Warren.
+//!
+//! One fanout exchange for the room; per client a channel (spread over a few
+//! connections, like Warren's pool), an exclusive server-named queue bound to the
+//! exchange, and a consumer. Publishing and consuming copy Warren's semantics so
+//! the comparison is fair: publisher confirms on every channel, prefetch 256,
+//! manual acks with `multiple` once per ready batch, the same bounded queue
+//! arguments, and the same JSON document as the body.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{
+    Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind, PublisherConfirm,
+};
+
+use super::{Client, Inbox as AnyInbox, Outbox as AnyOutbox};
+use crate::payload;
+
+/// Warren's `PREFETCH`.
+const PREFETCH: u16 = 256;
+/// Warren's default `--queue-max-length`.
+const QUEUE_MAX_LENGTH: i64 = 10_000;
+
+pub struct Room {
+    connections: Vec<Connection>,
+    exchange: String,
+}
+
+impl Room {
+    pub async fn open(url: &str, connections: usize, room: String) -> Result<Self> {
+        let mut opened = Vec::new();
+        for _ in 0..connections.max(1) {
+            opened.push(
+                Connection::connect(url, ConnectionProperties::default())
+                    .await
+                    .with_context(|| format!("connecting to {url}"))?,
+            );
+        }
+        let exchange = format!("{room}.fanout");
+        let channel = opened[0].create_channel().await?;
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(Self {
+            connections: opened,
+            exchange,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.exchange
+    }
+
+    pub async fn connect(&self, index: usize) -> Result<Client> {
+        let channel = self.connections[index % self.connections.len()]
+            .create_channel()
+            .await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions { global: false })
+            .await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(QUEUE_MAX_LENGTH),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("drop-head".into()),
+        );
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                self.exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                format!("bench-{index}").into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Client {
+            outbox: AnyOutbox::Amqp(Outbox {
+                channel,
+                exchange: self.exchange.clone(),
+                confirms: FuturesUnordered::new(),
+            }),
+            inbox: AnyInbox::Amqp(Inbox {
+                consumer,
+                unsettled: None,
+            }),
+        })
+    }
+
+    pub async fn close(self) {
+        if let Ok(channel) = self.connections[0].create_channel().await {
+            let _ = channel
+                .exchange_delete(
+                    self.exchange.as_str().into(),
+                    ExchangeDeleteOptions::default(),
+                )
+                .await;
+        }
+        for connection in self.connections {
+            let _ = connection.close(200, "bench done".into()).await;
+        }
+    }
+}
+
+pub struct Outbox {
+    channel: Channel,
+    exchange: String,
+    /// Publishes not yet confirmed; Warren keeps the same (bounded by its 1024
+    /// in-flight limit, which M never reaches here).
+    confirms: FuturesUnordered<PublisherConfirm>,
+}
+
+impl Outbox {
+    pub async fn send(&mut self, room: &str, sender: usize, seq: u32, text: &str) -> Result<()> {
+        let body = payload::broker_document(room, sender, seq, text);
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await?;
+        self.confirms.push(confirm);
+        // Settle confirms that already arrived, so the set stays small.
+        while let Some(Some(confirmation)) = self.confirms.next().now_or_never() {
+            check(confirmation)?;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<()> {
+        while let Some(confirmation) = self.confirms.next().await {
+            check(confirmation)?;
+        }
+        Ok(())
+    }
+
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "bench done".into()).await;
+    }
+}
+
+fn check(confirmation: lapin::Result<Confirmation>) -> Result<()> {
+    match confirmation? {
+        Confirmation::Nack(_) => bail!("the broker refused a publish"),
+        _ => Ok(()),
+    }
+}
+
+pub struct Inbox {
+    consumer: Consumer,
+    unsettled: Option<Acker>,
+}
+
+impl Inbox {
+    pub async fn next(&mut self) -> Option<Result<Bytes>> {
+        // Like Warren: take what is ready, and ack the batch with `multiple` before
+        // waiting for more.
+        let next = match self.consumer.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                if let Some(acker) = self.unsettled.take()
+                    && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
+                {
+                    return Some(Err(e.into()));
+                }
+                self.consumer.next().await
+            }
+        };
+        match next? {
+            Ok(delivery) => {
+                self.unsettled = Some(delivery.acker);
+                Some(Ok(Bytes::from(delivery.data)))
+            }
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! A Warren client: `ws://…/ws?room=&user=`, subscribed once `welcome` arrives.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::{Client, Inbox as AnyInbox, Outbox as AnyOutbox};
+use crate::payload;
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub async fn connect(url: &str, room: &str, user: &str) -> Result<Client> {
+    let url = format!("{url}?room={room}&user={user}");
+    let (socket, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let (sink, mut stream) = socket.split();
+    // The first frame is `welcome`: from then on the session's queue is bound.
+    match stream.next().await {
+        Some(Ok(Message::Text(text))) if text.as_str().contains(r#""type":"welcome""#) => {}
+        Some(Ok(other)) => bail!("expected welcome from {url}, got {other:?}"),
+        Some(Err(e)) => return Err(e).with_context(|| format!("waiting for welcome from {url}")),
+        None => bail!("{url} closed before welcome"),
+    }
+    Ok(Client {
+        outbox: AnyOutbox::Warren(Outbox { sink }),
+        inbox: AnyInbox::Warren(Inbox { stream }),
+    })
+}
+
+pub struct Outbox {
+    sink: SplitSink<Socket, Message>,
+}
+
+impl Outbox {
+    pub async fn send(&mut self, text: &str, flush: bool) -> Result<()> {
+        let frame = Message::text(payload::warren_client_frame(text));
+        if flush {
+            self.sink.send(frame).await?;
+        } else {
+            self.sink.feed(frame).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<()> {
+        Ok(self.sink.flush().await?)
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.sink.close().await;
+    }
+}
+
+pub struct Inbox {
+    stream: SplitStream<Socket>,
+}
+
+impl Inbox {
+    pub async fn next(&mut self) -> Option<Result<Bytes>> {
+        loop {
+            // Pings are answered by tungstenite while we read.
+            match self.stream.next().await? {
+                Ok(Message::Text(text)) => return Some(Ok(Bytes::from(text))),
+                Ok(Message::Close(_)) => return None,
+                Ok(_) => continue,
+                Err(e) => return Some(Err(e.into())),
+            }
+        }
+    }
+}
