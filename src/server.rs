@@ -56,9 +56,8 @@ pub struct RunningServer {
 impl RunningServer {
     /// Bind `config.listen` (port 0 picks a free port), connect the bus, and serve.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listener =
+            listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let node_id = config
             .node_id
@@ -171,6 +170,22 @@ impl RunningServer {
     }
 }
 
+/// Bind the listening socket. TCP_NODELAY is set on it because Linux passes it
+/// on to every accepted connection, and warp's accept loop offers no hook to set
+/// it per connection: chat frames are small writes, and Nagle's algorithm with
+/// delayed ACKs would hold them back by up to 40 ms.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// After shutdown begins, how long open HTTP requests (a slow upload, say) may
 /// take before they are cut.
 const HTTP_GRACE: Duration = Duration::from_secs(5);
@@ -201,4 +216,21 @@ async fn serve(node: Arc<Node>, listener: TcpListener) {
     node.presence.stop().await;
     node.bus.close().await;
     info!("stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "Nagle would delay small frames"
+        );
+    }
 }

@@ -73,7 +73,8 @@ impl Room {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static("v12.stomp"),
         );
-        let (socket, _) = tokio_tungstenite::connect_async(request)
+        // Nagle off, as for the Warren client, so both are measured alike.
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
             .await
             .with_context(|| format!("connecting to {}", self.url))?;
         let (mut sink, stream) = socket.split();

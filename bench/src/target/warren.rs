@@ -15,7 +15,8 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub async fn connect(url: &str, room: &str, user: &str) -> Result<Client> {
     let url = format!("{url}?room={room}&user={user}");
-    let (socket, _) = tokio_tungstenite::connect_async(&url)
+    // Nagle off, as the server does: latency is what is measured.
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let (sink, mut stream) = socket.split();
