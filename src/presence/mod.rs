@@ -253,10 +253,17 @@ impl Rooms {
 }
 
 async fn connect_link(bus: &Bus, node_id: &str) -> Option<PresenceLink> {
-    match bus.presence_link(node_id).await {
-        Ok(link) => Some(link),
-        Err(e) => {
+    // Bounded: a broker connection that is half gone can leave a channel open
+    // or a declare unanswered forever, and every join and leave waits on this
+    // task.
+    match tokio::time::timeout(PUBLISH_TIMEOUT, bus.presence_link(node_id)).await {
+        Ok(Ok(link)) => Some(link),
+        Ok(Err(e)) => {
             warn!(error = %e, "presence link unavailable; will retry");
+            None
+        }
+        Err(_) => {
+            warn!("presence link timed out; will retry");
             None
         }
     }
