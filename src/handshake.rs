@@ -129,14 +129,19 @@ pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, C
 /// session endpoint, since browsers cannot read a refused upgrade's status.
 /// `Ok` means the session would be admitted.
 pub async fn probe(node: &Node, handshake: &Handshake) -> Result<(), ClientError> {
-    if node.claims.is_claimed(&handshake.user) {
+    if is_held(node, &handshake.user).await? {
         return Err(user_taken());
     }
-    match node.bus.is_connected(&handshake.user).await {
-        Ok(true) => Err(user_taken()),
-        Ok(false) => Ok(()),
-        Err(_) => Err(unavailable()),
+    Ok(())
+}
+
+/// Does a session anywhere hold `user`? This node's claims first (no broker
+/// round trip), then the broker's exclusive queues.
+pub async fn is_held(node: &Node, user: &UserId) -> Result<bool, ClientError> {
+    if node.claims.is_claimed(user) {
+        return Ok(true);
     }
+    node.bus.is_connected(user).await.map_err(|_| unavailable())
 }
 
 #[cfg(test)]

@@ -141,20 +141,29 @@ fn observe(node: &Node, published_at: std::time::Instant, kind: &'static str, ac
         .observe(published_at.elapsed().as_secs_f64());
 }
 
+/// Who speaks and what, from a POST body: a valid sender id that this request
+/// may speak as, and a valid text. The same checks for rooms and directs.
+async fn speaker(
+    node: &Node,
+    sender: Option<serde_json::Value>,
+    field: &str,
+    token: Option<String>,
+    text: Option<serde_json::Value>,
+) -> Result<(String, String), ClientError> {
+    let from = user_field(sender, field)?;
+    authorize(node, &from, token.as_deref()).await?;
+    let text =
+        validate_text(text, node.config.max_text_bytes).map_err(|(c, m)| client_error(c, m))?;
+    Ok((from.to_string(), text))
+}
+
 /// May this request speak as `from`? With its session's token, yes; without,
 /// only while no session anywhere holds the id (see [`crate::tokens`]).
 async fn authorize(node: &Node, from: &UserId, token: Option<&str>) -> Result<(), ClientError> {
     if token.is_some_and(|t| node.settings.tokens.verify(from, t)) {
         return Ok(());
     }
-    let connected = node.claims.is_claimed(from)
-        || node.bus.is_connected(from).await.map_err(|_| {
-            client_error(
-                ErrorCode::Unavailable,
-                "the message broker is unavailable; retry shortly",
-            )
-        })?;
-    if connected {
+    if crate::handshake::is_held(node, from).await? {
         return Err(client_error(
             ErrorCode::TokenRequired,
             format!(
@@ -229,23 +238,20 @@ where
     B: Buf,
 {
     let limit = node.config.max_frame_bytes;
-    let max_text = node.config.max_text_bytes;
     let id = node.settings.ids.next_id();
     // Validate the address first (a bad one is refused without reading the
     // body), then the body, then build the frame exactly as a session would.
     let prepared = async {
-        let text_of = |text| validate_text(text, max_text).map_err(|(c, m)| client_error(c, m));
         let built = match &target {
             Target::Room(room) => {
                 let room = RoomName::parse(room)?;
                 let post: RoomPost = read_json(content_type, content_length, body, limit).await?;
-                let from = user_field(post.user, "user")?;
-                authorize(&node, &from, post.token.as_deref()).await?;
+                let (from, text) = speaker(&node, post.user, "user", post.token, post.text).await?;
                 let frame = ServerFrame::Message {
                     id: id.clone(),
                     room: room.to_string(),
-                    from: from.to_string(),
-                    text: text_of(post.text)?,
+                    from,
+                    text,
                     ts: now_ms(),
                 };
                 (frame, Destination::Room(room))
@@ -253,13 +259,12 @@ where
             Target::User(to) => {
                 let to = UserId::parse(to)?;
                 let post: DirectPost = read_json(content_type, content_length, body, limit).await?;
-                let from = user_field(post.from, "from")?;
-                authorize(&node, &from, post.token.as_deref()).await?;
+                let (from, text) = speaker(&node, post.from, "from", post.token, post.text).await?;
                 let frame = ServerFrame::Direct {
                     id: id.clone(),
-                    from: from.to_string(),
+                    from,
                     to: to.to_string(),
-                    text: text_of(post.text)?,
+                    text,
                     ts: now_ms(),
                 };
                 (frame, Destination::User(to))

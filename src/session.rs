@@ -333,7 +333,7 @@ where
                 }
                 update = joined.updates.recv() => match update {
                     Ok(frame) => {
-                        if let Err(e) = write(&mut sink, Message::text(frame.as_ref())).await {
+                        if let Err(e) = write(&mut sink, Message::text(frame)).await {
                             return SessionEnd::ClientGone(e);
                         }
                     }

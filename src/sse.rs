@@ -144,7 +144,7 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
                 _ = events.closed() => return Err(StreamEnd::ClientGone),
                 delivery = inbox.recv() => match delivery {
                     Ok(frame) => {
-                        send(&events, &frame).await?;
+                        send(&events, frame.as_str()).await?;
                         metrics.delivered(Transport::Sse, 1);
                         inbox.settle().await;
                     }
@@ -159,7 +159,7 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
                     }
                 },
                 update = joined.updates.recv() => match update {
-                    Ok(frame) => send(&events, &frame).await?,
+                    Ok(frame) => send(&events, frame.as_str()).await?,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         send(&events, &joined.resync(room.as_str()).await.to_json()).await?;
                     }

@@ -32,6 +32,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Consumer, ExchangeKind, PublisherConfirm};
 use tracing::{debug, warn};
+use tungstenite::Utf8Bytes;
 
 use super::pool::{Pool, PooledConnection};
 use super::{BusError, Inbox, Lease, Publisher, Subscription};
@@ -214,14 +215,7 @@ impl AmqpBus {
                 Err(e) => return Err(e),
                 Ok(()) => {}
             }
-            channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    &payload,
-                    BasicProperties::default(),
-                )
+            publish_to_exchange(&channel, &exchange, &payload)
                 .await
                 .map(Some)
         })
@@ -390,14 +384,7 @@ pub struct AmqpPublisher {
 
 impl AmqpPublisher {
     pub async fn publish(&self, payload: Bytes) -> Result<AmqpConfirm, BusError> {
-        self.channel
-            .basic_publish(
-                self.exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &payload,
-                BasicProperties::default(),
-            )
+        publish_to_exchange(&self.channel, &self.exchange, &payload)
             .await
             .map(AmqpConfirm)
             .map_err(unavailable)
@@ -421,6 +408,23 @@ impl AmqpPublisher {
         .map(AmqpConfirm)
         .map_err(unavailable)
     }
+}
+
+/// Publish to a fanout exchange: every queue bound to it gets a copy.
+async fn publish_to_exchange(
+    channel: &Channel,
+    exchange: &str,
+    payload: &[u8],
+) -> lapin::Result<PublisherConfirm> {
+    channel
+        .basic_publish(
+            exchange.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            payload,
+            BasicProperties::default(),
+        )
+        .await
 }
 
 /// Publish straight to a queue through the default exchange, `mandatory`, so a
@@ -474,7 +478,7 @@ pub struct AmqpInbox {
 }
 
 impl AmqpInbox {
-    pub async fn recv(&mut self) -> Result<String, BusError> {
+    pub async fn recv(&mut self) -> Result<Utf8Bytes, BusError> {
         let next = tokio::select! {
             next = self.consumer.next() => next,
             _ = self.lost.cancelled() => {
@@ -484,7 +488,7 @@ impl AmqpInbox {
         self.take(next)
     }
 
-    pub fn try_recv(&mut self) -> Option<Result<String, BusError>> {
+    pub fn try_recv(&mut self) -> Option<Result<Utf8Bytes, BusError>> {
         let next = self.consumer.next().now_or_never()?;
         Some(self.take(next))
     }
@@ -492,14 +496,16 @@ impl AmqpInbox {
     fn take(
         &mut self,
         next: Option<lapin::Result<lapin::message::Delivery>>,
-    ) -> Result<String, BusError> {
+    ) -> Result<Utf8Bytes, BusError> {
         match next {
             Some(Ok(delivery)) => {
                 self.unsettled = Some(delivery.acker);
                 // Only Warren publishes to these exchanges, and only serde_json
                 // output; a foreign non-UTF-8 message is replaced, not trusted.
-                Ok(String::from_utf8(delivery.data)
-                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+                Ok(Utf8Bytes::from(
+                    String::from_utf8(delivery.data)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                ))
             }
             Some(Err(e)) => Err(unavailable(e)),
             None => Err(BusError::Unavailable(
@@ -596,14 +602,7 @@ pub struct AmqpPresenceLink {
 
 impl AmqpPresenceLink {
     pub async fn publish(&self, payload: Bytes) -> Result<(), BusError> {
-        self.channel
-            .basic_publish(
-                self.exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &payload,
-                BasicProperties::default(),
-            )
+        publish_to_exchange(&self.channel, &self.exchange, &payload)
             .await
             .map(drop)
             .map_err(unavailable)

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 use tracing::warn;
+use tungstenite::Utf8Bytes;
 
 use super::{BusError, Inbox, Lease, Publisher, Subscription};
 use crate::names::{RoomName, UserId};
@@ -31,10 +32,10 @@ pub struct MemoryBus {
 #[derive(Default)]
 struct Inner {
     /// Live rooms. A std Mutex: it is never held across an await.
-    rooms: Mutex<HashMap<RoomName, broadcast::Sender<Bytes>>>,
+    rooms: Mutex<HashMap<RoomName, broadcast::Sender<Utf8Bytes>>>,
     /// User ids with a live subscription, and where their direct messages go: the
     /// embedded twin of exclusive queues.
-    users: Mutex<HashMap<UserId, mpsc::Sender<Bytes>>>,
+    users: Mutex<HashMap<UserId, mpsc::Sender<Utf8Bytes>>>,
 }
 
 impl MemoryBus {
@@ -79,7 +80,7 @@ impl MemoryBus {
 
     pub fn publish_room(&self, room: &RoomName, payload: Bytes) {
         if let Some(sender) = self.inner.rooms.lock().unwrap().get(room) {
-            let _ = sender.send(payload);
+            let _ = sender.send(to_text(payload));
         }
     }
 
@@ -90,7 +91,7 @@ impl MemoryBus {
         };
         // A recipient this far behind loses the new message, like a full
         // RabbitMQ queue would drop its oldest: either way a slow reader loses.
-        if queue.try_send(payload).is_err() {
+        if queue.try_send(to_text(payload)).is_err() {
             warn!(%to, "direct message dropped: recipient too slow");
         }
         Ok(())
@@ -108,7 +109,7 @@ impl MemoryBus {
 }
 
 pub struct MemoryPublisher {
-    sender: broadcast::Sender<Bytes>,
+    sender: broadcast::Sender<Utf8Bytes>,
     bus: MemoryBus,
 }
 
@@ -116,7 +117,7 @@ impl MemoryPublisher {
     pub fn publish(&self, payload: Bytes) -> Result<(), BusError> {
         // An error only means nobody is subscribed, which cannot happen while the
         // publisher's own session holds a receiver; either way nothing is lost.
-        let _ = self.sender.send(payload);
+        let _ = self.sender.send(to_text(payload));
         Ok(())
     }
 
@@ -126,19 +127,19 @@ impl MemoryPublisher {
 }
 
 pub struct MemoryInbox {
-    receiver: broadcast::Receiver<Bytes>,
-    direct: mpsc::Receiver<Bytes>,
+    receiver: broadcast::Receiver<Utf8Bytes>,
+    direct: mpsc::Receiver<Utf8Bytes>,
 }
 
 impl MemoryInbox {
-    pub async fn recv(&mut self) -> Result<String, BusError> {
+    pub async fn recv(&mut self) -> Result<Utf8Bytes, BusError> {
         loop {
             let received = tokio::select! {
-                Some(frame) = self.direct.recv() => return Ok(to_text(frame)),
+                Some(frame) = self.direct.recv() => return Ok(frame),
                 received = self.receiver.recv() => received,
             };
             match received {
-                Ok(frame) => return Ok(to_text(frame)),
+                Ok(frame) => return Ok(frame),
                 Err(broadcast::error::RecvError::Lagged(lost)) => {
                     warn!(lost, "slow receiver dropped the oldest frames");
                 }
@@ -149,13 +150,13 @@ impl MemoryInbox {
         }
     }
 
-    pub fn try_recv(&mut self) -> Option<Result<String, BusError>> {
+    pub fn try_recv(&mut self) -> Option<Result<Utf8Bytes, BusError>> {
         if let Ok(frame) = self.direct.try_recv() {
-            return Some(Ok(to_text(frame)));
+            return Some(Ok(frame));
         }
         loop {
             match self.receiver.try_recv() {
-                Ok(frame) => return Some(Ok(to_text(frame))),
+                Ok(frame) => return Some(Ok(frame)),
                 Err(broadcast::error::TryRecvError::Empty) => return None,
                 Err(broadcast::error::TryRecvError::Lagged(lost)) => {
                     warn!(lost, "slow receiver dropped the oldest frames");
@@ -168,9 +169,12 @@ impl MemoryInbox {
     }
 }
 
-fn to_text(frame: Bytes) -> String {
-    // Only the server publishes, and it publishes serde_json output: always UTF-8.
-    String::from_utf8_lossy(&frame).into_owned()
+/// Checked once, when published; every member then shares the same bytes (a
+/// reference count, no copy). Only the server publishes, and only serde_json
+/// output, so the lossy branch is a guard, not a path.
+fn to_text(frame: Bytes) -> Utf8Bytes {
+    Utf8Bytes::try_from(frame.clone())
+        .unwrap_or_else(|_| Utf8Bytes::from(String::from_utf8_lossy(&frame).into_owned()))
 }
 
 pub struct MemoryLease {
@@ -229,7 +233,7 @@ mod tests {
                 .unwrap();
         }
         for i in 0..3 {
-            assert_eq!(b.inbox.recv().await.unwrap(), format!("{i}"));
+            assert_eq!(b.inbox.recv().await.unwrap().as_str(), format!("{i}"));
         }
         assert!(c.inbox.try_recv().is_none());
         // Direct messages cross rooms; unknown recipients are reported.
@@ -239,7 +243,7 @@ mod tests {
             .unwrap()
             .await
             .unwrap();
-        assert_eq!(c.inbox.recv().await.unwrap(), "dm");
+        assert_eq!(c.inbox.recv().await.unwrap().as_str(), "dm");
         let nobody = UserId::parse("nobody").unwrap();
         let confirm = a
             .publisher

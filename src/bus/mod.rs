@@ -218,7 +218,8 @@ impl Future for Confirm {
     }
 }
 
-/// Frames delivered to this session, in order, as JSON text.
+/// Frames delivered to this session, in order, as JSON text that the socket
+/// takes as it is (`Utf8Bytes` is what tungstenite sends without copying).
 pub enum Inbox {
     Memory(memory::MemoryInbox),
     Amqp(amqp::AmqpInbox),
@@ -227,7 +228,7 @@ pub enum Inbox {
 impl Inbox {
     /// The next delivered frame. An error means the session can no longer receive
     /// (the broker went away) and should end.
-    pub async fn recv(&mut self) -> Result<String, BusError> {
+    pub async fn recv(&mut self) -> Result<tungstenite::Utf8Bytes, BusError> {
         match self {
             Inbox::Memory(i) => i.recv().await,
             Inbox::Amqp(i) => i.recv().await,
@@ -235,7 +236,7 @@ impl Inbox {
     }
 
     /// A frame that is ready now, without waiting; lets the session batch writes.
-    pub fn try_recv(&mut self) -> Option<Result<String, BusError>> {
+    pub fn try_recv(&mut self) -> Option<Result<tungstenite::Utf8Bytes, BusError>> {
         match self {
             Inbox::Memory(i) => i.try_recv(),
             Inbox::Amqp(i) => i.try_recv(),

@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, warn};
+use tungstenite::Utf8Bytes;
 
 use crate::bus::{Bus, PresenceLink};
 use crate::protocol::ServerFrame;
@@ -60,8 +61,9 @@ pub struct Joined {
     pub members: Vec<String>,
     /// How many members the room has in all.
     pub total: usize,
-    /// Serialised `presence` frames for the session's room.
-    pub updates: broadcast::Receiver<Arc<str>>,
+    /// Serialised `presence` frames for the session's room, shared by all its
+    /// sessions (a reference count each, not a copy).
+    pub updates: broadcast::Receiver<Utf8Bytes>,
     /// Where to ask for the whole list again after missing updates.
     pub presence: Presence,
 }
@@ -83,7 +85,7 @@ enum Command {
     Join {
         room: String,
         user: String,
-        reply: oneshot::Sender<(Vec<String>, usize, broadcast::Receiver<Arc<str>>)>,
+        reply: oneshot::Sender<(Vec<String>, usize, broadcast::Receiver<Utf8Bytes>)>,
     },
     Leave {
         room: String,
@@ -196,7 +198,7 @@ impl Presence {
 /// The presence task's state besides the view.
 struct Rooms {
     /// Per local room: where its sessions read presence frames.
-    updates: HashMap<String, broadcast::Sender<Arc<str>>>,
+    updates: HashMap<String, broadcast::Sender<Utf8Bytes>>,
     /// Per local room: the member set its sessions were last told about.
     announced: HashMap<String, BTreeSet<String>>,
     /// Rooms whose members may have changed since the last flush.
@@ -247,7 +249,7 @@ impl Rooms {
                     members: None,
                 }
             };
-            let _ = sender.send(Arc::from(frame.to_json()));
+            let _ = sender.send(Utf8Bytes::from(frame.to_json()));
         }
     }
 }
