@@ -246,8 +246,24 @@ impl StopSignals {
     }
 }
 
+/// The `welcome` frame a session starts with, as JSON. It takes the member list
+/// out of `joined`: in a large room that list is the biggest thing a session
+/// ever holds, and nothing needs it once it is sent.
+pub fn welcome(joined: &mut Joined, member: &Member, settings: &SessionSettings) -> String {
+    ServerFrame::Welcome {
+        user: member.user.to_string(),
+        room: member.room.to_string(),
+        node: settings.node_id.clone(),
+        members: std::mem::take(&mut joined.members),
+        members_total: joined.total,
+        token: settings.tokens.issue(&member.user),
+    }
+    .to_json()
+}
+
 /// Run one session until the client leaves, the broker goes, or the node stops.
-/// The caller releases the subscription's lease afterwards.
+/// The caller has already sent the [`welcome`] and releases the subscription's
+/// lease afterwards.
 pub async fn run<S, R>(
     mut sink: S,
     mut inbound: R,
@@ -262,7 +278,7 @@ where
     S::Error: std::fmt::Display,
     R: Stream<Item = Inbound> + Unpin,
 {
-    let Member { room, user } = member;
+    let Member { room, .. } = member;
     let Subscription {
         publisher,
         mut inbox,
@@ -270,18 +286,6 @@ where
     } = subscription;
     let end = async {
         let mut joined = joined;
-        let welcome = ServerFrame::Welcome {
-            user: user.to_string(),
-            room: room.to_string(),
-            node: settings.node_id.clone(),
-            members: std::mem::take(&mut joined.members),
-        members_total: joined.total,
-            token: settings.tokens.issue(user),
-        };
-        if let Err(e) = write_frame(&settings.metrics, &mut sink, &welcome).await {
-            return SessionEnd::ClientGone(e);
-        }
-
         let mut confirms = FuturesOrdered::new();
         let mut ping = tokio::time::interval_at(
             Instant::now() + settings.ping_interval,

@@ -27,7 +27,7 @@ use crate::http::error_response;
 use crate::metrics::Transport;
 use crate::protocol::{ServerFrame, StatusBody, frame_head};
 use crate::server::Node;
-use crate::session::WRITE_TIMEOUT;
+use crate::session::{self, Member, WRITE_TIMEOUT};
 
 /// Events buffered for one stream. A client that lets this fill for
 /// [`WRITE_TIMEOUT`] is dropped, as a stuck WebSocket is.
@@ -125,16 +125,12 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
     info!("connected");
     let mut inbox = subscription.inbox;
     let mut joined = node.presence.join(room.as_str(), user.as_str()).await;
-    let welcome = ServerFrame::Welcome {
-        user: user.to_string(),
-        room: room.to_string(),
-        node: node.settings.node_id.clone(),
-        members: std::mem::take(&mut joined.members),
-        members_total: joined.total,
-        token: node.settings.tokens.issue(&user),
-    };
+    let member = Member { room, user };
+    let welcome = session::welcome(&mut joined, &member, &node.settings);
     let end = async {
-        send(&events, &welcome.to_json()).await?;
+        send(&events, &welcome).await?;
+        // The member list can be large, and nothing needs it once it is sent.
+        drop(welcome);
         let restart_due = node.stop.restart_due();
         tokio::pin!(restart_due);
         loop {
@@ -161,7 +157,7 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
                 update = joined.updates.recv() => match update {
                     Ok(frame) => send(&events, frame.as_str()).await?,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        send(&events, &joined.resync(room.as_str()).await.to_json()).await?;
+                        send(&events, &joined.resync(member.room.as_str()).await.to_json()).await?;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                         joined.updates = tokio::sync::broadcast::channel(1).1;
@@ -178,7 +174,9 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
     drop(events);
     drop(joined);
     drop(inbox);
-    node.presence.leave(room.as_str(), user.as_str()).await;
+    node.presence
+        .leave(member.room.as_str(), member.user.as_str())
+        .await;
     subscription.lease.release().await;
     drop(claim);
     open.dec();

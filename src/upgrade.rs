@@ -14,10 +14,13 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{Instrument, debug, info, info_span};
 use tungstenite::Message;
 use tungstenite::handshake::derive_accept_key;
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use warp::Filter;
 use warp::http::StatusCode;
@@ -29,12 +32,14 @@ use crate::handshake::{self, Admitted, Handshake};
 use crate::http::error_response;
 use crate::metrics::Transport;
 use crate::server::Node;
-use crate::session::{self, Inbound, Member};
+use crate::session::{self, Inbound, Member, SessionEnd};
 
-/// Bytes tungstenite reads from the socket at a time. Chat frames are small; a
-/// larger frame just takes more reads. 4 KiB instead of 128 KiB is most of what
-/// an idle connection costs.
-pub const READ_BUFFER: usize = 4 * 1024;
+/// Bytes tungstenite reads from the socket at a time, and the buffer every
+/// connection keeps resident for it. Chat frames are small (a 2 KiB read holds
+/// about a dozen); a larger frame just takes more reads. At 128 KiB this was most
+/// of what an idle connection cost; 4 → 2 KiB took 10,000 idle connections from
+/// 22.1 to 20.0 KiB each (docs/BENCHMARKS.md).
+pub const READ_BUFFER: usize = 2 * 1024;
 
 /// A request that asks for a WebSocket, with what the upgrade needs.
 pub struct UpgradeRequest {
@@ -129,18 +134,7 @@ fn accept(node: Arc<Node>, admitted: Admitted, upgrade: UpgradeRequest) -> Respo
                     return;
                 }
             };
-            let max = node.config.max_frame_bytes;
-            let config = WebSocketConfig::default()
-                .read_buffer_size(READ_BUFFER)
-                .max_message_size(Some(max))
-                .max_frame_size(Some(max));
-            let socket = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
-            run(node, admitted, socket).await;
+            run(node, admitted, TokioIo::new(upgraded)).await;
         }
         .instrument(span),
     );
@@ -157,7 +151,7 @@ fn accept(node: Arc<Node>, admitted: Admitted, upgrade: UpgradeRequest) -> Respo
     response
 }
 
-async fn run<S>(node: Arc<Node>, admitted: Admitted, socket: WebSocketStream<S>)
+async fn run<S>(node: Arc<Node>, admitted: Admitted, mut io: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -170,20 +164,32 @@ where
     let open = node.settings.metrics.connections(Transport::WebSocket);
     open.inc();
     info!("connected");
-    let (sink, stream) = socket.split();
-    let inbound = stream.map(to_inbound);
-    let joined = node.presence.join(room.as_str(), user.as_str()).await;
+    let mut joined = node.presence.join(room.as_str(), user.as_str()).await;
     let member = Member { room, user };
-    let (end, lease) = session::run(
-        sink,
-        inbound,
-        subscription,
-        joined,
-        &member,
-        &node.settings,
-        &node.stop,
-    )
-    .await;
+    let welcome = session::welcome(&mut joined, &member, &node.settings);
+    let (end, lease) = match write_welcome(&mut io, welcome).await {
+        Err(e) => (SessionEnd::ClientGone(e.to_string()), subscription.lease),
+        Ok(()) => {
+            let max = node.config.max_frame_bytes;
+            let config = WebSocketConfig::default()
+                .read_buffer_size(READ_BUFFER)
+                .max_message_size(Some(max))
+                .max_frame_size(Some(max));
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            let (sink, stream) = socket.split();
+            let inbound = stream.map(to_inbound);
+            session::run(
+                sink,
+                inbound,
+                subscription,
+                joined,
+                &member,
+                &node.settings,
+                &node.stop,
+            )
+            .await
+        }
+    };
     node.presence
         .leave(member.room.as_str(), member.user.as_str())
         .await;
@@ -191,6 +197,28 @@ where
     drop(claim);
     open.dec();
     info!(?end, "disconnected");
+}
+
+/// Send `welcome` as one WebSocket text frame straight onto the upgraded
+/// connection, before tungstenite owns it. tungstenite's write buffer keeps the
+/// capacity of the largest message it ever sent, and in a large room `welcome`
+/// (the member list) is by far the largest: written through tungstenite it would
+/// stay resident, per connection, for the connection's life.
+async fn write_welcome<S>(io: &mut S, welcome: String) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    let mut wire = Vec::with_capacity(welcome.len() + 10);
+    Frame::message(welcome, OpCode::Data(Data::Text), true)
+        .format(&mut wire)
+        .map_err(std::io::Error::other)?;
+    match tokio::time::timeout(session::WRITE_TIMEOUT, io.write_all(&wire)).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "write timed out",
+        )),
+    }
 }
 
 fn to_inbound(item: Result<Message, tungstenite::Error>) -> Inbound {

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
 use rand::Rng;
 use tokio::sync::oneshot;
@@ -25,6 +26,12 @@ use tracing::{debug, info, warn};
 
 /// Channels a pooled connection carries at most (RabbitMQ's default limit is 2,047).
 pub const MAX_CHANNELS_PER_CONNECTION: usize = 2000;
+
+/// The largest AMQP frame we propose when the URL does not set `frame_max`.
+/// lapin keeps two ring buffers of 32 frames per connection, so RabbitMQ's
+/// default (128 KiB) costs 8 MiB resident per pooled connection. Chat messages
+/// are small; a larger one is just carried in several frames.
+pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
@@ -276,7 +283,15 @@ async fn connect_any(pool: &PoolInner, slot: usize) -> Result<Connection, String
     for url in &pool.urls {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("{} #{slot}", pool.name).into());
-        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
+        let uri = match broker_uri(url) {
+            Ok(uri) => uri,
+            Err(e) => {
+                last = format!("{}: {e}", redact(url));
+                continue;
+            }
+        };
+        let connect = Connection::connect_uri(uri, props);
+        match tokio::time::timeout(Duration::from_secs(10), connect).await {
             Ok(Ok(conn)) => {
                 info!(slot, url = %redact(url), "connected to the broker");
                 return Ok(conn);
@@ -286,6 +301,14 @@ async fn connect_any(pool: &PoolInner, slot: usize) -> Result<Connection, String
         }
     }
     Err(last)
+}
+
+/// Parse a broker URL, proposing [`DEFAULT_FRAME_MAX`] unless it sets its own
+/// `?frame_max=`.
+fn broker_uri(url: &str) -> Result<AMQPUri, String> {
+    let mut uri: AMQPUri = url.parse()?;
+    uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
+    Ok(uri)
 }
 
 /// The URL without its password, for logs and `/readyz`.
@@ -324,5 +347,14 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+    }
+
+    #[test]
+    fn proposes_a_small_frame_max_unless_the_url_sets_one() {
+        let default = broker_uri("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(default.query.frame_max, Some(DEFAULT_FRAME_MAX));
+        let own = broker_uri("amqp://127.0.0.1:5672/%2f?frame_max=131072").unwrap();
+        assert_eq!(own.query.frame_max, Some(131072));
+        assert!(broker_uri("http://nope").is_err());
     }
 }
