@@ -326,14 +326,15 @@ where
                             _ => break,
                         }
                     }
-                    settings.metrics.delivered(Transport::WebSocket, batch.len() as u64);
+                    let handed_over = batch.len();
+                    settings.metrics.delivered(Transport::WebSocket, handed_over as u64);
                     let mut messages = futures_util::stream::iter(batch.into_iter().map(|t| Ok(Message::text(t))));
                     match tokio::time::timeout(WRITE_TIMEOUT, sink.send_all(&mut messages)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return SessionEnd::ClientGone(e.to_string()),
                         Err(_) => return SessionEnd::ClientGone("write timed out".into()),
                     }
-                    inbox.settle().await;
+                    inbox.settle(handed_over).await;
                 }
                 update = joined.updates.recv() => match update {
                     Ok(frame) => {

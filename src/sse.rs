@@ -142,7 +142,7 @@ async fn run(node: Arc<Node>, admitted: Admitted, events: mpsc::Sender<Event>) {
                     Ok(frame) => {
                         send(&events, frame.as_str()).await?;
                         metrics.delivered(Transport::Sse, 1);
-                        inbox.settle().await;
+                        inbox.settle(1).await;
                     }
                     Err(_) => {
                         let error = ServerFrame::error(

@@ -377,3 +377,66 @@ async fn an_unreadable_origin_is_refused_as_origin_not_allowed() {
         "{answer}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// 8. Deliveries are acknowledged in batches (one `multiple` ack per 64, see
+//    src/bus/amqp.rs). A room that goes quiet must still acknowledge what it
+//    delivered: unacked deliveries hold prefetch credit, and past RabbitMQ's
+//    consumer timeout (30 minutes) the broker closes the session's channel.
+
+/// Unacknowledged messages of `queue`, as `rabbitmqctl` reports them.
+fn unacked(queue: &str) -> u64 {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "name",
+            "messages_unacknowledged",
+            "--no-table-headers",
+        ])
+        .output()
+        .expect("rabbitmqctl runs (scripts/test installs RabbitMQ)");
+    assert!(out.status.success(), "rabbitmqctl failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next()? == queue).then(|| fields.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("queue {queue} is not listed"))
+}
+
+#[tokio::test]
+async fn a_room_that_goes_quiet_acknowledges_what_it_delivered() {
+    let prefix = unique_prefix("rfquiet");
+    let server = start(config(BusKind::Amqp, &prefix)).await;
+    let mut c = connect(server.local_addr(), "quiet", "hush").await;
+    for i in 0..5 {
+        send_json(
+            &mut c.socket,
+            json!({"type":"message","text":format!("m{i}")}),
+        )
+        .await;
+    }
+    for i in 0..5 {
+        let m = next_matching(&mut c.socket, |f| f["type"] == "message").await;
+        assert_eq!(m["text"], format!("m{i}"));
+    }
+    let queue = format!("{prefix}.user.hush");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let q = queue.clone();
+        let waiting = tokio::task::spawn_blocking(move || unacked(&q))
+            .await
+            .unwrap();
+        if waiting == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{waiting} deliveries stay unacknowledged after the room went quiet"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.shutdown().await;
+}

@@ -117,11 +117,7 @@ impl AmqpBus {
                             exchange: exchange.clone(),
                             prefix: self.prefix.clone(),
                         }),
-                        inbox: Inbox::Amqp(AmqpInbox {
-                            consumer,
-                            unsettled: None,
-                            lost: conn.lost.clone(),
-                        }),
+                        inbox: Inbox::Amqp(Box::new(AmqpInbox::new(consumer, conn.lost.clone()))),
                         lease: Lease::Amqp(AmqpLease {
                             state: Some(LeaseState {
                                 conn: conn.clone(),
@@ -468,24 +464,61 @@ impl Future for AmqpConfirm {
     }
 }
 
+/// Deliveries acknowledged with one `basic.ack` (`multiple`) at most.
+///
+/// A session's queue is exclusive and deleted with the session, so an ack never
+/// guards against loss here: it only hands prefetch credit back to the broker.
+/// Acking every delivery of a steady room cost the broker a frame per delivery
+/// and lapin a wake-up of its I/O thread; a quarter of the window keeps credit
+/// flowing while sending one ack where there were up to 64.
+const ACK_EVERY: u32 = PREFETCH as u32 / 4;
+/// How long a handed-over delivery may wait for a fuller ack. Bounded so that a
+/// room going quiet still returns its credit, and far below RabbitMQ's consumer
+/// timeout (30 minutes by default), past which it closes the channel.
+const ACK_DELAY: Duration = Duration::from_millis(250);
+
 pub struct AmqpInbox {
     consumer: Consumer,
-    /// The newest delivery not yet acknowledged; acking it with `multiple` settles
-    /// everything before it too, one ack per batch instead of per message.
+    /// The newest delivery handed to the socket but not yet acknowledged; acking
+    /// it with `multiple` settles everything before it too.
     unsettled: Option<Acker>,
+    /// How many deliveries that ack would settle, and since when the oldest waits.
+    unsettled_count: u32,
+    unsettled_since: Option<tokio::time::Instant>,
     /// The pool's word that this session's connection died.
     lost: tokio_util::sync::CancellationToken,
 }
 
 impl AmqpInbox {
+    fn new(consumer: Consumer, lost: tokio_util::sync::CancellationToken) -> Self {
+        Self {
+            consumer,
+            unsettled: None,
+            unsettled_count: 0,
+            unsettled_since: None,
+            lost,
+        }
+    }
+
+    /// The next delivery. While waiting, acks what was handed over once
+    /// [`ACK_DELAY`] has passed, so a quiet room does not sit on its credit.
     pub async fn recv(&mut self) -> Result<Utf8Bytes, BusError> {
-        let next = tokio::select! {
-            next = self.consumer.next() => next,
-            _ = self.lost.cancelled() => {
-                return Err(BusError::Unavailable("the broker connection was lost".into()));
+        loop {
+            let since = self.unsettled_since;
+            let ack_due = async move {
+                match since {
+                    Some(since) => tokio::time::sleep_until(since + ACK_DELAY).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                next = self.consumer.next() => return self.take(next),
+                _ = self.lost.cancelled() => {
+                    return Err(BusError::Unavailable("the broker connection was lost".into()));
+                }
+                () = ack_due => self.ack().await,
             }
-        };
-        self.take(next)
+        }
     }
 
     pub fn try_recv(&mut self) -> Option<Result<Utf8Bytes, BusError>> {
@@ -514,7 +547,25 @@ impl AmqpInbox {
         }
     }
 
-    pub async fn settle(&mut self) {
+    /// Everything taken so far is on the socket. Ack it once [`ACK_EVERY`]
+    /// deliveries wait; fewer are acked by [`Self::recv`] after [`ACK_DELAY`].
+    pub async fn settle(&mut self, handed_over: usize) {
+        if self.unsettled.is_none() {
+            return;
+        }
+        self.unsettled_count = self
+            .unsettled_count
+            .saturating_add(u32::try_from(handed_over).unwrap_or(u32::MAX));
+        self.unsettled_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        if self.unsettled_count >= ACK_EVERY {
+            self.ack().await;
+        }
+    }
+
+    async fn ack(&mut self) {
+        self.unsettled_count = 0;
+        self.unsettled_since = None;
         if let Some(acker) = self.unsettled.take()
             && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
         {

@@ -222,7 +222,8 @@ impl Future for Confirm {
 /// takes as it is (`Utf8Bytes` is what tungstenite sends without copying).
 pub enum Inbox {
     Memory(memory::MemoryInbox),
-    Amqp(amqp::AmqpInbox),
+    // Boxed: the AMQP side holds a consumer, an acker and its ack timing.
+    Amqp(Box<amqp::AmqpInbox>),
 }
 
 impl Inbox {
@@ -243,12 +244,13 @@ impl Inbox {
         }
     }
 
-    /// Tell the bus every frame received so far has been handed to the socket, so
-    /// it may send more (the AMQP prefetch window).
-    pub async fn settle(&mut self) {
+    /// Tell the bus every frame received so far (`handed_over` since the last
+    /// call) has been handed to the socket, so it may send more (the AMQP
+    /// prefetch window).
+    pub async fn settle(&mut self, handed_over: usize) {
         match self {
             Inbox::Memory(_) => {}
-            Inbox::Amqp(i) => i.settle().await,
+            Inbox::Amqp(i) => i.settle(handed_over).await,
         }
     }
 }

@@ -5,7 +5,7 @@
 //! connections, like Warren's pool), an exclusive server-named queue bound to the
 //! exchange, and a consumer. Publishing and consuming copy Warren's semantics so
 //! the comparison is fair: publisher confirms on every channel, prefetch 256,
-//! manual acks with `multiple` once per ready batch, the same bounded queue
+//! manual acks with `multiple` once per 64 deliveries or 250 ms, the same bounded queue
 //! arguments, and the same JSON document as the body.
 
 use anyhow::{Context, Result, bail};
@@ -26,8 +26,10 @@ use lapin::{
 use super::{Client, Inbox as AnyInbox, Outbox as AnyOutbox};
 use crate::payload;
 
-/// Warren's `PREFETCH`.
+/// Warren's `PREFETCH`, `ACK_EVERY` and `ACK_DELAY` (src/bus/amqp.rs).
 const PREFETCH: u16 = 256;
+const ACK_EVERY: u32 = PREFETCH as u32 / 4;
+const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 /// The `--queue-max-length` scripts/bench gives Warren's nodes: big enough to
 /// hold a whole run, so neither side drops messages for a client that falls
 /// behind (at N=200 the production default of 10,000 cost both ~40%).
@@ -125,10 +127,7 @@ impl Room {
                 exchange: self.exchange.clone(),
                 confirms: FuturesUnordered::new(),
             }),
-            inbox: AnyInbox::Amqp(Inbox {
-                consumer,
-                unsettled: None,
-            }),
+            inbox: AnyInbox::Amqp(Inbox::new(consumer)),
         })
     }
 
@@ -198,29 +197,64 @@ fn check(confirmation: lapin::Result<Confirmation>) -> Result<()> {
 pub struct Inbox {
     consumer: Consumer,
     unsettled: Option<Acker>,
+    unsettled_count: u32,
+    unsettled_since: Option<tokio::time::Instant>,
 }
 
 impl Inbox {
-    pub async fn next(&mut self) -> Option<Result<Bytes>> {
-        // Like Warren: take what is ready, and ack the batch with `multiple` before
-        // waiting for more.
-        let next = match self.consumer.next().now_or_never() {
-            Some(next) => next,
-            None => {
-                if let Some(acker) = self.unsettled.take()
-                    && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
-                {
-                    return Some(Err(e.into()));
-                }
-                self.consumer.next().await
-            }
-        };
-        match next? {
-            Ok(delivery) => {
-                self.unsettled = Some(delivery.acker);
-                Some(Ok(Bytes::from(delivery.data)))
-            }
-            Err(e) => Some(Err(e.into())),
+    fn new(consumer: Consumer) -> Self {
+        Self {
+            consumer,
+            unsettled: None,
+            unsettled_count: 0,
+            unsettled_since: None,
         }
+    }
+
+    pub async fn next(&mut self) -> Option<Result<Bytes>> {
+        // Like Warren: one `multiple` ack per ACK_EVERY deliveries taken, or for
+        // whatever was taken once ACK_DELAY has passed while waiting for more.
+        loop {
+            let since = self.unsettled_since;
+            let ack_due = async move {
+                match since {
+                    Some(since) => tokio::time::sleep_until(since + ACK_DELAY).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next = tokio::select! {
+                next = self.consumer.next() => next,
+                () = ack_due => {
+                    if let Err(e) = self.ack().await {
+                        return Some(Err(e));
+                    }
+                    continue;
+                }
+            };
+            return match next? {
+                Ok(delivery) => {
+                    self.unsettled = Some(delivery.acker);
+                    self.unsettled_count += 1;
+                    self.unsettled_since
+                        .get_or_insert_with(tokio::time::Instant::now);
+                    if self.unsettled_count >= ACK_EVERY
+                        && let Err(e) = self.ack().await
+                    {
+                        return Some(Err(e));
+                    }
+                    Some(Ok(Bytes::from(delivery.data)))
+                }
+                Err(e) => Some(Err(e.into())),
+            };
+        }
+    }
+
+    async fn ack(&mut self) -> Result<()> {
+        self.unsettled_count = 0;
+        self.unsettled_since = None;
+        if let Some(acker) = self.unsettled.take() {
+            acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        Ok(())
     }
 }
