@@ -35,11 +35,12 @@ use crate::server::Node;
 use crate::session::{self, Inbound, Member, SessionEnd};
 
 /// Bytes tungstenite reads from the socket at a time, and the buffer every
-/// connection keeps resident for it. Chat frames are small (a 2 KiB read holds
-/// about a dozen); a larger frame just takes more reads. At 128 KiB this was most
-/// of what an idle connection cost; 4 → 2 KiB took 10,000 idle connections from
-/// 22.1 to 20.0 KiB each (docs/BENCHMARKS.md).
-pub const READ_BUFFER: usize = 2 * 1024;
+/// connection keeps resident for it. Chat frames are small (a 1 KiB read holds a
+/// few; gorilla/websocket's chat example uses the same size); a larger frame just
+/// takes more reads. At 128 KiB this was most of what an idle connection cost;
+/// 4 → 1 KiB took 10,000 idle connections in one room from 22.1 to about 18 KiB
+/// each (docs/BENCHMARKS.md).
+pub const READ_BUFFER: usize = 1024;
 
 /// A request that asks for a WebSocket, with what the upgrade needs.
 pub struct UpgradeRequest {
