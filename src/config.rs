@@ -27,7 +27,8 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Unset: the embedded
-    /// in-process bus (one node, no broker).
+    /// in-process bus (one node, no broker). Warren proposes `frame_max=16384` unless
+    /// the URL sets `?frame_max=` (each connection buffers 64 frames).
     #[arg(long, env = "AMQP_URL")]
     pub amqp_url: Option<String>,
 

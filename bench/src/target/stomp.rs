@@ -9,8 +9,16 @@
 //!
 //! Enable the plugin with `rabbitmq-plugins enable rabbitmq_web_stomp`; it listens
 //! on port 15674 at `/ws`.
+//!
+//! The plugin closes a WebSocket that has sent nothing for 60 s (its cowboy
+//! `idle_timeout`), deliveries notwithstanding. At N = 200 a client sends its 100
+//! messages in seconds and then only receives for minutes, so every client sends
+//! STOMP heart-beats (`heart-beat:10000,0`, an EOL every 10 s), as a browser
+//! client library does.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -20,6 +28,8 @@ use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -29,6 +39,10 @@ use super::{Client, Inbox as AnyInbox, Outbox as AnyOutbox};
 use crate::payload;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Sink = Arc<Mutex<SplitSink<Socket, Message>>>;
+
+/// How often a client sends a heart-beat; promised in CONNECT.
+const HEART_BEAT: Duration = Duration::from_secs(10);
 
 pub struct Room {
     /// Kept to delete the exchange at the end.
@@ -83,7 +97,7 @@ impl Room {
             ready: VecDeque::new(),
         };
         sink.send(Message::text(
-            "CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\nheart-beat:0,0\n\n\0",
+            "CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\nheart-beat:10000,0\n\n\0",
         ))
         .await?;
         inbox.expect("CONNECTED").await?;
@@ -94,9 +108,12 @@ impl Room {
         )))
         .await?;
         inbox.expect("RECEIPT").await?;
+        let sink = Arc::new(Mutex::new(sink));
+        let heart_beat = tokio::spawn(beat(sink.clone()));
         Ok(Client {
             outbox: AnyOutbox::Stomp(Outbox {
                 sink,
+                heart_beat,
                 destination: format!("/exchange/{}", self.exchange),
             }),
             inbox: AnyInbox::Stomp(inbox),
@@ -116,8 +133,20 @@ impl Room {
     }
 }
 
+/// Send a STOMP heart-beat (an EOL) every [`HEART_BEAT`] until the socket fails.
+async fn beat(sink: Sink) {
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + HEART_BEAT, HEART_BEAT);
+    loop {
+        every.tick().await;
+        if sink.lock().await.send(Message::text("\n")).await.is_err() {
+            return;
+        }
+    }
+}
+
 pub struct Outbox {
-    sink: SplitSink<Socket, Message>,
+    sink: Sink,
+    heart_beat: JoinHandle<()>,
     destination: String,
 }
 
@@ -136,21 +165,24 @@ impl Outbox {
             self.destination,
             body.len()
         ));
+        let mut sink = self.sink.lock().await;
         if flush {
-            self.sink.send(frame).await?;
+            sink.send(frame).await?;
         } else {
-            self.sink.feed(frame).await?;
+            sink.feed(frame).await?;
         }
         Ok(())
     }
 
     pub async fn flush(&mut self) -> Result<()> {
-        Ok(self.sink.flush().await?)
+        Ok(self.sink.lock().await.flush().await?)
     }
 
-    pub async fn close(mut self) {
-        let _ = self.sink.send(Message::text("DISCONNECT\n\n\0")).await;
-        let _ = self.sink.close().await;
+    pub async fn close(self) {
+        self.heart_beat.abort();
+        let mut sink = self.sink.lock().await;
+        let _ = sink.send(Message::text("DISCONNECT\n\n\0")).await;
+        let _ = sink.close().await;
     }
 }
 
