@@ -14,13 +14,12 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
     Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
-    ExchangeKind, PublisherConfirm,
+    PublisherConfirm,
 };
 
 use super::{Client, Inbox as AnyInbox, Outbox as AnyOutbox};
@@ -51,19 +50,7 @@ impl Room {
             );
         }
         let exchange = format!("{room}.fanout");
-        let channel = opened[0].create_channel().await?;
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = channel.close(200, "declared".into()).await;
+        super::declare_room_exchange(&opened[0], &exchange).await?;
         Ok(Self {
             connections: opened,
             exchange,
@@ -132,14 +119,7 @@ impl Room {
     }
 
     pub async fn close(self) {
-        if let Ok(channel) = self.connections[0].create_channel().await {
-            let _ = channel
-                .exchange_delete(
-                    self.exchange.as_str().into(),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await;
-        }
+        super::delete_room_exchange(&self.connections[0], &self.exchange).await;
         for connection in self.connections {
             let _ = connection.close(200, "bench done".into()).await;
         }

@@ -12,6 +12,9 @@ pub mod warren;
 
 use anyhow::Result;
 use bytes::Bytes;
+use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ExchangeKind};
 
 use crate::cli::{Args, TargetKind};
 
@@ -157,4 +160,32 @@ fn unique_tag() -> String {
         nanos >> 12,
         RUN.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Declare a run's fanout exchange (auto-deleted with its last queue) on a
+/// throwaway channel. The amqp and stomp targets both start a run this way.
+async fn declare_room_exchange(connection: &Connection, exchange: &str) -> Result<()> {
+    let channel = connection.create_channel().await?;
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Delete a run's exchange, best effort: the run is over either way.
+async fn delete_room_exchange(connection: &Connection, exchange: &str) {
+    if let Ok(channel) = connection.create_channel().await {
+        let _ = channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await;
+    }
 }

@@ -24,9 +24,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Connection, ConnectionProperties};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -57,19 +55,7 @@ impl Room {
             .await
             .with_context(|| format!("connecting to {amqp_url}"))?;
         let exchange = format!("{room}.stomp");
-        let channel = amqp.create_channel().await?;
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = channel.close(200, "declared".into()).await;
+        super::declare_room_exchange(&amqp, &exchange).await?;
         Ok(Self {
             amqp,
             url: stomp_url.to_string(),
@@ -121,14 +107,7 @@ impl Room {
     }
 
     pub async fn close(self) {
-        if let Ok(channel) = self.amqp.create_channel().await {
-            let _ = channel
-                .exchange_delete(
-                    self.exchange.as_str().into(),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await;
-        }
+        super::delete_room_exchange(&self.amqp, &self.exchange).await;
         let _ = self.amqp.close(200, "bench done".into()).await;
     }
 }
