@@ -165,6 +165,28 @@ where
     write(sink, Message::text(frame.to_json())).await
 }
 
+/// The broker is gone or stuck: tell the client why (`unavailable`, with the
+/// frame's `ref` if one was waiting) and close with 1013 so it reconnects later.
+async fn broker_lost<S>(
+    metrics: &Metrics,
+    sink: &mut S,
+    message: &str,
+    reference: Option<String>,
+) -> SessionEnd
+where
+    S: Sink<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    let error = ClientError::new(ErrorCode::Unavailable, message);
+    let _ = write_frame(metrics, sink, &ServerFrame::error(&error, reference)).await;
+    let _ = write(
+        sink,
+        close_with(close_code::TRY_AGAIN_LATER, "broker unavailable"),
+    )
+    .await;
+    SessionEnd::BrokerLost
+}
+
 /// The frame every receiver gets for a client's accepted frame: the server sets
 /// `id`, `from` and `ts`, so a client cannot forge them.
 fn outgoing(accepted: ClientFrame, id: &str, member: &Member) -> ServerFrame {
@@ -311,12 +333,7 @@ where
                 }
                 delivery = inbox.recv() => {
                     let Ok(first) = delivery else {
-                        let _ = write_frame(&settings.metrics, &mut sink, &ServerFrame::error(
-                            &ClientError::new(ErrorCode::Unavailable, "lost the message broker; reconnect shortly"),
-                            None,
-                        )).await;
-                        let _ = write(&mut sink, close_with(close_code::TRY_AGAIN_LATER, "broker unavailable")).await;
-                        return SessionEnd::BrokerLost;
+                        return broker_lost(&settings.metrics, &mut sink, "lost the message broker; reconnect shortly", None).await;
                     };
                     // Batch whatever else is ready into one flush.
                     let mut batch = vec![first];
@@ -407,12 +424,7 @@ where
                                     published = tokio::time::timeout(PUBLISH_TIMEOUT, publish) => match published {
                                         Ok(published) => published,
                                         Err(_) => {
-                                            let _ = write_frame(&settings.metrics, &mut sink, &ServerFrame::error(
-                                                &ClientError::new(ErrorCode::Unavailable, "the message broker is not accepting messages; reconnect shortly"),
-                                                reference,
-                                            )).await;
-                                            let _ = write(&mut sink, close_with(close_code::TRY_AGAIN_LATER, "broker unavailable")).await;
-                                            return SessionEnd::BrokerLost;
+                                            return broker_lost(&settings.metrics, &mut sink, "the message broker is not accepting messages; reconnect shortly", reference).await;
                                         }
                                     },
                                     _ = stop.shutdown.cancelled() => {
