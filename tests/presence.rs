@@ -10,14 +10,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
-fn names(v: &Value) -> BTreeSet<String> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn set(users: &[&str]) -> BTreeSet<String> {
     users.iter().map(|u| u.to_string()).collect()
 }
@@ -35,10 +27,7 @@ async fn await_members(
             .await
             .unwrap_or_else(|_| panic!("members stayed {members:?}, wanted {want:?}"));
         if frame["type"] == "presence" {
-            members.extend(names(&frame["joins"]));
-            for gone in names(&frame["leaves"]) {
-                members.remove(&gone);
-            }
+            apply_presence(members, &frame);
         }
     }
 }

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,25 +16,6 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
-
-fn names(v: &Value) -> BTreeSet<String> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn apply_presence(members: &mut BTreeSet<String>, frame: &Value) {
-    // A resync after missed frames carries the whole list.
-    if frame["members"].is_array() {
-        *members = names(&frame["members"]);
-    }
-    members.extend(names(&frame["joins"]));
-    for gone in names(&frame["leaves"]) {
-        members.remove(&gone);
-    }
-}
 
 async fn metric(addr: SocketAddr, name: &str) -> f64 {
     let (_, _, body) = get(addr, "/metrics").await;

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -279,4 +280,26 @@ pub async fn get(addr: SocketAddr, path: &str) -> (u16, reqwest::header::HeaderM
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     (status, headers, response.text().await.unwrap())
+}
+
+/// The user ids in a JSON array of strings (`members`, `joins`, `leaves`).
+pub fn names(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Apply a `presence` frame to a client's member list: a resync's `members`
+/// replaces it, then joins and leaves.
+pub fn apply_presence(members: &mut BTreeSet<String>, frame: &Value) {
+    // A resync after missed frames carries the whole list.
+    if frame["members"].is_array() {
+        *members = names(&frame["members"]);
+    }
+    members.extend(names(&frame["joins"]));
+    for gone in names(&frame["leaves"]) {
+        members.remove(&gone);
+    }
 }
