@@ -10,7 +10,8 @@
    docker-compose.yml sets to the service name). bob must be closed with 1012 (the
    node drains on SIGTERM), reconnect at once as the chat page does, land on
    another node, and chat again both ways.
-4. Once the restart command is done, /cluster must list three nodes again.
+4. Once the restart command is done, /cluster must list three nodes again, and
+   a third client, carol, must land on the restarted node and chat with bob.
 
 Prints one line per step, and a timing for each; exits non-zero on the first
 failure. Needs the `websockets` package (Debian: python3-websockets).
@@ -194,8 +195,26 @@ async def main():
         raise Fail(f"/cluster lists {ids}, expected {args.nodes} nodes including {node}")
     log(f"/cluster lists {ids} again, {time.monotonic() - t_restart:.1f}s after the restart began")
 
+    # 5. The restarted node takes new users again: carol connects until HAProxy
+    # sends her there (the node must first pass RISE health checks).
+    deadline = time.monotonic() + 60
+    tries = 0
+    while True:
+        carol, wc = await connect(base, "carol")
+        tries += 1
+        if wc["node"] == node:
+            break
+        await carol.close()
+        if time.monotonic() > deadline:
+            raise Fail(f"no connection landed on the restarted {node} within 60s ({tries} tries)")
+        await asyncio.sleep(0.5)
+    log(f"carol joined on the restarted {node} after {tries} connection(s), "
+        f"{time.monotonic() - t_restart:.1f}s after the restart began")
+    await chat(carol, "carol", bob, "bob", "hello from " + node, "c5")
+
     await alice.close()
     await bob.close()
+    await carol.close()
     log("chat test passed")
 
 
