@@ -79,12 +79,6 @@ impl Claims {
     }
 }
 
-impl Claim {
-    pub fn user(&self) -> &UserId {
-        &self.user
-    }
-}
-
 impl Drop for Claim {
     fn drop(&mut self) {
         let sender = self.released.take();

@@ -113,7 +113,11 @@ impl Config {
     /// A configuration with every default, as if `warren` ran with no flags and no
     /// environment. Tests start from here.
     pub fn defaults() -> Self {
-        Self::parse_from(["warren"])
+        use clap::{CommandFactory, FromArgMatches};
+        // Parsing reads each flag's environment variable; a test run under
+        // `AMQP_URL=…` (as scripts/test exports) must still get the defaults.
+        let command = Self::command().mut_args(|arg| arg.env(None));
+        Self::from_arg_matches(&command.get_matches_from(["warren"])).expect("the defaults parse")
     }
 
     pub fn ping_interval(&self) -> Duration {
@@ -129,6 +133,14 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Config::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_ignore_the_environment() {
+        // scripts/test exports AMQP_URL; the defaults still run on the
+        // embedded bus.
+        assert_eq!(Config::defaults().amqp_url, None);
+        assert_eq!(Config::defaults().listen.port(), 8080);
     }
 
     #[test]

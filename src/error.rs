@@ -1,85 +1,67 @@
 //! The error codes a client can see, in one place.
 //!
 //! Every error a client can cause — over HTTP before the upgrade or as an
-//! `error` frame afterwards — is one [`ErrorCode`]. Its wire name, HTTP status and
-//! default text live here so `docs/PROTOCOL.md` can list them from one table.
+//! `error` frame afterwards — is one [`ErrorCode`]. The [`error_codes!`] table
+//! below is the only list of them: each code's wire name and HTTP status are
+//! written once, and the enum, its (de)serialisation and [`ErrorCode::ALL`]
+//! (which the tests compare with `docs/PROTOCOL.md`) all come from it.
+//!
+//! A [`ClientError`] answers itself over HTTP ([`warp::Reply`]): one status, one
+//! `{"code", "message"}` body, so no transport needs the routes to refuse.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
 
-/// A documented, client-visible error code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    InvalidRoom,
-    InvalidUser,
-    OriginNotAllowed,
-    UserTaken,
-    UserNotFound,
-    Unavailable,
-    UpgradeRequired,
-    NotFound,
-    MethodNotAllowed,
-    InvalidJson,
-    UnknownType,
-    InvalidMessage,
-    MessageTooLarge,
-    UnsupportedFrame,
-    UnsupportedMediaType,
-    RequestTimeout,
-    InvalidRequest,
-    TokenRequired,
-    Internal,
+/// Defines [`ErrorCode`] from one table of `Variant => "wire_name", STATUS`.
+macro_rules! error_codes {
+    ($($variant:ident => $wire:literal, $status:ident;)*) => {
+        /// A documented, client-visible error code.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum ErrorCode {
+            $( #[serde(rename = $wire)] $variant, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in the table's order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant),*];
+
+            /// The code as it appears on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $wire,)* }
+            }
+
+            /// The HTTP status this code is answered with, where it is answered
+            /// over HTTP.
+            pub fn status(self) -> StatusCode {
+                match self { $(ErrorCode::$variant => StatusCode::$status,)* }
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    /// The code as it appears on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidRoom => "invalid_room",
-            ErrorCode::InvalidUser => "invalid_user",
-            ErrorCode::OriginNotAllowed => "origin_not_allowed",
-            ErrorCode::UserTaken => "user_taken",
-            ErrorCode::UserNotFound => "user_not_found",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::UpgradeRequired => "upgrade_required",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::MethodNotAllowed => "method_not_allowed",
-            ErrorCode::InvalidJson => "invalid_json",
-            ErrorCode::UnknownType => "unknown_type",
-            ErrorCode::InvalidMessage => "invalid_message",
-            ErrorCode::MessageTooLarge => "message_too_large",
-            ErrorCode::UnsupportedFrame => "unsupported_frame",
-            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
-            ErrorCode::RequestTimeout => "request_timeout",
-            ErrorCode::InvalidRequest => "invalid_request",
-            ErrorCode::TokenRequired => "token_required",
-            ErrorCode::Internal => "internal",
-        }
-    }
-
-    /// The HTTP status this code is answered with, where it is answered over HTTP.
-    pub fn status(self) -> StatusCode {
-        match self {
-            ErrorCode::InvalidRoom
-            | ErrorCode::InvalidUser
-            | ErrorCode::InvalidJson
-            | ErrorCode::UnknownType
-            | ErrorCode::InvalidMessage
-            | ErrorCode::UnsupportedFrame => StatusCode::BAD_REQUEST,
-            ErrorCode::OriginNotAllowed | ErrorCode::TokenRequired => StatusCode::FORBIDDEN,
-            ErrorCode::NotFound | ErrorCode::UserNotFound => StatusCode::NOT_FOUND,
-            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::UserTaken => StatusCode::CONFLICT,
-            ErrorCode::MessageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
-            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
-            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
+error_codes! {
+    InvalidRoom => "invalid_room", BAD_REQUEST;
+    InvalidUser => "invalid_user", BAD_REQUEST;
+    OriginNotAllowed => "origin_not_allowed", FORBIDDEN;
+    TokenRequired => "token_required", FORBIDDEN;
+    UserNotFound => "user_not_found", NOT_FOUND;
+    UserTaken => "user_taken", CONFLICT;
+    RequestTimeout => "request_timeout", REQUEST_TIMEOUT;
+    MessageTooLarge => "message_too_large", PAYLOAD_TOO_LARGE;
+    UnsupportedMediaType => "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE;
+    UpgradeRequired => "upgrade_required", UPGRADE_REQUIRED;
+    Unavailable => "unavailable", SERVICE_UNAVAILABLE;
+    NotFound => "not_found", NOT_FOUND;
+    MethodNotAllowed => "method_not_allowed", METHOD_NOT_ALLOWED;
+    InvalidRequest => "invalid_request", BAD_REQUEST;
+    UriTooLong => "uri_too_long", URI_TOO_LONG;
+    HeadersTooLarge => "headers_too_large", REQUEST_HEADER_FIELDS_TOO_LARGE;
+    InvalidJson => "invalid_json", BAD_REQUEST;
+    UnknownType => "unknown_type", BAD_REQUEST;
+    InvalidMessage => "invalid_message", BAD_REQUEST;
+    UnsupportedFrame => "unsupported_frame", BAD_REQUEST;
+    Internal => "internal", INTERNAL_SERVER_ERROR;
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -106,6 +88,38 @@ impl ClientError {
             message: message.into(),
         }
     }
+
+    /// The broker cannot be reached or would not answer in time.
+    pub fn unavailable() -> Self {
+        Self::new(
+            ErrorCode::Unavailable,
+            "the message broker is unavailable; retry shortly",
+        )
+    }
+}
+
+/// The JSON body of every HTTP error: `{"code": "...", "message": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Reply for ClientError {
+    /// The one shape of every HTTP error. The code rides along as a response
+    /// extension so the route tree can count errors by code in one place.
+    fn into_response(self) -> Response {
+        let status = self.code.status();
+        let code = self.code;
+        let body = ErrorBody {
+            code,
+            message: self.message,
+        };
+        let mut response =
+            warp::reply::with_status(warp::reply::json(&body), status).into_response();
+        response.extensions_mut().insert(code);
+        response
+    }
 }
 
 impl From<crate::names::NameError> for ClientError {
@@ -123,25 +137,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wire_names_match_serde() {
-        for code in [
-            ErrorCode::InvalidRoom,
-            ErrorCode::UserTaken,
-            ErrorCode::MessageTooLarge,
-            ErrorCode::UnsupportedFrame,
-        ] {
+    fn wire_names_match_serde_both_ways() {
+        for &code in ErrorCode::ALL {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+        }
+        assert!(serde_json::from_str::<ErrorCode>("\"no_such_code\"").is_err());
+    }
+
+    #[test]
+    fn every_code_is_documented_with_its_status() {
+        let doc = include_str!("../docs/PROTOCOL.md");
+        for &code in ErrorCode::ALL {
+            let row = format!("| `{}` | ", code.as_str());
+            let line = doc
+                .lines()
+                .find(|l| l.starts_with(&row))
+                .unwrap_or_else(|| panic!("{code} is missing from PROTOCOL.md's error table"));
+            let status = code.status().as_u16().to_string();
+            assert!(
+                line[row.len()..].starts_with(&status)
+                    || line[row.len()..].starts_with(&format!("({status})")),
+                "PROTOCOL.md gives {code} another status: {line}"
+            );
         }
     }
 
     #[test]
-    fn statuses() {
-        assert_eq!(ErrorCode::UserTaken.status(), StatusCode::CONFLICT);
-        assert_eq!(ErrorCode::OriginNotAllowed.status(), StatusCode::FORBIDDEN);
+    fn replies_carry_their_code_and_status() {
+        let r = ClientError::new(ErrorCode::UserTaken, "x").into_response();
+        assert_eq!(r.status(), StatusCode::CONFLICT);
         assert_eq!(
-            ErrorCode::Unavailable.status(),
-            StatusCode::SERVICE_UNAVAILABLE
+            r.extensions().get::<ErrorCode>(),
+            Some(&ErrorCode::UserTaken)
         );
     }
 }

@@ -4,8 +4,8 @@
 //! before any byte of the stream is sent, so a refusal is an HTTP status with a
 //! JSON body: validate room and user → check Origin → check the node is ready →
 //! claim the user id on this node → subscribe on the bus (declare and bind the
-//! session's queue). The first event the client then reads (`welcome`) means it is
-//! already subscribed.
+//! session's queue, bounded by [`crate::bus::BROKER_TIMEOUT`]). The first event
+//! the client then reads (`welcome`) means it is already subscribed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use crate::bus::{BusError, Subscription};
 use crate::claims::{Claim, RECONNECT_GRACE};
 use crate::error::{ClientError, ErrorCode};
 use crate::names::{RoomName, UserId};
-use crate::server::Node;
+use crate::node::Node;
 
 /// Who asks to join which room.
 pub struct Handshake {
@@ -43,12 +43,26 @@ impl Handshake {
     }
 }
 
-/// A session that may start: its user id is held and its queue is bound.
-pub struct Admitted {
+/// Who a session is and where.
+pub struct Member {
     pub room: RoomName,
     pub user: UserId,
+}
+
+/// A session that may start: its user id is held and its queue is bound.
+pub struct Admitted {
+    pub member: Member,
     pub claim: Claim,
     pub subscription: Subscription,
+}
+
+impl Admitted {
+    /// Give the place back when the session never started (the client left
+    /// between the 101 and the upgrade): delete the queue, free the user id.
+    pub async fn abandon(self) {
+        self.subscription.into_lease().release().await;
+        drop(self.claim);
+    }
 }
 
 /// Is a session from `origin` allowed on a server reached as `host`? Requests
@@ -67,40 +81,22 @@ pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[Strin
     host.is_some_and(|host| host.eq_ignore_ascii_case(authority))
 }
 
-fn refuse(code: ErrorCode, message: impl Into<String>) -> ClientError {
-    ClientError::new(code, message)
-}
-
-fn unavailable() -> ClientError {
-    refuse(
-        ErrorCode::Unavailable,
-        "the message broker is unavailable; retry shortly",
-    )
-}
-
 fn user_taken() -> ClientError {
-    refuse(ErrorCode::UserTaken, "that user id is already connected")
+    ClientError::new(ErrorCode::UserTaken, "that user id is already connected")
 }
 
 /// The checks that need no claim and no broker round trip.
 pub fn precheck(node: &Node, origin: Option<&str>, host: Option<&str>) -> Result<(), ClientError> {
     if !origin_allowed(origin, host, &node.config.allowed_origins) {
-        return Err(refuse(
+        return Err(ClientError::new(
             ErrorCode::OriginNotAllowed,
             "this origin may not open a session here",
         ));
     }
-    if node.shutdown.is_cancelled() || node.draining.is_cancelled() {
-        return Err(refuse(
-            ErrorCode::Unavailable,
-            "this node is shutting down; connect again to reach another",
-        ));
-    }
-    if let Err(reason) = node.bus.readiness() {
-        warn!(%reason, "refusing a session: bus not ready");
-        return Err(unavailable());
-    }
-    Ok(())
+    node.readiness().map_err(|reason| {
+        warn!(?reason, "refusing a session: not ready");
+        ClientError::from(reason)
+    })
 }
 
 /// Claim the user id and subscribe. Call after [`precheck`].
@@ -111,16 +107,14 @@ pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, C
     };
     match node.bus.subscribe(&room, &user).await {
         Ok(subscription) => Ok(Admitted {
-            room,
-            user,
+            member: Member { room, user },
             claim,
             subscription,
         }),
         Err(BusError::UserTaken) => Err(user_taken()),
-        Err(BusError::NoRecipient) => unreachable!("subscribing publishes nothing"),
-        Err(BusError::Unavailable(reason)) => {
-            warn!(%reason, %user, "subscribe failed");
-            Err(unavailable())
+        Err(e) => {
+            warn!(error = %e, %user, "subscribe failed");
+            Err(ClientError::unavailable())
         }
     }
 }
@@ -141,12 +135,33 @@ pub async fn is_held(node: &Node, user: &UserId) -> Result<bool, ClientError> {
     if node.claims.is_claimed(user) {
         return Ok(true);
     }
-    node.bus.is_connected(user).await.map_err(|_| unavailable())
+    node.bus
+        .is_connected(user)
+        .await
+        .map_err(|_| ClientError::unavailable())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    #[tokio::test]
+    async fn an_abandoned_admission_leaves_nothing_behind() {
+        // The embedded bus forgets a room once its last inbox goes; a failed
+        // upgrade used to release the queue while the inbox still lived.
+        let node = Node::start(Config::defaults()).await.unwrap();
+        let handshake = Handshake::new(Some("lobby"), Some("alice")).unwrap();
+        let admitted = admit(&node, handshake).await.unwrap();
+        let crate::bus::Bus::Memory(bus) = &node.bus else {
+            panic!("the default configuration runs on the embedded bus");
+        };
+        assert_eq!((bus.room_count(), bus.user_count()), (1, 1));
+        admitted.abandon().await;
+        assert_eq!((bus.room_count(), bus.user_count()), (0, 0));
+        assert!(!node.claims.is_claimed(&UserId::parse("alice").unwrap()));
+        node.stop().await;
+    }
 
     #[test]
     fn origins() {

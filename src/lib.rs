@@ -3,19 +3,22 @@
 //! # Layout
 //!
 //! A message travels socket → session → bus → RabbitMQ → consumer → socket, and
-//! the files follow it:
+//! the files follow it. Imports run one way, down this list:
 //!
-//! - [`server`]: a running node: binds the port, holds the shared [`server::Node`]
-//!   state, and shuts everything down in order.
-//! - [`http`]: every HTTP route as a warp filter; JSON error bodies.
+//! - [`server`]: binds the port, serves [`routes`], shuts down in order.
+//! - [`listener`]: the accept loop (hyper, HTTP/1.1 with upgrades);
+//!   [`listener::unparsable`] gives hyper's own parse-error answers their JSON body.
+//! - [`routes`]: every HTTP route as a warp filter.
+//! - [`transport`]: one file per way in — [`transport::websocket`],
+//!   [`transport::sse`] (Server-Sent Events) and [`transport::publish`] (HTTP
+//!   POST). Each only adapts its wire.
 //! - [`handshake`]: admission shared by every transport: validate, claim the
 //!   user id, subscribe on the bus — before any byte of the stream is sent.
-//! - [`upgrade`]: the WebSocket transport.
-//! - [`sse`]: the Server-Sent Events transport; [`publish`]: HTTP publishing.
-//! - [`metrics`]: the node's Prometheus metrics.
-//! - [`session`]: one connection's loop: client frames in, publishes out,
-//!   deliveries forwarded as they are, acks once the broker confirms.
-//! - [`protocol`]: the JSON frames (the wire protocol, `docs/PROTOCOL.md`).
+//! - [`session`]: one session's life, once for every transport: welcome, the
+//!   loop ([`session::events`]), cleanup; [`session::connection`] is what a
+//!   transport implements.
+//! - [`node`]: what a node's sessions and handlers share, its lifecycle and its
+//!   readiness.
 //! - [`bus`]: the one abstraction sessions publish to and receive from, with two
 //!   homes: [`bus::amqp`] (an exclusive queue per session on a fanout exchange
 //!   per room, over [`bus::pool`]) and [`bus::memory`] (embedded, one node).
@@ -24,8 +27,10 @@
 //! - [`claims`]: which user ids have a session on this node.
 //! - [`tokens`]: posting tokens, so HTTP publishing cannot speak for a
 //!   connected user.
+//! - [`metrics`]: the node's Prometheus metrics.
+//! - [`protocol`]: the JSON frames and bodies (the wire protocol, `docs/PROTOCOL.md`).
 //! - [`names`]: validated room and user names.
-//! - [`error`]: every client-visible error code, its HTTP status.
+//! - [`error`]: every client-visible error code, its HTTP status and reply.
 //! - [`config`]: flags and environment variables.
 //! - [`shutdown`]: the process signals that stop a node.
 
@@ -34,18 +39,18 @@ pub mod claims;
 pub mod config;
 pub mod error;
 pub mod handshake;
-pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod names;
+pub mod node;
 pub mod presence;
 pub mod protocol;
-pub mod publish;
+pub mod routes;
 pub mod server;
 pub mod session;
 pub mod shutdown;
-pub mod sse;
 pub mod tokens;
-pub mod upgrade;
+pub mod transport;
 
 pub use config::Config;
 pub use server::RunningServer;

@@ -1,9 +1,10 @@
-//! A running node: its shared state ([`Node`]), its listener, and its shutdown.
+//! A node serving on a bound port: the listener, and shutdown in order.
 //!
-//! Shutdown follows mini-redis: one [`CancellationToken`] tells the accept loop
-//! and every session to stop; sessions close their sockets with 1001 and delete
-//! their queues; a [`TaskTracker`] lets the node wait for all of them before it
-//! closes its broker connections.
+//! Shutdown follows mini-redis: one token ([`crate::node::Lifecycle::shutdown`])
+//! tells the accept loop and every session to stop; sessions close their sockets
+//! with 1001 and delete their queues; a [`tokio_util::task::TaskTracker`] lets
+//! the node wait for all of them before it closes its broker connections. A
+//! drain ([`RunningServer::drain`]) comes first on SIGTERM.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,39 +13,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::bus::Bus;
-use crate::bus::amqp::AmqpBus;
-use crate::bus::memory::MemoryBus;
-use crate::bus::pool::Pool;
-use crate::claims::Claims;
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::presence::{Presence, PresenceTiming};
-use crate::session::{MessageIds, SessionSettings, StopSignals};
-use crate::tokens::Tokens;
-
-/// What every request handler and session of a node shares.
-pub struct Node {
-    pub config: Config,
-    pub bus: Bus,
-    /// User ids with a session on this node.
-    pub claims: Claims,
-    pub settings: Arc<SessionSettings>,
-    /// Cancelled once, when the node starts shutting down: stop accepting.
-    pub shutdown: CancellationToken,
-    /// Cancelled when a drain begins: not ready, no new sessions, old ones stay.
-    pub draining: CancellationToken,
-    /// Who is where, across the cluster.
-    pub presence: Presence,
-    /// What sessions watch to know when to close, and with which code.
-    pub stop: StopSignals,
-    /// Every session task, so shutdown can wait for their cleanup.
-    pub sessions: TaskTracker,
-}
+use crate::node::Node;
 
 /// A node serving on a bound port.
 pub struct RunningServer {
@@ -54,69 +26,13 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Bind `config.listen` (port 0 picks a free port), connect the bus, and serve.
+    /// Bind `config.listen` (port 0 picks a free port), start the node, and serve.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let listener =
             listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let node_id = config
-            .node_id
-            .clone()
-            .unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff));
-        let metrics = Arc::new(Metrics::new());
-        let bus = match &config.amqp_url {
-            None => Bus::Memory(MemoryBus::new()),
-            Some(urls) => {
-                let urls: Vec<String> = urls
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|u| !u.is_empty())
-                    .map(String::from)
-                    .collect();
-                anyhow::ensure!(!urls.is_empty(), "--amqp-url is empty");
-                let pool = Pool::start(
-                    urls,
-                    config.amqp_connections,
-                    &format!("warren {node_id}"),
-                    metrics.broker_reconnects.clone(),
-                )
-                .await;
-                Bus::Amqp(AmqpBus::new(pool, &config.prefix, config.queue_max_length))
-            }
-        };
-        let drain_jitter = Duration::from_secs(config.drain_jitter_secs);
-        let presence = Presence::start(
-            bus.clone(),
-            node_id.clone(),
-            PresenceTiming {
-                ttl: Duration::from_secs(config.presence_ttl_secs.max(1)),
-                batch: Duration::from_millis(config.presence_batch_ms.max(10)),
-                max_members: config.presence_max_members,
-            },
-        );
-        let node = Arc::new(Node {
-            settings: Arc::new(SessionSettings {
-                tokens: Tokens::new(config.session_secret.as_deref()),
-                metrics: metrics.clone(),
-                node_id: node_id.clone(),
-                max_text_bytes: config.max_text_bytes,
-                ping_interval: config.ping_interval(),
-                ids: MessageIds::new(),
-            }),
-            config,
-            bus,
-            claims: Claims::new(),
-            presence,
-            shutdown: CancellationToken::new(),
-            draining: CancellationToken::new(),
-            stop: StopSignals {
-                shutdown: CancellationToken::new(),
-                restart: CancellationToken::new(),
-                restart_jitter: drain_jitter,
-            },
-            sessions: TaskTracker::new(),
-        });
-        info!(%addr, node = %node_id, bus = node.bus.kind(), "listening");
+        let node = Node::start(config).await?;
+        info!(%addr, node = %node.id, bus = node.bus.kind(), "listening");
         let task = tokio::spawn(serve(node.clone(), listener));
         Ok(Self { addr, node, task })
     }
@@ -132,8 +48,7 @@ impl RunningServer {
     /// Stop accepting, close every session with 1001, delete their queues, close
     /// the broker connections; returns when all of it is done.
     pub async fn shutdown(self) {
-        self.node.shutdown.cancel();
-        self.node.stop.shutdown.cancel();
+        self.node.lifecycle.shutdown.cancel();
         let _ = self.task.await;
     }
 
@@ -143,16 +58,17 @@ impl RunningServer {
     /// the drain short into an immediate [`RunningServer::shutdown`].
     pub async fn drain(self, drain: Duration, abort: impl std::future::Future<Output = ()>) {
         let node = self.node.clone();
-        node.draining.cancel();
-        info!(?drain, jitter = ?node.stop.restart_jitter, "draining");
+        let lifecycle = &node.lifecycle;
+        lifecycle.draining.cancel();
+        info!(?drain, jitter = ?lifecycle.restart_jitter, "draining");
         let graceful = async {
             tokio::time::sleep(drain).await;
-            node.stop.restart.cancel();
+            lifecycle.restart.cancel();
             // Sessions close themselves within the jitter; give them that long,
             // plus a margin for their queue deletions.
             node.sessions.close();
             let _ = tokio::time::timeout(
-                node.stop.restart_jitter + Duration::from_secs(5),
+                lifecycle.restart_jitter + Duration::from_secs(5),
                 node.sessions.wait(),
             )
             .await;
@@ -163,17 +79,10 @@ impl RunningServer {
         }
         self.shutdown().await;
     }
-
-    /// Wait until the node has stopped (after [`Node::shutdown`] was cancelled).
-    pub async fn stopped(self) {
-        let _ = self.task.await;
-    }
 }
 
-/// Bind the listening socket. TCP_NODELAY is set on it because Linux passes it
-/// on to every accepted connection, and warp's accept loop offers no hook to set
-/// it per connection: chat frames are small writes, and Nagle's algorithm with
-/// delayed ACKs would hold them back by up to 40 ms.
+/// Bind the listening socket ([`crate::listener::serve`] sets TCP_NODELAY on
+/// each connection it accepts).
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -181,7 +90,6 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
 }
@@ -193,13 +101,16 @@ const HTTP_GRACE: Duration = Duration::from_secs(5);
 const SESSIONS_GRACE: Duration = Duration::from_secs(15);
 
 async fn serve(node: Arc<Node>, listener: TcpListener) {
-    let routes = crate::http::routes(node.clone());
-    let http = warp::serve(routes)
-        .incoming(listener)
-        .graceful(node.shutdown.clone().cancelled_owned())
-        .run();
+    let shutdown = node.lifecycle.shutdown.clone();
+    let metrics = node.metrics.clone();
+    let http = crate::listener::serve(
+        listener,
+        warp::service(crate::routes::routes(node.clone())),
+        shutdown.clone(),
+        move |code| metrics.error(code),
+    );
     let cut_off = async {
-        node.shutdown.cancelled().await;
+        shutdown.cancelled().await;
         tokio::time::sleep(HTTP_GRACE).await;
     };
     tokio::select! {
@@ -213,24 +124,6 @@ async fn serve(node: Arc<Node>, listener: TcpListener) {
     {
         warn!("sessions still closing after the grace period; stopping anyway");
     }
-    node.presence.stop().await;
-    node.bus.close().await;
+    node.stop().await;
     info!("stopped");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_have_nodelay() {
-        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        assert!(
-            accepted.nodelay().unwrap(),
-            "Nagle would delay small frames"
-        );
-    }
 }

@@ -31,10 +31,7 @@ async fn two_clients_exchange_messages(bus: BusKind) {
     let mut bob = connect(addr, "lobby", "bob").await;
     assert_eq!(alice.welcome["user"], "alice");
     assert_eq!(alice.welcome["room"], "lobby");
-    assert_eq!(
-        alice.welcome["node"],
-        server.node().settings.node_id.as_str()
-    );
+    assert_eq!(alice.welcome["node"], server.node().id.as_str());
 
     send_json(
         &mut alice.socket,

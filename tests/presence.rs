@@ -220,7 +220,7 @@ async fn members_and_presence_diffs_on_one_node(bus: BusKind) {
     let cluster: Value = serde_json::from_str(&body).unwrap();
     let nodes = cluster["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 1);
-    assert_eq!(nodes[0]["id"], server.node().settings.node_id.as_str());
+    assert_eq!(nodes[0]["id"], server.node().id.as_str());
     assert_eq!(nodes[0]["connections"], 1);
     assert_eq!(nodes[0]["rooms"], 1);
     server.shutdown().await;

@@ -261,6 +261,14 @@ impl FreezingProxy {
         format!("amqp://guest:guest@{}/%2f", self.addr)
     }
 
+    /// A configuration whose one broker connection runs through this proxy.
+    fn config(&self, test: &str) -> warren::config::Config {
+        let mut cfg = config(BusKind::Amqp, &unique_prefix(test));
+        cfg.amqp_url = Some(self.url());
+        cfg.amqp_connections = 1;
+        cfg
+    }
+
     fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
     }
@@ -269,9 +277,7 @@ impl FreezingProxy {
 #[tokio::test]
 async fn shutdown_completes_when_the_broker_stops_answering() {
     let proxy = FreezingProxy::start().await;
-    let mut cfg = config(BusKind::Amqp, &unique_prefix("rffrozen"));
-    cfg.amqp_url = Some(proxy.url());
-    cfg.amqp_connections = 1;
+    let cfg = proxy.config("rffrozen");
     let server = start(cfg).await;
     let mut c = connect(server.local_addr(), "frozen", "f1").await;
     proxy.freeze();
@@ -290,9 +296,7 @@ async fn shutdown_completes_when_the_broker_stops_answering() {
 #[tokio::test]
 async fn a_publish_the_broker_cannot_take_does_not_wedge_the_session() {
     let proxy = FreezingProxy::start().await;
-    let mut cfg = config(BusKind::Amqp, &unique_prefix("rfwedge"));
-    cfg.amqp_url = Some(proxy.url());
-    cfg.amqp_connections = 1;
+    let mut cfg = proxy.config("rfwedge");
     cfg.max_text_bytes = 60_000;
     cfg.max_frame_bytes = 65_536;
     let server = start(cfg).await;
@@ -329,6 +333,107 @@ async fn a_publish_the_broker_cannot_take_does_not_wedge_the_session() {
         Ok(code) => assert_eq!(code.unwrap(), Some(1001), "the socket ended without 1001"),
         Err(_) => panic!("no close within 8 s of shutdown: the session is stuck in a publish"),
     }
+}
+
+/// A handshake subscribes (declares and binds a queue) and an HTTP POST waits
+/// for the broker's confirm: with the broker no longer reading, both must give
+/// up within the broker timeout and say `unavailable`, not hang.
+#[tokio::test]
+async fn a_handshake_and_a_post_give_up_when_the_broker_stops_answering() {
+    let proxy = FreezingProxy::start().await;
+    let cfg = proxy.config("rfhang");
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    // Before the freeze, both work.
+    let _first = connect(addr, "hang", "h1").await;
+    proxy.freeze();
+
+    let began = std::time::Instant::now();
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(9),
+        refused(addr, "room=hang&user=h2", None),
+    )
+    .await
+    .expect("the handshake hung on a broker that stopped answering");
+    assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")));
+
+    let post = reqwest::Client::new()
+        .post(format!("http://{addr}/rooms/hang/messages"))
+        .json(&json!({"user": "poster", "text": "anyone?"}))
+        .send();
+    let response = tokio::time::timeout(Duration::from_secs(9), post)
+        .await
+        .expect("the POST hung on a broker that stopped answering")
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "unavailable");
+    // Both waited for the broker, not longer than its bound each.
+    assert!(
+        began.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        began.elapsed()
+    );
+    let _stopping = tokio::spawn(server.shutdown());
+}
+
+/// Send raw bytes, read the answer until the server closes.
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    socket.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, socket.read_to_end(&mut answer))
+        .await
+        .expect("the server closes after refusing an unreadable request")
+        .unwrap();
+    String::from_utf8(answer).unwrap()
+}
+
+/// hyper refuses a request head it cannot parse before any route runs; the
+/// answer must still carry the JSON error body the docs promise.
+#[tokio::test]
+async fn requests_that_are_not_http_get_the_json_error_body() {
+    let server = start(config(BusKind::Memory, &unique_prefix("rfparse"))).await;
+    let addr = server.local_addr();
+    let post = |length: &str| {
+        format!("POST /rooms/r/messages HTTP/1.1\r\nhost: x\r\n{length}\r\n\r\n").into_bytes()
+    };
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (post("content-length: abc"), "400", "invalid_request"),
+        (post("content-length: -1"), "400", "invalid_request"),
+        (
+            post("content-length: 5\r\ncontent-length: 6"),
+            "400",
+            "invalid_request",
+        ),
+        (
+            format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000)).into_bytes(),
+            "414",
+            "uri_too_long",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let answer = raw_exchange(addr, &request).await;
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let body: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+        assert_eq!(body["code"], code, "{body}");
+        assert!(body["message"].is_string());
+    }
+    // A good request before a bad one on the same connection is answered as usual.
+    let answer = raw_exchange(
+        addr,
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\ncontent-length: -3\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with(r#""code":"invalid_request","message":"the request is not valid HTTP/1.1 (check its request line and Content-Length)"}"#), "{answer}");
+    assert_eq!(
+        metric(addr, r#"warren_errors_total{code="invalid_request"}"#).await,
+        4.0
+    );
+    server.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 //!
 //! A room is a `tokio::sync::broadcast` channel of serialised frames; a user id is
 //! an entry in a set, refused while taken just as RabbitMQ refuses a second
-//! declaration of an exclusive queue. Frames are shared (`Bytes`), never copied
-//! or re-serialised per room member until the socket needs its own `String`.
+//! declaration of an exclusive queue. Frames are checked as UTF-8 once, when
+//! published, and then shared (`Utf8Bytes`, a reference count) by every member
+//! and written to each socket as they are: never copied or re-serialised.
 //!
 //! Slow receivers: each room keeps the last [`ROOM_BUFFER`] frames. A receiver
 //! that falls further behind loses the oldest frames it has not read (like the
@@ -210,6 +211,8 @@ impl Drop for MemoryLease {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::Publish;
+    use crate::protocol::Destination;
 
     fn names(room: &str, user: &str) -> (RoomName, UserId) {
         (RoomName::parse(room).unwrap(), UserId::parse(user).unwrap())
@@ -226,7 +229,10 @@ mod tests {
         let mut c = bus.subscribe(&other, &carol).unwrap();
         for i in 0..3 {
             a.publisher
-                .publish(Bytes::from(format!("{i}")))
+                .publish(
+                    &Destination::Room(lobby.clone()),
+                    Bytes::from(format!("{i}")),
+                )
                 .await
                 .unwrap()
                 .await
@@ -238,7 +244,7 @@ mod tests {
         assert!(c.inbox.try_recv().is_none());
         // Direct messages cross rooms; unknown recipients are reported.
         a.publisher
-            .publish_direct(&carol, Bytes::from("dm"))
+            .publish(&Destination::User(carol.clone()), Bytes::from("dm"))
             .await
             .unwrap()
             .await
@@ -247,7 +253,7 @@ mod tests {
         let nobody = UserId::parse("nobody").unwrap();
         let confirm = a
             .publisher
-            .publish_direct(&nobody, Bytes::from("x"))
+            .publish(&Destination::User(nobody), Bytes::from("x"))
             .await
             .unwrap();
         assert_eq!(confirm.await, Err(BusError::NoRecipient));
@@ -262,9 +268,7 @@ mod tests {
             bus.subscribe(&lobby, &alice).err(),
             Some(BusError::UserTaken)
         );
-        let Subscription { inbox, lease, .. } = first;
-        drop(inbox);
-        lease.release().await;
+        first.into_lease().release().await;
         assert_eq!(bus.room_count(), 0);
         assert_eq!(bus.user_count(), 0);
         assert!(bus.subscribe(&lobby, &alice).is_ok());

@@ -7,10 +7,14 @@
 //!   pool of AMQP connections ([`pool`]).
 //! - [`memory`]: the embedded in-process bus, one node, the same semantics.
 //!
-//! A session only sees [`Subscription`]: a [`Publisher`] to send into the room, an
-//! [`Inbox`] of delivered frames (already-serialised JSON, forwarded as is), and a
-//! [`Lease`] whose release deletes the session's queue. The session code does not
-//! know which bus it talks to.
+//! A session only sees [`Subscription`]: a [`Publisher`] to send into the room or
+//! to a user, an [`Inbox`] of delivered frames (already-serialised JSON,
+//! forwarded as is), and a [`Lease`] whose release deletes the session's queue.
+//! The session code does not know which bus it talks to; it publishes through
+//! the [`Publish`] trait, which its unit tests implement with a stand-in.
+//!
+//! Every broker operation a client waits on is bounded by [`BROKER_TIMEOUT`]: a
+//! half-open link must cost the client a `503 unavailable`, never a hang.
 
 pub mod amqp;
 pub mod memory;
@@ -19,11 +23,25 @@ pub mod pool;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use thiserror::Error;
 
+use crate::config::Config;
 use crate::names::{RoomName, UserId};
+use crate::protocol::Destination;
+
+/// How long one broker operation a client waits on (subscribing, publishing)
+/// may take before the broker is considered stuck.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `operation`, bounded by [`BROKER_TIMEOUT`].
+async fn bounded<T>(operation: impl Future<Output = Result<T, BusError>>) -> Result<T, BusError> {
+    tokio::time::timeout(BROKER_TIMEOUT, operation)
+        .await
+        .unwrap_or(Err(BusError::TimedOut))
+}
 
 /// What can go wrong on the bus, as the session needs to tell it apart.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -37,6 +55,10 @@ pub enum BusError {
     /// The broker is unreachable or refused the operation; retry later.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
+    /// The broker did not answer within [`BROKER_TIMEOUT`]: it is stuck, or the
+    /// link to it is half open.
+    #[error("the broker did not answer in time")]
+    TimedOut,
 }
 
 /// The bus a node runs on. Cheap to clone.
@@ -47,8 +69,43 @@ pub enum Bus {
 }
 
 impl Bus {
+    /// The bus `config` asks for: RabbitMQ at `--amqp-url` (a comma-separated
+    /// list fails over in order), or the embedded bus when it is unset. Waits for
+    /// each pooled connection's first attempt; a broker that is down is not an
+    /// error (the pool keeps trying), an empty URL list is.
+    pub async fn connect(
+        config: &Config,
+        node_id: &str,
+        reconnects: prometheus_client::metrics::counter::Counter,
+    ) -> Result<Bus, BusError> {
+        let Some(urls) = &config.amqp_url else {
+            return Ok(Bus::Memory(memory::MemoryBus::new()));
+        };
+        let urls: Vec<String> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect();
+        if urls.is_empty() {
+            return Err(BusError::Unavailable("--amqp-url is empty".into()));
+        }
+        let pool = pool::Pool::start(
+            urls,
+            config.amqp_connections,
+            &format!("warren {node_id}"),
+            reconnects,
+        )
+        .await;
+        Ok(Bus::Amqp(amqp::AmqpBus::new(
+            pool,
+            &config.prefix,
+            config.queue_max_length,
+        )))
+    }
+
     /// Subscribe `user` to `room`. When this returns, anything published to the
-    /// room afterwards reaches the returned inbox.
+    /// room afterwards reaches the returned inbox. Bounded by [`BROKER_TIMEOUT`].
     pub async fn subscribe(
         &self,
         room: &RoomName,
@@ -56,7 +113,7 @@ impl Bus {
     ) -> Result<Subscription, BusError> {
         match self {
             Bus::Memory(bus) => bus.subscribe(room, user),
-            Bus::Amqp(bus) => bus.subscribe(room, user).await,
+            Bus::Amqp(bus) => bounded(bus.subscribe(room, user)).await,
         }
     }
 
@@ -66,7 +123,7 @@ impl Bus {
     pub async fn is_connected(&self, user: &UserId) -> Result<bool, BusError> {
         match self {
             Bus::Memory(bus) => Ok(bus.is_connected(user)),
-            Bus::Amqp(bus) => bus.is_connected(user).await,
+            Bus::Amqp(bus) => bounded(bus.is_connected(user)).await,
         }
     }
 
@@ -83,24 +140,23 @@ impl Bus {
         }
     }
 
-    /// Publish to a room without a session (HTTP publishing), waiting for the
-    /// broker's confirm. A room nobody is in takes the message and drops it.
-    pub async fn publish_room(&self, room: &RoomName, payload: Bytes) -> Result<(), BusError> {
-        match self {
-            Bus::Memory(bus) => {
+    /// Publish without a session (HTTP publishing), waiting for the broker's
+    /// confirm, bounded by [`BROKER_TIMEOUT`]. A room nobody is in takes the
+    /// message and drops it; a direct message to a user who is not connected
+    /// anywhere is [`BusError::NoRecipient`].
+    pub async fn publish(&self, to: &Destination, payload: Bytes) -> Result<(), BusError> {
+        match (self, to) {
+            (Bus::Memory(bus), Destination::Room(room)) => {
                 bus.publish_room(room, payload);
                 Ok(())
             }
-            Bus::Amqp(bus) => bus.publish_room(room, payload).await,
-        }
-    }
-
-    /// Send a direct message without a session, waiting for the broker's confirm;
-    /// [`BusError::NoRecipient`] when `to` is not connected anywhere.
-    pub async fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
-        match self {
-            Bus::Memory(bus) => bus.publish_direct(to, payload),
-            Bus::Amqp(bus) => bus.publish_direct(to, payload).await,
+            (Bus::Memory(bus), Destination::User(user)) => bus.publish_direct(user, payload),
+            (Bus::Amqp(bus), Destination::Room(room)) => {
+                bounded(bus.publish_room(room, payload)).await
+            }
+            (Bus::Amqp(bus), Destination::User(user)) => {
+                bounded(bus.publish_direct(user, payload)).await
+            }
         }
     }
 
@@ -144,31 +200,63 @@ pub struct Subscription {
     pub lease: Lease,
 }
 
-/// Sends already-serialised frames into the session's room.
+impl Subscription {
+    /// Give up the publisher and the inbox, keeping only the lease to release.
+    /// The order matters: the embedded bus forgets a room only once no inbox
+    /// listens to it, so releasing the lease while the inbox lived would leave
+    /// the room behind.
+    pub fn into_lease(self) -> Lease {
+        let Subscription {
+            publisher,
+            inbox,
+            lease,
+        } = self;
+        drop(inbox);
+        drop(publisher);
+        lease
+    }
+}
+
+/// How a session publishes: [`Publisher`] on a real bus; a stand-in in the
+/// session's unit tests, which need confirms that arrive when they say so.
+pub trait Publish {
+    /// Resolves when the bus has taken responsibility for the frame, or refused it.
+    type Confirm: Future<Output = Result<(), BusError>> + Unpin + Send + 'static;
+
+    /// Hand `payload` to the bus for `to`. Frames published through one
+    /// publisher reach every receiver in the order they were published. A
+    /// direct message's confirm fails with [`BusError::NoRecipient`] when nobody
+    /// by that id is connected.
+    fn publish(
+        &self,
+        to: &Destination,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<Self::Confirm, BusError>> + Send;
+}
+
+/// Sends already-serialised frames from one session.
 pub enum Publisher {
     Memory(memory::MemoryPublisher),
     Amqp(amqp::AmqpPublisher),
 }
 
-impl Publisher {
-    /// Publish `payload` to the room. Frames published through one publisher reach
-    /// every receiver in the order they were published. The returned [`Confirm`]
-    /// resolves when the bus has taken responsibility for the frame.
-    pub async fn publish(&self, payload: Bytes) -> Result<Confirm, BusError> {
-        match self {
-            Publisher::Memory(p) => Ok(Confirm::Done(Some(p.publish(payload)))),
-            Publisher::Amqp(p) => p.publish(payload).await.map(Confirm::Amqp),
-        }
-    }
-}
+impl Publish for Publisher {
+    type Confirm = Confirm;
 
-impl Publisher {
-    /// Send `payload` to `to`'s queue, wherever it is connected. The confirm fails
-    /// with [`BusError::NoRecipient`] when nobody by that id is connected.
-    pub async fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<Confirm, BusError> {
-        match self {
-            Publisher::Memory(p) => Ok(Confirm::Done(Some(p.publish_direct(to, payload)))),
-            Publisher::Amqp(p) => p.publish_direct(to, payload).await.map(Confirm::Amqp),
+    async fn publish(&self, to: &Destination, payload: Bytes) -> Result<Confirm, BusError> {
+        match (self, to) {
+            (Publisher::Memory(p), Destination::Room(_)) => {
+                Ok(Confirm::Done(Some(p.publish(payload))))
+            }
+            (Publisher::Memory(p), Destination::User(user)) => {
+                Ok(Confirm::Done(Some(p.publish_direct(user, payload))))
+            }
+            (Publisher::Amqp(p), Destination::Room(_)) => {
+                p.publish(payload).await.map(Confirm::Amqp)
+            }
+            (Publisher::Amqp(p), Destination::User(user)) => {
+                p.publish_direct(user, payload).await.map(Confirm::Amqp)
+            }
         }
     }
 }

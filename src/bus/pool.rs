@@ -61,14 +61,19 @@ pub struct PooledConnection {
 impl PooledConnection {
     /// Open a channel and count it. Pair with [`PooledConnection::channel_closed`].
     pub async fn open_channel(&self) -> lapin::Result<Channel> {
-        self.channels.fetch_add(1, Ordering::Relaxed);
-        match self.connection.create_channel().await {
-            Ok(channel) => Ok(channel),
-            Err(e) => {
-                self.channel_closed();
-                Err(e)
+        /// Counts a channel being opened; uncounts it unless the open
+        /// succeeds, including when the caller gives up mid-open.
+        struct Opening<'a>(&'a PooledConnection);
+        impl Drop for Opening<'_> {
+            fn drop(&mut self) {
+                self.0.channel_closed();
             }
         }
+        self.channels.fetch_add(1, Ordering::Relaxed);
+        let opening = Opening(self);
+        let channel = self.connection.create_channel().await?;
+        std::mem::forget(opening);
+        Ok(channel)
     }
 
     pub fn channel_closed(&self) {

@@ -17,7 +17,7 @@ pub mod view;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 use tungstenite::Utf8Bytes;
 
 use crate::bus::{Bus, PresenceLink};
-use crate::protocol::ServerFrame;
+use crate::protocol::{ServerFrame, now_ms};
 use view::{Change, ClusterView, Gossip, NodeInfo};
 
 /// Presence frames a session may fall behind before it misses some.
@@ -68,19 +68,6 @@ pub struct Joined {
     pub presence: Presence,
 }
 
-impl Joined {
-    /// The frame that puts a client that missed presence frames right again:
-    /// the whole member list, which replaces what it had.
-    pub async fn resync(&self, room: &str) -> ServerFrame {
-        ServerFrame::Presence {
-            room: room.to_owned(),
-            joins: Vec::new(),
-            leaves: Vec::new(),
-            members: Some(self.presence.members(room).await),
-        }
-    }
-}
-
 enum Command {
     Join {
         room: String,
@@ -108,13 +95,6 @@ enum Command {
 pub struct Presence {
     commands: mpsc::Sender<Command>,
     task: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Presence {

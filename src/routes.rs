@@ -1,48 +1,38 @@
 //! The HTTP surface: every route in one place, as warp filters.
 //!
-//! - `GET /ws` → [`crate::upgrade`] (the WebSocket handshake)
-//! - `GET /rooms/<room>/events` → [`crate::sse`] (Server-Sent Events)
-//! - `POST /rooms/<room>/messages`, `POST /users/<user>/messages` → [`crate::publish`]
+//! - `GET /ws` → [`crate::transport::websocket`] (the WebSocket handshake)
+//! - `GET /rooms/<room>/events` → [`crate::transport::sse`] (Server-Sent Events)
+//! - `POST /rooms/<room>/messages`, `POST /users/<user>/messages` →
+//!   [`crate::transport::publish`]
 //! - `GET /rooms/<room>/members`, `GET /cluster` → [`crate::presence`]
 //! - `GET /metrics` Prometheus text → [`crate::metrics`]
-//! - `GET /healthz` liveness, `GET /readyz` readiness (the bus is usable)
+//! - `GET /healthz` liveness, `GET /readyz` readiness ([`Node::readiness`])
 //! - `GET /` and static assets from `--static-dir`, with a Content-Security-Policy
 //! - anything else → 404 with the JSON error body
 //!
-//! Every error response, from a handler or a rejection, is built by
-//! [`error_response`]: one status, one `{"code", "message"}` body.
+//! Every error response, from a handler or a rejection, is a
+//! [`ClientError`] turned into a reply: one status, one `{"code", "message"}`
+//! body. Errors are counted by code here, once, for every route.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use crate::error::{ClientError, ErrorCode};
+use crate::names::RoomName;
+use crate::node::{Node, NotReady};
+use crate::protocol::bodies::{ClusterBody, MembersBody, StatusBody};
+use crate::transport::{publish, sse, websocket};
 use warp::http::StatusCode;
 use warp::http::header::{HeaderMap, HeaderValue};
 use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
-
-use crate::error::{ClientError, ErrorCode};
-use crate::names::RoomName;
-use crate::protocol::{ClusterBody, ErrorBody, MembersBody, StatusBody};
-use crate::server::Node;
 
 /// The page may load only its own scripts, styles and images, and open
 /// WebSockets to its own host; no inline script, so injected markup cannot run.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self' ws: wss:; \
      img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; \
      base-uri 'none'; frame-ancestors 'none'";
-
-/// The one shape of every HTTP error. The code rides along as a response
-/// extension so the route tree can count errors by code in one place.
-pub fn error_response(error: &ClientError) -> Response {
-    let mut response = warp::reply::with_status(
-        warp::reply::json(&ErrorBody::from(error)),
-        error.code.status(),
-    )
-    .into_response();
-    response.extensions_mut().insert(error.code);
-    response
-}
 
 /// The Origin header. One that is not valid text is kept as a value no allowed
 /// origin can match, so it is refused as `origin_not_allowed`, not as a 404.
@@ -55,6 +45,15 @@ fn origin() -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Cl
                 .unwrap_or_else(|_| "\u{fffd}unreadable-origin".to_owned())
         })
     })
+}
+
+/// A POST's body, with the headers that describe it.
+fn posted_body() -> impl Filter<Extract = (publish::Body,), Error = Rejection> + Clone {
+    warp::post()
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .map(publish::Body::new)
 }
 
 /// All routes of a node.
@@ -70,8 +69,8 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(warp::query::<HashMap<String, String>>())
         .and(origin())
         .and(warp::header::optional::<String>("host"))
-        .and(crate::upgrade::upgrade_request())
-        .and_then(crate::upgrade::handle);
+        .and(websocket::upgrade_request())
+        .then(websocket::handle);
 
     let healthz = warp::path!("healthz")
         .and(warp::get())
@@ -96,7 +95,7 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
                     })
                     .into_response()
                 }
-                Err(e) => error_response(&e.into()),
+                Err(e) => ClientError::from(e).into_response(),
             }
         });
 
@@ -115,37 +114,26 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(origin())
         .and(warp::header::optional::<String>("host"))
         .and(warp::header::optional::<String>("accept"))
-        .and_then(crate::sse::handle);
+        .then(sse::handle);
 
     let room_post = warp::path!("rooms" / String / "messages")
-        .and(warp::post())
+        .map(publish::Target::Room)
+        .and(posted_body())
         .and(with_node.clone())
-        .and(warp::header::optional::<String>("content-type"))
-        .and(warp::header::optional::<u64>("content-length"))
-        .and(warp::body::stream())
-        .and_then(|room, node, content_type, length, body| {
-            crate::publish::room_message(room, node, content_type, length, Box::pin(body))
-        });
+        .then(publish::handle);
 
     let direct_post = warp::path!("users" / String / "messages")
-        .and(warp::post())
+        .map(publish::Target::User)
+        .and(posted_body())
         .and(with_node.clone())
-        .and(warp::header::optional::<String>("content-type"))
-        .and(warp::header::optional::<u64>("content-length"))
-        .and(warp::body::stream())
-        .and_then(|user, node, content_type, length, body| {
-            crate::publish::direct_message(user, node, content_type, length, Box::pin(body))
-        });
+        .then(publish::handle);
 
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_node.clone())
         .map(|node: Arc<Node>| {
-            let ready = readiness(&node).status() == StatusCode::OK;
-            let text = node
-                .settings
-                .metrics
-                .render(node.bus.broker_connections(), ready);
+            let ready = node.readiness().is_ok();
+            let text = node.metrics.render(node.bus.broker_connections(), ready);
             warp::reply::with_header(
                 text,
                 "content-type",
@@ -204,7 +192,7 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .unify()
         .map(move |response: Response| {
             if let Some(code) = response.extensions().get::<ErrorCode>() {
-                node.settings.metrics.error(*code);
+                node.metrics.error(*code);
             }
             response
         })
@@ -213,26 +201,22 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
 fn status_reply(node: &Node, status: &str, code: StatusCode) -> Response {
     let body = StatusBody {
         status: status.into(),
-        node: node.settings.node_id.clone(),
+        node: node.id.clone(),
         bus: node.bus.kind().into(),
     };
     warp::reply::with_status(warp::reply::json(&body), code).into_response()
 }
 
+/// `/readyz`: what [`Node::readiness`] says, with the broker's own reason for
+/// operators (clients elsewhere get only `unavailable`).
 fn readiness(node: &Node) -> Response {
-    if node.shutdown.is_cancelled() {
-        return error_response(&ClientError::new(ErrorCode::Unavailable, "shutting down"));
-    }
-    if node.draining.is_cancelled() {
-        return error_response(&ClientError::new(
-            ErrorCode::Unavailable,
-            "draining for a restart",
-        ));
-    }
-    match node.bus.readiness() {
-        Ok(()) => status_reply(node, "ready", StatusCode::OK),
-        Err(reason) => error_response(&ClientError::new(ErrorCode::Unavailable, reason)),
-    }
+    let message = match node.readiness() {
+        Ok(()) => return status_reply(node, "ready", StatusCode::OK),
+        Err(NotReady::ShuttingDown) => "shutting down".to_owned(),
+        Err(NotReady::Draining) => "draining for a restart".to_owned(),
+        Err(NotReady::Bus(reason)) => reason,
+    };
+    ClientError::new(ErrorCode::Unavailable, message).into_response()
 }
 
 async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> {
@@ -244,19 +228,5 @@ async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> 
         tracing::debug!(?rejection, "unhandled rejection");
         ClientError::new(ErrorCode::InvalidRequest, "the request could not be read")
     };
-    Ok(error_response(&error))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_responses_carry_their_code() {
-        let r = error_response(&ClientError::new(ErrorCode::InvalidUser, "x"));
-        assert_eq!(
-            r.extensions().get::<ErrorCode>(),
-            Some(&ErrorCode::InvalidUser)
-        );
-    }
+    Ok(error.into_response())
 }

@@ -1,5 +1,5 @@
 //! The WebSocket transport: `GET /ws`, admitted by [`crate::handshake`], then the
-//! socket handed to [`crate::session`].
+//! socket handed to [`crate::session::serve`] as a [`WebSocket`] transport.
 //!
 //! warp answers the HTTP side, but the upgrade itself is done here: warp 0.4's
 //! `ws()` leaves tungstenite's read buffer at 128 KiB per connection (resident,
@@ -10,18 +10,21 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures_util::StreamExt;
-use hyper::upgrade::OnUpgrade;
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
-use tracing::{Instrument, debug, info, info_span};
-use tungstenite::Message;
+use tracing::{Instrument, debug, info_span};
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::frame::Frame;
-use tungstenite::protocol::frame::coding::{Data, OpCode};
-use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Message, Utf8Bytes};
 use warp::Filter;
 use warp::http::StatusCode;
 use warp::http::header::{CONNECTION, HeaderMap, HeaderValue, SEC_WEBSOCKET_ACCEPT, UPGRADE};
@@ -29,10 +32,9 @@ use warp::reply::{Reply, Response};
 
 use crate::error::{ClientError, ErrorCode};
 use crate::handshake::{self, Admitted, Handshake};
-use crate::http::error_response;
-use crate::metrics::Transport;
-use crate::server::Node;
-use crate::session::{self, Inbound, Member, SessionEnd};
+use crate::metrics;
+use crate::node::Node;
+use crate::session::{self, Inbound, SessionEnd, Transport, TransportError, WRITE_TIMEOUT};
 
 /// Bytes tungstenite reads from the socket at a time, and the buffer every
 /// connection keeps resident for it. Chat frames are small (a 1 KiB read holds a
@@ -78,6 +80,9 @@ pub fn upgrade_request()
         })
 }
 
+/// How long the closing handshake may take before the socket is just dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// `GET /ws`, with or without the upgrade headers. Without them it answers what an
 /// upgrade would get: the refusal, or 426 when the upgrade would be accepted.
 pub async fn handle(
@@ -86,56 +91,50 @@ pub async fn handle(
     origin: Option<String>,
     host: Option<String>,
     upgrade: Option<UpgradeRequest>,
-) -> Result<Response, Infallible> {
-    let request = match Handshake::from_query(&query) {
-        Ok(h) => h,
-        Err(e) => return Ok(error_response(&e)),
+) -> Response {
+    let admitted = async {
+        let request = Handshake::from_query(&query)?;
+        handshake::precheck(&node, origin.as_deref(), host.as_deref())?;
+        let Some(upgrade) = upgrade else {
+            handshake::probe(&node, &request).await?;
+            return Err(ClientError::new(
+                ErrorCode::UpgradeRequired,
+                "this endpoint speaks WebSocket; the upgrade would be accepted",
+            ));
+        };
+        Ok((handshake::admit(&node, request).await?, upgrade))
     };
-    if let Err(refusal) = handshake::precheck(&node, origin.as_deref(), host.as_deref()) {
-        return Ok(error_response(&refusal));
-    }
-    let Some(upgrade) = upgrade else {
-        return Ok(error_response(
-            &match handshake::probe(&node, &request).await {
-                Err(refusal) => refusal,
-                Ok(()) => ClientError::new(
-                    ErrorCode::UpgradeRequired,
-                    "this endpoint speaks WebSocket; the upgrade would be accepted",
-                ),
-            },
-        ));
-    };
-    match handshake::admit(&node, request).await {
-        Ok(admitted) => Ok(accept(node, admitted, upgrade)),
-        Err(refusal) => Ok(error_response(&refusal)),
+    match admitted.await {
+        Ok((admitted, upgrade)) => accept(node, admitted, upgrade),
+        Err(refusal) => refusal.into_response(),
     }
 }
 
 /// Answer 101 and run the session on the upgraded connection.
 fn accept(node: Arc<Node>, admitted: Admitted, upgrade: UpgradeRequest) -> Response {
     let UpgradeRequest { key, on_upgrade } = upgrade;
-    let span =
-        info_span!("session", transport = "ws", user = %admitted.user, room = %admitted.room);
+    let span = info_span!(
+        "session",
+        transport = "ws",
+        user = %admitted.member.user,
+        room = %admitted.member.room
+    );
     // Tracked from here, so shutdown waits for it even before the upgrade lands.
     let sessions = node.sessions.clone();
     sessions.spawn(
         async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let max = node.config.max_frame_bytes;
+                    let io = TokioIo::new(upgraded);
+                    session::serve(node, admitted, |welcome| open(io, welcome, max)).await;
+                }
                 Err(e) => {
                     // The client left between our 101 and its first byte.
                     debug!(error = %e, "upgrade did not complete");
-                    let Admitted {
-                        claim,
-                        subscription,
-                        ..
-                    } = admitted;
-                    subscription.lease.release().await;
-                    drop(claim);
-                    return;
+                    admitted.abandon().await;
                 }
-            };
-            run(node, admitted, TokioIo::new(upgraded)).await;
+            }
         }
         .instrument(span),
     );
@@ -152,52 +151,23 @@ fn accept(node: Arc<Node>, admitted: Admitted, upgrade: UpgradeRequest) -> Respo
     response
 }
 
-async fn run<S>(node: Arc<Node>, admitted: Admitted, mut io: S)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let Admitted {
-        room,
-        user,
-        claim,
-        subscription,
-    } = admitted;
-    let open = node.settings.metrics.connections(Transport::WebSocket);
-    open.inc();
-    info!("connected");
-    let mut joined = node.presence.join(room.as_str(), user.as_str()).await;
-    let member = Member { room, user };
-    let welcome = session::welcome(&mut joined, &member, &node.settings);
-    let (end, lease) = match write_welcome(&mut io, welcome).await {
-        Err(e) => (SessionEnd::ClientGone(e.to_string()), subscription.lease),
-        Ok(()) => {
-            let max = node.config.max_frame_bytes;
-            let config = WebSocketConfig::default()
-                .read_buffer_size(READ_BUFFER)
-                .max_message_size(Some(max))
-                .max_frame_size(Some(max));
-            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-            let (sink, stream) = socket.split();
-            let inbound = stream.map(to_inbound);
-            session::run(
-                sink,
-                inbound,
-                subscription,
-                joined,
-                &member,
-                &node.settings,
-                &node.stop,
-            )
-            .await
-        }
-    };
-    node.presence
-        .leave(member.room.as_str(), member.user.as_str())
-        .await;
-    lease.release().await;
-    drop(claim);
-    open.dec();
-    info!(?end, "disconnected");
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Write `welcome`, then wrap the connection as a WebSocket with Warren's
+/// buffers and limits.
+async fn open(
+    mut io: TokioIo<Upgraded>,
+    welcome: String,
+    max_frame_bytes: usize,
+) -> Result<(WebSocket, impl futures_util::Stream<Item = Inbound> + Unpin), TransportError> {
+    write_welcome(&mut io, welcome).await?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(max_frame_bytes))
+        .max_frame_size(Some(max_frame_bytes));
+    let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    let (sink, stream): (SplitSink<Socket, Message>, SplitStream<Socket>) = socket.split();
+    Ok((WebSocket { sink }, stream.map(to_inbound)))
 }
 
 /// Send `welcome` as one WebSocket text frame straight onto the upgraded
@@ -205,20 +175,18 @@ where
 /// capacity of the largest message it ever sent, and in a large room `welcome`
 /// (the member list) is by far the largest: written through tungstenite it would
 /// stay resident, per connection, for the connection's life.
-async fn write_welcome<S>(io: &mut S, welcome: String) -> std::io::Result<()>
+async fn write_welcome<S>(io: &mut S, welcome: String) -> Result<(), TransportError>
 where
-    S: tokio::io::AsyncWrite + Unpin,
+    S: AsyncWrite + Unpin,
 {
     let mut wire = Vec::with_capacity(welcome.len() + 10);
     Frame::message(welcome, OpCode::Data(Data::Text), true)
         .format(&mut wire)
-        .map_err(std::io::Error::other)?;
-    match tokio::time::timeout(session::WRITE_TIMEOUT, io.write_all(&wire)).await {
-        Ok(written) => written,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "write timed out",
-        )),
+        .map_err(|e| TransportError::Failed(e.to_string()))?;
+    match tokio::time::timeout(WRITE_TIMEOUT, io.write_all(&wire)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(TransportError::Failed(e.to_string())),
+        Err(_) => Err(TransportError::Failed("write timed out".into())),
     }
 }
 
@@ -230,5 +198,49 @@ fn to_inbound(item: Result<Message, tungstenite::Error>) -> Inbound {
         Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Inbound::Control,
         Err(tungstenite::Error::Capacity(_)) => Inbound::TooLarge,
         Err(e) => Inbound::Failed(e.to_string()),
+    }
+}
+
+/// The outgoing half of a session's WebSocket.
+pub struct WebSocket {
+    sink: SplitSink<Socket, Message>,
+}
+
+fn failed(e: tungstenite::Error) -> TransportError {
+    match e {
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            TransportError::Closed
+        }
+        e => TransportError::Failed(e.to_string()),
+    }
+}
+
+impl Transport for WebSocket {
+    const KIND: metrics::Transport = metrics::Transport::WebSocket;
+    const PINGS: bool = true;
+
+    async fn send(&mut self, frames: Vec<Utf8Bytes>) -> Result<(), TransportError> {
+        let mut messages =
+            futures_util::stream::iter(frames.into_iter().map(|f| Ok(Message::Text(f))));
+        self.sink.send_all(&mut messages).await.map_err(failed)
+    }
+
+    async fn ping(&mut self) -> Result<(), TransportError> {
+        self.sink
+            .send(Message::Ping(Bytes::new()))
+            .await
+            .map_err(failed)
+    }
+
+    async fn close(&mut self, end: &SessionEnd) {
+        if let Some((code, reason)) = end.close_frame() {
+            let frame = Message::Close(Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            }));
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, self.sink.send(frame)).await;
+        }
+        // A client that stopped reading would hold `close` forever: bound it.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.close()).await;
     }
 }

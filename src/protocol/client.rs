@@ -1,0 +1,293 @@
+//! The frames a client sends over a WebSocket, parsed and validated, and the
+//! rules every chat text follows whatever carries it.
+
+use serde::Deserialize;
+
+use super::Destination;
+use crate::error::{ClientError, ErrorCode};
+use crate::names::{RoomName, UserId};
+
+/// Longest `ref` a client may attach to a frame.
+pub const MAX_REF_LEN: usize = 64;
+
+/// A frame a client sends, once validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// `{"type":"message","text":"hi","ref":"c1"}`
+    Message {
+        text: String,
+        reference: Option<String>,
+    },
+    /// `{"type":"direct","to":"bob","text":"hi","ref":"c2"}`
+    Direct {
+        to: UserId,
+        text: String,
+        reference: Option<String>,
+    },
+}
+
+/// What a client frame looks like on the wire, before validation.
+#[derive(Deserialize)]
+struct RawMessage {
+    text: Option<serde_json::Value>,
+    to: Option<serde_json::Value>,
+}
+
+/// A frame that could not be accepted, with the `ref` to echo when one was readable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub error: ClientError,
+    pub reference: Option<String>,
+}
+
+impl ClientFrame {
+    /// Parse and validate one text frame. `max_text_bytes` bounds `text` in UTF-8 bytes.
+    pub fn parse(input: &str, max_text_bytes: usize) -> Result<ClientFrame, Rejected> {
+        let value: serde_json::Value = serde_json::from_str(input).map_err(|e| Rejected {
+            error: ClientError::new(
+                ErrorCode::InvalidJson,
+                format!("frame is not valid JSON: {e}"),
+            ),
+            reference: None,
+        })?;
+        let Some(object) = value.as_object() else {
+            return Err(Rejected {
+                error: ClientError::new(ErrorCode::InvalidJson, "frame must be a JSON object"),
+                reference: None,
+            });
+        };
+        let reference = match object.get("ref") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(r)) if r.chars().count() <= MAX_REF_LEN => {
+                Some(r.clone())
+            }
+            Some(_) => {
+                return Err(Rejected {
+                    error: ClientError::new(
+                        ErrorCode::InvalidMessage,
+                        format!("ref must be a string of at most {MAX_REF_LEN} characters"),
+                    ),
+                    reference: None,
+                });
+            }
+        };
+        let reject = |code, message: String| Rejected {
+            error: ClientError::new(code, message),
+            reference: reference.clone(),
+        };
+        let kind = match object.get("type") {
+            Some(serde_json::Value::String(kind)) => kind.as_str(),
+            Some(_) => {
+                return Err(reject(
+                    ErrorCode::UnknownType,
+                    "type must be a string".into(),
+                ));
+            }
+            None => return Err(reject(ErrorCode::UnknownType, "frame has no type".into())),
+        };
+        let direct = match kind {
+            "message" => false,
+            "direct" => true,
+            other => {
+                return Err(reject(
+                    ErrorCode::UnknownType,
+                    format!("unknown frame type {:?}", truncate(other, 32)),
+                ));
+            }
+        };
+        let raw: RawMessage = serde_json::from_value(value.clone())
+            .map_err(|e| reject(ErrorCode::InvalidMessage, e.to_string()))?;
+        let to = if direct {
+            match raw.to {
+                Some(serde_json::Value::String(to)) => Some(
+                    UserId::parse(&to)
+                        .map_err(|e| reject(ErrorCode::InvalidUser, e.to_string()))?,
+                ),
+                _ => {
+                    return Err(reject(
+                        ErrorCode::InvalidUser,
+                        "to must name the recipient's user id".into(),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        let text = validate_text(raw.text, max_text_bytes).map_err(|error| Rejected {
+            error,
+            reference: reference.clone(),
+        })?;
+        Ok(match to {
+            Some(to) => ClientFrame::Direct {
+                to,
+                text,
+                reference,
+            },
+            None => ClientFrame::Message { text, reference },
+        })
+    }
+}
+
+impl ClientFrame {
+    /// Where the message goes (a room message goes to the sender's `room`), its
+    /// text, and the `ref` the client wants its `ack` or `error` to carry.
+    pub fn into_chat(self, room: &RoomName) -> (Destination, String, Option<String>) {
+        match self {
+            ClientFrame::Message { text, reference } => {
+                (Destination::Room(room.clone()), text, reference)
+            }
+            ClientFrame::Direct {
+                to,
+                text,
+                reference,
+            } => (Destination::User(to), text, reference),
+        }
+    }
+}
+
+/// The rules every chat text follows, whatever carries it (WebSocket or HTTP).
+pub fn validate_text(
+    text: Option<serde_json::Value>,
+    max_text_bytes: usize,
+) -> Result<String, ClientError> {
+    let text = match text {
+        Some(serde_json::Value::String(text)) => text,
+        Some(_) => {
+            return Err(ClientError::new(
+                ErrorCode::InvalidMessage,
+                "text must be a string",
+            ));
+        }
+        None => {
+            return Err(ClientError::new(
+                ErrorCode::InvalidMessage,
+                "text is missing",
+            ));
+        }
+    };
+    if text.len() > max_text_bytes {
+        return Err(ClientError::new(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "text is {} bytes; the limit is {max_text_bytes}",
+                text.len()
+            ),
+        ));
+    }
+    if text.trim().is_empty() {
+        return Err(ClientError::new(ErrorCode::InvalidMessage, "text is empty"));
+    }
+    Ok(text)
+}
+
+fn truncate(s: &str, max_chars: usize) -> &str {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(input: &str) -> ErrorCode {
+        ClientFrame::parse(input, 10).unwrap_err().error.code
+    }
+
+    #[test]
+    fn accepts_a_message() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"message","text":"hi","ref":"c1"}"#, 10).unwrap(),
+            ClientFrame::Message {
+                text: "hi".into(),
+                reference: Some("c1".into())
+            }
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"message","text":"hi"}"#, 10).unwrap(),
+            ClientFrame::Message {
+                text: "hi".into(),
+                reference: None
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_bad_frames_with_their_codes() {
+        assert_eq!(code("not json"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"text":"x"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":7}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"message"}"#), ErrorCode::InvalidMessage);
+        assert_eq!(
+            code(r#"{"type":"message","text":""}"#),
+            ErrorCode::InvalidMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"message","text":" \n\t"}"#),
+            ErrorCode::InvalidMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"message","text":5}"#),
+            ErrorCode::InvalidMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"message","text":"12345678901"}"#),
+            ErrorCode::MessageTooLarge
+        );
+        let long_ref = "r".repeat(65);
+        assert_eq!(
+            code(&format!(
+                r#"{{"type":"message","text":"x","ref":"{long_ref}"}}"#
+            )),
+            ErrorCode::InvalidMessage
+        );
+    }
+
+    #[test]
+    fn direct_messages() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"direct","to":"bob","text":"hi","ref":"c2"}"#, 10)
+                .unwrap(),
+            ClientFrame::Direct {
+                to: UserId::parse("bob").unwrap(),
+                text: "hi".into(),
+                reference: Some("c2".into())
+            }
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","text":"hi"}"#),
+            ErrorCode::InvalidUser
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","to":"b b","text":"hi"}"#),
+            ErrorCode::InvalidUser
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","to":"bob","text":" "}"#),
+            ErrorCode::InvalidMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","to":"bob","text":"12345678901"}"#),
+            ErrorCode::MessageTooLarge
+        );
+    }
+
+    #[test]
+    fn echoes_the_ref_of_a_rejected_frame() {
+        let rejected =
+            ClientFrame::parse(r#"{"type":"message","text":"","ref":"c9"}"#, 10).unwrap_err();
+        assert_eq!(rejected.reference.as_deref(), Some("c9"));
+    }
+
+    #[test]
+    fn text_limit_counts_utf8_bytes() {
+        // Five characters, eleven bytes.
+        assert_eq!(
+            code(r#"{"type":"message","text":"éééé€"}"#),
+            ErrorCode::MessageTooLarge
+        );
+    }
+}

@@ -1,0 +1,50 @@
+//! Why a session ends, and what the client is told: the close code whose
+//! number tells a client whether to reconnect (as centrifuge's `Disconnect`).
+
+/// Close codes this server sends (RFC 6455 §7.4.1 and the IANA registry).
+pub mod close_code {
+    /// The server is shutting down, or the client stopped answering pings.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client keeps sending invalid frames: do not retry as is.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// A WebSocket message over `--max-frame-bytes`: do not retry as is.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The node is draining for a restart: reconnect (to another node).
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// The broker is unreachable: reconnect later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Why a session ended; logged once by the task that ran it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client sent a close frame.
+    ClientClosed,
+    /// The client went away, or a write to it failed or timed out.
+    ClientGone(String),
+    Shutdown,
+    Restart,
+    /// The broker went away or stopped taking messages.
+    BrokerLost,
+    TooLarge,
+    Abusive,
+    /// No answer to pings for two intervals.
+    Silent,
+}
+
+impl SessionEnd {
+    /// The close frame that tells the client why, where the session ends it.
+    pub fn close_frame(&self) -> Option<(u16, &'static str)> {
+        match self {
+            SessionEnd::ClientClosed | SessionEnd::ClientGone(_) => None,
+            SessionEnd::Shutdown => Some((close_code::GOING_AWAY, "server shutting down")),
+            SessionEnd::Restart => {
+                Some((close_code::SERVICE_RESTART, "node restarting; reconnect"))
+            }
+            SessionEnd::BrokerLost => Some((close_code::TRY_AGAIN_LATER, "broker unavailable")),
+            SessionEnd::TooLarge => Some((close_code::MESSAGE_TOO_BIG, "message too big")),
+            SessionEnd::Abusive => Some((close_code::POLICY_VIOLATION, "too many invalid frames")),
+            SessionEnd::Silent => Some((close_code::GOING_AWAY, "no answer to pings")),
+        }
+    }
+}

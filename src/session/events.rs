@@ -1,0 +1,865 @@
+//! The session loop: client frames in, publishes out, deliveries forwarded as
+//! they are, acks once the bus confirms.
+//!
+//! [`Session::run`] waits on every event source at once and hands each event to
+//! one method (`on_delivery`, `on_presence`, `on_confirm`, `on_client`,
+//! `on_tick`) that returns [`ControlFlow`]: `Break` carries the reason the
+//! session ends. Deliveries arrive already serialised and go to the transport
+//! untouched, batched into one flush when several are ready.
+//!
+//! It is generic over the transport and the publisher, so the unit tests below
+//! drive it with in-memory channels, a stand-in publisher and paused time. They
+//! are half of this file's length; the session itself is about 400 lines.
+
+use std::ops::ControlFlow::{self, Break, Continue};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::time::Instant;
+use tracing::debug;
+use tungstenite::Utf8Bytes;
+
+use super::{Inbound, SessionEnd, Transport};
+use crate::bus::{BusError, Inbox, Publish};
+use crate::error::{ClientError, ErrorCode};
+use crate::handshake::Member;
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::presence::{Joined, Presence};
+use crate::protocol::ServerFrame;
+use crate::protocol::client::{ClientFrame, Rejected};
+
+/// Publishes awaiting their confirm, per session. Past this the session stops
+/// reading the client until confirms come back: back-pressure, not buffering.
+pub const MAX_IN_FLIGHT: usize = 1024;
+/// Deliveries written before one flush.
+const WRITE_BATCH: usize = 256;
+/// A client that cannot take a write for this long is dropped: it is dead or too
+/// slow to serve, and waiting longer would only hold its queue's backlog hostage.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Invalid frames tolerated per [`ERROR_WINDOW`] before the socket is closed with
+/// 1008. Honest mistakes get an error frame each; a flood is abuse.
+pub const ERROR_BUDGET: u32 = 100;
+const ERROR_WINDOW: Duration = Duration::from_secs(10);
+
+/// One session between its `welcome` and its end.
+pub struct Session<'a, T, P: Publish> {
+    node: &'a Node,
+    member: &'a Member,
+    /// The outgoing half of the client's connection.
+    outbound: T,
+    publisher: P,
+    inbox: Inbox,
+    /// Serialised `presence` frames for the session's room; `None` once the
+    /// presence task has closed it (the node is stopping), so a closed channel
+    /// is never polled again.
+    presence: Option<broadcast::Receiver<Utf8Bytes>>,
+    /// Where to ask for the whole member list after missing presence frames.
+    members: Presence,
+    /// The client's publishes awaiting the bus's confirm, in publish order.
+    confirms: FuturesOrdered<Pending<P::Confirm>>,
+    /// When the client last sent anything, pongs included.
+    last_heard: Instant,
+    /// Refused frames in the current [`ERROR_WINDOW`], and when it began.
+    refused: u32,
+    window_start: Instant,
+}
+
+impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
+    pub fn new(
+        node: &'a Node,
+        member: &'a Member,
+        outbound: T,
+        publisher: P,
+        inbox: Inbox,
+        joined: Joined,
+    ) -> Self {
+        Self {
+            node,
+            member,
+            outbound,
+            publisher,
+            inbox,
+            presence: Some(joined.updates),
+            members: joined.presence,
+            confirms: FuturesOrdered::new(),
+            last_heard: Instant::now(),
+            refused: 0,
+            window_start: Instant::now(),
+        }
+    }
+
+    /// Run until the client leaves, the broker goes, or the node stops; then
+    /// close the transport with the reason.
+    pub async fn run<R>(mut self, mut inbound: R) -> SessionEnd
+    where
+        R: Stream<Item = Inbound> + Unpin,
+    {
+        let node = self.node;
+        let lifecycle = &node.lifecycle;
+        let interval = node.config.ping_interval();
+        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+        let restart_due = lifecycle.restart_due();
+        tokio::pin!(restart_due);
+        let end = loop {
+            // Not biased: under load every branch gets its turn, so a busy room's
+            // deliveries cannot starve the client's own frames (or vice versa).
+            let flow = tokio::select! {
+                _ = lifecycle.shutdown.cancelled() => Break(SessionEnd::Shutdown),
+                _ = &mut restart_due => Break(SessionEnd::Restart),
+                delivery = self.inbox.recv() => self.on_delivery(delivery).await,
+                update = recv_presence(&mut self.presence) => self.on_presence(update).await,
+                Some(confirmed) = self.confirms.next(), if !self.confirms.is_empty() => {
+                    self.on_confirm(confirmed).await
+                }
+                event = inbound.next(), if self.confirms.len() < MAX_IN_FLIGHT => {
+                    self.on_client(event).await
+                }
+                _ = ping.tick(), if T::PINGS => self.on_tick(interval).await,
+            };
+            if let Break(end) = flow {
+                break end;
+            }
+        };
+        self.outbound.close(&end).await;
+        end
+    }
+
+    /// Deliveries from the bus: this one and whatever else is ready, in one flush.
+    async fn on_delivery(&mut self, first: Result<Utf8Bytes, BusError>) -> ControlFlow<SessionEnd> {
+        let Ok(first) = first else {
+            return self
+                .broker_lost("lost the message broker; reconnect shortly", None)
+                .await;
+        };
+        let mut batch = vec![first];
+        while batch.len() < WRITE_BATCH {
+            match self.inbox.try_recv() {
+                Some(Ok(frame)) => batch.push(frame),
+                // An error is met again, and handled, by the next `recv`.
+                _ => break,
+            }
+        }
+        let count = batch.len();
+        self.write(batch).await?;
+        self.metrics().delivered(T::KIND, count as u64);
+        self.inbox.settle(count).await;
+        Continue(())
+    }
+
+    /// A presence frame for the session's room, or news that some were missed.
+    async fn on_presence(
+        &mut self,
+        update: Result<Utf8Bytes, RecvError>,
+    ) -> ControlFlow<SessionEnd> {
+        match update {
+            Ok(frame) => self.write(vec![frame]).await,
+            Err(RecvError::Lagged(missed)) => {
+                // Diffs cannot be replayed: send the whole list instead.
+                debug!(missed, "presence frames missed; resyncing the client");
+                let room = self.member.room.as_str();
+                let frame = ServerFrame::Presence {
+                    room: room.to_owned(),
+                    joins: Vec::new(),
+                    leaves: Vec::new(),
+                    members: Some(self.members.members(room).await),
+                };
+                self.write_frame(&frame).await
+            }
+            Err(RecvError::Closed) => {
+                debug!("presence stopped; no more member updates for this session");
+                self.presence = None;
+                Continue(())
+            }
+        }
+    }
+
+    /// The bus's answer to one of the client's publishes.
+    async fn on_confirm(&mut self, confirmed: Confirmed) -> ControlFlow<SessionEnd> {
+        let Confirmed {
+            reference,
+            id,
+            result,
+        } = confirmed;
+        let frame = match (result, reference) {
+            (Ok(()), Some(reference)) => ServerFrame::Ack { reference, id },
+            (Ok(()), None) => return Continue(()),
+            (Err(BusError::NoRecipient), reference) => ServerFrame::error(
+                &ClientError::new(ErrorCode::UserNotFound, "no user by that id is connected"),
+                reference,
+            ),
+            (Err(e), reference) => {
+                debug!(error = %e, "publish not confirmed");
+                ServerFrame::error(&not_delivered(), reference)
+            }
+        };
+        self.write_frame(&frame).await
+    }
+
+    /// Whatever the client's connection reports.
+    async fn on_client(&mut self, event: Option<Inbound>) -> ControlFlow<SessionEnd> {
+        self.last_heard = Instant::now();
+        let refused = match event {
+            None => return Break(SessionEnd::ClientGone("socket ended".into())),
+            Some(Inbound::Close) => return Break(SessionEnd::ClientClosed),
+            Some(Inbound::Failed(e)) => return Break(SessionEnd::ClientGone(e)),
+            Some(Inbound::TooLarge) => return Break(SessionEnd::TooLarge),
+            Some(Inbound::Control) => return Continue(()),
+            Some(Inbound::Binary) => Rejected {
+                error: ClientError::new(
+                    ErrorCode::UnsupportedFrame,
+                    "binary frames are not supported; send JSON text",
+                ),
+                reference: None,
+            },
+            Some(Inbound::Text(text)) => {
+                match ClientFrame::parse(&text, self.node.config.max_text_bytes) {
+                    Ok(frame) => return self.publish(frame).await,
+                    Err(rejected) => rejected,
+                }
+            }
+        };
+        self.refuse(refused).await
+    }
+
+    /// The keep-alive timer: ping the client, or drop it if it went silent.
+    async fn on_tick(&mut self, interval: Duration) -> ControlFlow<SessionEnd> {
+        // While back-pressure stops us reading, the client's pongs sit unread:
+        // that is not silence.
+        let reading = self.confirms.len() < MAX_IN_FLIGHT;
+        if reading && self.last_heard.elapsed() > interval * 2 {
+            return Break(SessionEnd::Silent);
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, self.outbound.ping()).await {
+            Ok(Ok(())) => Continue(()),
+            Ok(Err(e)) => Break(SessionEnd::ClientGone(e.to_string())),
+            Err(_) => Break(SessionEnd::ClientGone("write timed out".into())),
+        }
+    }
+
+    /// Publish an accepted chat frame and queue its confirm.
+    async fn publish(&mut self, frame: ClientFrame) -> ControlFlow<SessionEnd> {
+        let (to, text, reference) = frame.into_chat(&self.member.room);
+        let id = self.node.ids.next_id();
+        let payload =
+            Bytes::from(ServerFrame::chat(id.clone(), &self.member.user, &to, text).to_json());
+        let published_at = std::time::Instant::now();
+        // A broker that stops reading (a memory alarm, a half-open link) must
+        // not freeze the session: bound the publish, and let shutdown through.
+        let publish = tokio::time::timeout(
+            crate::bus::BROKER_TIMEOUT,
+            self.publisher.publish(&to, payload),
+        );
+        let published = tokio::select! {
+            published = publish => published.unwrap_or(Err(BusError::TimedOut)),
+            _ = self.node.lifecycle.shutdown.cancelled() => return Break(SessionEnd::Shutdown),
+        };
+        match published {
+            Ok(confirm) => {
+                self.metrics().received(to.kind(), T::KIND);
+                self.confirms.push_back(Pending {
+                    confirm,
+                    in_flight: InFlight::new(self.node.metrics.clone()),
+                    published_at,
+                    reference,
+                    id,
+                });
+                Continue(())
+            }
+            Err(BusError::TimedOut) => {
+                self.broker_lost(
+                    "the message broker is not accepting messages; reconnect shortly",
+                    reference,
+                )
+                .await
+            }
+            Err(e) => {
+                // The broker's fault, not the client's: tell it, but don't
+                // count it against the abuse budget.
+                debug!(error = %e, "publish failed");
+                self.write_frame(&ServerFrame::error(&not_delivered(), reference))
+                    .await
+            }
+        }
+    }
+
+    /// Answer a refused frame with its error, unless the client has used up its
+    /// budget of them: then it is abusive and the session ends.
+    async fn refuse(&mut self, refused: Rejected) -> ControlFlow<SessionEnd> {
+        if self.window_start.elapsed() > ERROR_WINDOW {
+            self.window_start = Instant::now();
+            self.refused = 0;
+        }
+        self.refused += 1;
+        if self.refused > ERROR_BUDGET {
+            return Break(SessionEnd::Abusive);
+        }
+        self.write_frame(&ServerFrame::error(&refused.error, refused.reference))
+            .await
+    }
+
+    /// The broker is gone or stuck: tell the client why (`unavailable`, with the
+    /// `ref` of the frame that was waiting, if any), then end with 1013.
+    async fn broker_lost(
+        &mut self,
+        message: &str,
+        reference: Option<String>,
+    ) -> ControlFlow<SessionEnd> {
+        let error = ClientError::new(ErrorCode::Unavailable, message);
+        let _ = self
+            .write_frame(&ServerFrame::error(&error, reference))
+            .await;
+        Break(SessionEnd::BrokerLost)
+    }
+
+    async fn write_frame(&mut self, frame: &ServerFrame) -> ControlFlow<SessionEnd> {
+        if let ServerFrame::Error { code, .. } = frame {
+            self.metrics().error(*code);
+        }
+        self.write(vec![Utf8Bytes::from(frame.to_json())]).await
+    }
+
+    async fn write(&mut self, frames: Vec<Utf8Bytes>) -> ControlFlow<SessionEnd> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.outbound.send(frames)).await {
+            Ok(Ok(())) => Continue(()),
+            Ok(Err(e)) => Break(SessionEnd::ClientGone(e.to_string())),
+            Err(_) => Break(SessionEnd::ClientGone("write timed out".into())),
+        }
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.node.metrics
+    }
+}
+
+/// The next presence frame, or never once presence has closed.
+async fn recv_presence(
+    presence: &mut Option<broadcast::Receiver<Utf8Bytes>>,
+) -> Result<Utf8Bytes, RecvError> {
+    match presence {
+        Some(updates) => updates.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn not_delivered() -> ClientError {
+    ClientError::new(
+        ErrorCode::Unavailable,
+        "the message was not delivered; the broker is unavailable",
+    )
+}
+
+/// Counts a publish as in flight for as long as it lives: a session that ends
+/// with confirms pending drops them, and the count must drop with them.
+struct InFlight(Arc<Metrics>);
+
+impl InFlight {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.publish_in_flight.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.publish_in_flight.dec();
+    }
+}
+
+/// One publish awaiting its confirm.
+struct Pending<C> {
+    confirm: C,
+    in_flight: InFlight,
+    published_at: std::time::Instant,
+    reference: Option<String>,
+    id: String,
+}
+
+/// A publish's outcome, with what the client needs to match it.
+struct Confirmed {
+    reference: Option<String>,
+    id: String,
+    result: Result<(), BusError>,
+}
+
+impl<C> Future for Pending<C>
+where
+    C: Future<Output = Result<(), BusError>> + Unpin,
+{
+    type Output = Confirmed;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Confirmed> {
+        let result = std::task::ready!(Pin::new(&mut self.confirm).poll(cx));
+        let pending = self.get_mut();
+        pending
+            .in_flight
+            .0
+            .confirm_seconds
+            .observe(pending.published_at.elapsed().as_secs_f64());
+        Poll::Ready(Confirmed {
+            reference: pending.reference.take(),
+            id: std::mem::take(&mut pending.id),
+            result,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use serde_json::Value;
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Transport as Kind;
+    use crate::names::{RoomName, UserId};
+    use crate::protocol::Destination;
+    use crate::session::TransportError;
+    use crate::session::close_code;
+
+    /// What the session wrote to its client.
+    #[derive(Debug, PartialEq)]
+    enum Out {
+        Frame(Value),
+        Ping,
+        Close(Option<(u16, &'static str)>),
+    }
+
+    /// A transport that records what the session writes.
+    struct Recorder(mpsc::Sender<Out>);
+
+    impl Transport for Recorder {
+        const KIND: Kind = Kind::WebSocket;
+        const PINGS: bool = true;
+
+        async fn send(&mut self, frames: Vec<Utf8Bytes>) -> Result<(), TransportError> {
+            for frame in frames {
+                let value = serde_json::from_str(frame.as_str()).expect("frames are JSON");
+                self.0
+                    .send(Out::Frame(value))
+                    .await
+                    .map_err(|_| TransportError::Closed)?;
+            }
+            Ok(())
+        }
+
+        async fn ping(&mut self) -> Result<(), TransportError> {
+            self.0
+                .send(Out::Ping)
+                .await
+                .map_err(|_| TransportError::Closed)
+        }
+
+        async fn close(&mut self, end: &SessionEnd) {
+            let _ = self.0.send(Out::Close(end.close_frame())).await;
+        }
+    }
+
+    /// One held publish: its payload, and the sender that resolves its confirm.
+    type Held = (Value, oneshot::Sender<Result<(), BusError>>);
+
+    /// A publisher whose confirms arrive when the test says so.
+    #[derive(Clone, Default)]
+    struct Gate {
+        held: Arc<Mutex<Vec<Held>>>,
+        /// Publishes never return at all: a broker that stopped reading.
+        stuck: bool,
+    }
+
+    struct GateConfirm(oneshot::Receiver<Result<(), BusError>>);
+
+    impl Future for GateConfirm {
+        type Output = Result<(), BusError>;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            Pin::new(&mut self.0)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(BusError::Unavailable("dropped".into()))))
+        }
+    }
+
+    impl Publish for Gate {
+        type Confirm = GateConfirm;
+
+        async fn publish(
+            &self,
+            _to: &Destination,
+            payload: Bytes,
+        ) -> Result<GateConfirm, BusError> {
+            if self.stuck {
+                std::future::pending::<()>().await;
+            }
+            let (tx, rx) = oneshot::channel();
+            let frame = serde_json::from_slice(&payload).expect("payloads are JSON");
+            self.held.lock().unwrap().push((frame, tx));
+            Ok(GateConfirm(rx))
+        }
+    }
+
+    impl Gate {
+        fn count(&self) -> usize {
+            self.held.lock().unwrap().len()
+        }
+
+        /// Resolve the `n`th publish's confirm.
+        fn confirm(&self, n: usize, result: Result<(), BusError>) {
+            let (_, tx) = std::mem::replace(
+                &mut self.held.lock().unwrap()[n],
+                (Value::Null, oneshot::channel().0),
+            );
+            let _ = tx.send(result);
+        }
+    }
+
+    /// A session on the embedded bus, run in a task, with its two ends here.
+    struct Harness {
+        node: Arc<Node>,
+        gate: Gate,
+        out: mpsc::Receiver<Out>,
+        client: mpsc::Sender<Inbound>,
+        ended: tokio::task::JoinHandle<SessionEnd>,
+    }
+
+    const ROOM: &str = "lobby";
+
+    async fn start(gate: Gate, joined: impl FnOnce(&Node) -> Joined) -> Harness {
+        let mut config = Config::defaults();
+        config.drain_jitter_secs = 5;
+        let node = Node::start(config).await.unwrap();
+        let room = RoomName::parse(ROOM).unwrap();
+        let user = UserId::parse("alice").unwrap();
+        let subscription = node.bus.subscribe(&room, &user).await.unwrap();
+        let joined = joined(&node);
+        let (out_tx, out) = mpsc::channel(4096);
+        let (client, client_rx) = mpsc::channel(4096);
+        let inbound = Box::pin(futures_util::stream::unfold(
+            client_rx,
+            |mut rx| async move { rx.recv().await.map(|event| (event, rx)) },
+        ));
+        let ended = tokio::spawn({
+            let node = node.clone();
+            let gate = gate.clone();
+            async move {
+                let member = Member { room, user };
+                let session = Session::new(
+                    &node,
+                    &member,
+                    Recorder(out_tx),
+                    gate,
+                    subscription.inbox,
+                    joined,
+                );
+                session.run(inbound).await
+            }
+        });
+        Harness {
+            node,
+            gate,
+            out,
+            client,
+            ended,
+        }
+    }
+
+    /// A presence receiver that stays open and silent.
+    fn quiet_presence(node: &Node) -> Joined {
+        let (tx, updates) = broadcast::channel(1);
+        std::mem::forget(tx);
+        Joined {
+            members: Vec::new(),
+            total: 1,
+            updates,
+            presence: node.presence.clone(),
+        }
+    }
+
+    impl Harness {
+        async fn next(&mut self) -> Out {
+            tokio::time::timeout(Duration::from_secs(3600), self.out.recv())
+                .await
+                .expect("the session writes in time")
+                .expect("the session is still writing")
+        }
+
+        async fn next_frame(&mut self) -> Value {
+            match self.next().await {
+                Out::Frame(frame) => frame,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+
+        async fn say(&self, text: &str) {
+            self.client
+                .send(Inbound::Text(text.to_owned()))
+                .await
+                .unwrap();
+        }
+
+        /// Wait (in paused time) until the gate holds `n` publishes.
+        async fn published(&self, n: usize) {
+            while self.gate.count() < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+
+        async fn end(self) -> SessionEnd {
+            self.ended.await.unwrap()
+        }
+    }
+
+    /// `warren_messages_delivered_total` for WebSocket sessions.
+    fn delivered(node: &Node) -> u64 {
+        let text = node.metrics.render(0, true);
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"warren_messages_delivered_total{transport="ws"} "#));
+        line.expect("the counter is rendered").parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deliveries_reach_the_client_in_order() {
+        let mut h = start(Gate::default(), quiet_presence).await;
+        let room = Destination::Room(RoomName::parse(ROOM).unwrap());
+        for i in 0..600 {
+            let frame = format!(r#"{{"type":"message","n":{i}}}"#);
+            h.node.bus.publish(&room, Bytes::from(frame)).await.unwrap();
+        }
+        for i in 0..600 {
+            assert_eq!(h.next_frame().await["n"], i);
+        }
+        assert_eq!(delivered(&h.node), 600);
+    }
+
+    /// Regression: WebSocket sessions counted a delivery before the socket
+    /// write, SSE after it. Only what reached the transport counts.
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_the_transport_refused_is_not_counted() {
+        let mut h = start(Gate::default(), quiet_presence).await;
+        let room = Destination::Room(RoomName::parse(ROOM).unwrap());
+        h.node
+            .bus
+            .publish(&room, Bytes::from_static(br#"{"type":"message","n":0}"#))
+            .await
+            .unwrap();
+        assert_eq!(h.next_frame().await["n"], 0);
+        // The client goes away: the next write fails.
+        h.out.close();
+        h.node
+            .bus
+            .publish(&room, Bytes::from_static(br#"{"type":"message","n":1}"#))
+            .await
+            .unwrap();
+        let node = h.node.clone();
+        assert!(matches!(h.end().await, SessionEnd::ClientGone(_)));
+        assert_eq!(delivered(&node), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirms_become_acks_and_errors_in_publish_order() {
+        let mut h = start(Gate::default(), quiet_presence).await;
+        h.say(r#"{"type":"message","text":"one","ref":"c1"}"#).await;
+        h.say(r#"{"type":"direct","to":"bob","text":"two","ref":"c2"}"#)
+            .await;
+        h.say(r#"{"type":"message","text":"no ref"}"#).await;
+        h.say(r#"{"type":"message","text":"four","ref":"c4"}"#)
+            .await;
+        h.published(4).await;
+        let published = h.gate.held.lock().unwrap()[0].0.clone();
+        assert_eq!(published["from"], "alice", "the server sets the sender");
+        assert_eq!(published["room"], ROOM);
+        // Confirms arriving out of order are still answered in publish order.
+        h.gate.confirm(3, Err(BusError::Unavailable("nack".into())));
+        h.gate.confirm(2, Ok(()));
+        h.gate.confirm(1, Err(BusError::NoRecipient));
+        h.gate.confirm(0, Ok(()));
+        let ack = h.next_frame().await;
+        assert_eq!(
+            (ack["type"].as_str(), ack["ref"].as_str()),
+            (Some("ack"), Some("c1"))
+        );
+        assert_eq!(ack["id"], published["id"]);
+        let missing = h.next_frame().await;
+        assert_eq!(missing["code"], "user_not_found");
+        assert_eq!(missing["ref"], "c2");
+        let refused = h.next_frame().await;
+        assert_eq!(refused["code"], "unavailable");
+        assert_eq!(
+            refused["ref"], "c4",
+            "the publish without a ref is not answered"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_error_budget_closes_an_abusive_client_with_1008() {
+        let mut h = start(Gate::default(), quiet_presence).await;
+        for _ in 0..ERROR_BUDGET {
+            h.say("not json").await;
+        }
+        for _ in 0..ERROR_BUDGET {
+            assert_eq!(h.next_frame().await["code"], "invalid_json");
+        }
+        // A new window forgives the old mistakes.
+        tokio::time::advance(ERROR_WINDOW + Duration::from_secs(1)).await;
+        for _ in 0..ERROR_BUDGET {
+            h.client.send(Inbound::Binary).await.unwrap();
+        }
+        for _ in 0..ERROR_BUDGET {
+            assert_eq!(h.next_frame().await["code"], "unsupported_frame");
+        }
+        h.say("{}").await;
+        assert_eq!(
+            h.next().await,
+            Out::Close(Some((
+                close_code::POLICY_VIOLATION,
+                "too many invalid frames"
+            )))
+        );
+        assert_eq!(h.end().await, SessionEnd::Abusive);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_pinged_then_dropped() {
+        let mut h = start(Gate::default(), quiet_presence).await;
+        let interval = h.node.config.ping_interval();
+        let started = Instant::now();
+        assert_eq!(h.next().await, Out::Ping);
+        assert_eq!(started.elapsed(), interval);
+        // A pong is a sign of life: the next silence is counted from it.
+        h.client.send(Inbound::Control).await.unwrap();
+        assert_eq!(h.next().await, Out::Ping);
+        assert_eq!(h.next().await, Out::Ping);
+        assert_eq!(
+            h.next().await,
+            Out::Close(Some((close_code::GOING_AWAY, "no answer to pings")))
+        );
+        assert!(started.elapsed() >= interval * 4);
+        assert_eq!(h.end().await, SessionEnd::Silent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn back_pressure_stops_reading_at_max_in_flight() {
+        let mut h = start(Gate::default(), quiet_presence).await;
+        for i in 0..=MAX_IN_FLIGHT {
+            h.say(&format!(
+                r#"{{"type":"message","text":"{i}","ref":"r{i}"}}"#
+            ))
+            .await;
+        }
+        h.published(MAX_IN_FLIGHT).await;
+        // Minutes pass: the session reads no further, and, not reading, does
+        // not take the client's silence for death.
+        tokio::time::sleep(h.node.config.ping_interval() * 3).await;
+        assert_eq!(h.gate.count(), MAX_IN_FLIGHT);
+        h.gate.confirm(0, Ok(()));
+        h.published(MAX_IN_FLIGHT + 1).await;
+        loop {
+            match h.next().await {
+                Out::Ping => continue,
+                Out::Frame(ack) => {
+                    assert_eq!(ack["ref"], "r0");
+                    break;
+                }
+                Out::Close(c) => panic!("closed under back-pressure: {c:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_closes_with_1001() {
+        let mut h = start(Gate::default(), quiet_presence).await;
+        h.node.lifecycle.shutdown.cancel();
+        assert_eq!(
+            h.next().await,
+            Out::Close(Some((close_code::GOING_AWAY, "server shutting down")))
+        );
+        assert_eq!(h.end().await, SessionEnd::Shutdown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_closes_with_1012_within_the_jitter() {
+        let mut h = start(Gate::default(), quiet_presence).await;
+        let started = Instant::now();
+        h.node.lifecycle.restart.cancel();
+        assert_eq!(
+            h.next().await,
+            Out::Close(Some((
+                close_code::SERVICE_RESTART,
+                "node restarting; reconnect"
+            )))
+        );
+        assert!(started.elapsed() <= h.node.lifecycle.restart_jitter);
+        assert_eq!(h.end().await, SessionEnd::Restart);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_leaves_ends_the_session() {
+        let h = start(Gate::default(), quiet_presence).await;
+        h.client.send(Inbound::Close).await.unwrap();
+        assert_eq!(h.end().await, SessionEnd::ClientClosed);
+        let h = start(Gate::default(), quiet_presence).await;
+        h.client.send(Inbound::TooLarge).await.unwrap();
+        assert_eq!(h.end().await, SessionEnd::TooLarge);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_broker_ends_the_session_with_unavailable_and_1013() {
+        let gate = Gate {
+            stuck: true,
+            ..Gate::default()
+        };
+        let mut h = start(gate, quiet_presence).await;
+        let started = Instant::now();
+        h.say(r#"{"type":"message","text":"hi","ref":"c1"}"#).await;
+        let error = h.next_frame().await;
+        assert_eq!(
+            (error["code"].as_str(), error["ref"].as_str()),
+            (Some("unavailable"), Some("c1"))
+        );
+        assert_eq!(started.elapsed(), crate::bus::BROKER_TIMEOUT);
+        assert_eq!(
+            h.next().await,
+            Out::Close(Some((close_code::TRY_AGAIN_LATER, "broker unavailable")))
+        );
+        assert_eq!(h.end().await, SessionEnd::BrokerLost);
+    }
+
+    /// Regression: a presence channel closed outside a shutdown used to be
+    /// replaced by another closed one, and the session spun on it. A spinning
+    /// task keeps paused time from advancing, so the ping below would never
+    /// come; the watchdog thread turns that hang into a failure.
+    #[test]
+    fn a_closed_presence_channel_does_not_spin() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut h = start(Gate::default(), |node| {
+                    let (_, updates) = broadcast::channel(1);
+                    Joined {
+                        members: Vec::new(),
+                        total: 1,
+                        updates,
+                        presence: node.presence.clone(),
+                    }
+                })
+                .await;
+                assert_eq!(h.next().await, Out::Ping);
+            });
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the session spun on a closed presence channel");
+    }
+}
