@@ -104,6 +104,18 @@ pub struct Config {
     #[arg(long, env = "WARREN_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
     pub presence_max_members: usize,
 
+    /// Connections one user id may hold at once, across the cluster (tabs,
+    /// devices). One more is refused with `409 too_many_sessions`; 1 gives
+    /// protocol v1's one-session-per-user rule.
+    #[arg(long, env = "WARREN_SESSIONS_PER_USER", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub sessions_per_user: u16,
+
+    /// Rooms one connection may subscribe to at once; one more is refused with
+    /// `too_many_rooms`.
+    #[arg(long, env = "WARREN_MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_rooms_per_connection: usize,
+
     /// Log format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -46,7 +46,9 @@ error_codes! {
     OriginNotAllowed => "origin_not_allowed", FORBIDDEN;
     TokenRequired => "token_required", FORBIDDEN;
     UserNotFound => "user_not_found", NOT_FOUND;
-    UserTaken => "user_taken", CONFLICT;
+    TooManySessions => "too_many_sessions", CONFLICT;
+    TooManyRooms => "too_many_rooms", CONFLICT;
+    NotSubscribed => "not_subscribed", CONFLICT;
     RequestTimeout => "request_timeout", REQUEST_TIMEOUT;
     MessageTooLarge => "message_too_large", PAYLOAD_TOO_LARGE;
     UnsupportedMediaType => "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE;
@@ -166,11 +168,11 @@ mod tests {
 
     #[test]
     fn replies_carry_their_code_and_status() {
-        let r = ClientError::new(ErrorCode::UserTaken, "x").into_response();
+        let r = ClientError::new(ErrorCode::TooManySessions, "x").into_response();
         assert_eq!(r.status(), StatusCode::CONFLICT);
         assert_eq!(
             r.extensions().get::<ErrorCode>(),
-            Some(&ErrorCode::UserTaken)
+            Some(&ErrorCode::TooManySessions)
         );
     }
 }

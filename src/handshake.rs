@@ -2,30 +2,42 @@
 //!
 //! A WebSocket upgrade and a Server-Sent Events stream are admitted the same way,
 //! before any byte of the stream is sent, so a refusal is an HTTP status with a
-//! JSON body: validate room and user → check Origin → check the node is ready →
-//! claim the user id on this node → subscribe on the bus (declare and bind the
-//! session's queue, bounded by [`crate::bus::BROKER_TIMEOUT`]). The first event
-//! the client then reads (`welcome`) means it is already subscribed.
+//! JSON body: validate the query → check Origin → check the node is ready →
+//! claim one of the user's session slots (this node's claims, then the bus's
+//! slot queues across the cluster) → open the session's queue on the bus and,
+//! when the URL names a room (v1 clients, event streams), bind it there; all
+//! bounded by [`crate::bus::BROKER_TIMEOUT`]. The first event the client then
+//! reads (`welcome`) means it is already subscribed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::warn;
 
-use crate::bus::{BusError, Subscription};
+use crate::bus::{BusError, SessionLink, Subscription};
 use crate::claims::{Claim, RECONNECT_GRACE};
 use crate::error::{ClientError, ErrorCode};
-use crate::names::{RoomName, UserId};
+use crate::names::{RoomName, SessionId, UserId};
 use crate::node::Node;
 
-/// Who asks to join which room.
+/// How long to wait before scanning a user's slots again when every one was
+/// held on some node: a client that reconnected at once may be racing its
+/// old session's cleanup on another node.
+const TAKEN_RETRIES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+];
+
+/// Who asks to connect, and the room the URL names, if any.
 pub struct Handshake {
-    pub room: RoomName,
+    pub room: Option<RoomName>,
     pub user: UserId,
 }
 
 impl Handshake {
-    /// From `?room=&user=`; both optional (the lobby; a `guest-<random>` id).
+    /// From `?room=&user=`; both optional (no room; a `guest-<random>` id).
     pub fn from_query(query: &HashMap<String, String>) -> Result<Self, ClientError> {
         Self::new(
             query.get("room").map(String::as_str),
@@ -34,7 +46,7 @@ impl Handshake {
     }
 
     pub fn new(room: Option<&str>, user: Option<&str>) -> Result<Self, ClientError> {
-        let room = RoomName::parse_or_default(room)?;
+        let room = room.map(RoomName::parse).transpose()?;
         let user = match user {
             Some(user) => UserId::parse(user)?,
             None => UserId::guest(),
@@ -43,22 +55,24 @@ impl Handshake {
     }
 }
 
-/// Who a session is and where.
-pub struct Member {
-    pub room: RoomName,
+/// Who a session is: its user, and its own id.
+pub struct Identity {
     pub user: UserId,
+    pub session: SessionId,
 }
 
-/// A session that may start: its user id is held and its queue is bound.
+/// A session that may start: its slot is held, its queue declared, and bound
+/// to `room` when the URL named one.
 pub struct Admitted {
-    pub member: Member,
+    pub identity: Identity,
+    pub room: Option<RoomName>,
     pub claim: Claim,
     pub subscription: Subscription,
 }
 
 impl Admitted {
     /// Give the place back when the session never started (the client left
-    /// between the 101 and the upgrade): delete the queue, free the user id.
+    /// between the 101 and the upgrade): delete the queue, free the slot.
     pub async fn abandon(self) {
         self.subscription.into_lease().release().await;
         drop(self.claim);
@@ -81,8 +95,14 @@ pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[Strin
     host.is_some_and(|host| host.eq_ignore_ascii_case(authority))
 }
 
-fn user_taken() -> ClientError {
-    ClientError::new(ErrorCode::UserTaken, "that user id is already connected")
+fn too_many_sessions(node: &Node) -> ClientError {
+    ClientError::new(
+        ErrorCode::TooManySessions,
+        format!(
+            "this user id already has {} connections",
+            node.config.sessions_per_user
+        ),
+    )
 }
 
 /// The checks that need no claim and no broker round trip.
@@ -99,44 +119,89 @@ pub fn precheck(node: &Node, origin: Option<&str>, host: Option<&str>) -> Result
     })
 }
 
-/// Claim the user id and subscribe. Call after [`precheck`].
+/// Claim a session slot, open the session's queue, and bind it to the URL's
+/// room. Call after [`precheck`].
 pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, ClientError> {
     let Handshake { room, user } = handshake;
-    let Some(claim) = node.claims.claim(&user, RECONNECT_GRACE).await else {
-        return Err(user_taken());
-    };
-    match node.bus.subscribe(&room, &user).await {
-        Ok(subscription) => Ok(Admitted {
-            member: Member { room, user },
-            claim,
-            subscription,
-        }),
-        Err(BusError::UserTaken) => Err(user_taken()),
-        Err(e) => {
-            warn!(error = %e, %user, "subscribe failed");
-            Err(ClientError::unavailable())
+    let session = SessionId::random();
+    let (claim, mut subscription) = open(node, &user, &session).await?;
+    if let Some(room) = &room {
+        if let Err(e) = subscription.link.bind(room).await {
+            warn!(error = %e, %user, %room, "binding the session's queue failed");
+            subscription.into_lease().release().await;
+            return Err(ClientError::unavailable());
+        }
+        subscription.inbox.follow(room);
+    }
+    Ok(Admitted {
+        identity: Identity { user, session },
+        room,
+        claim,
+        subscription,
+    })
+}
+
+/// Hold one of `user`'s session slots and open the session's queue. A slot
+/// this node does not hold may be held by another: the bus says so, and the
+/// next one is tried. When every slot is held, try again a few times (a
+/// reconnecting client races its old session's end) before refusing.
+async fn open(
+    node: &Node,
+    user: &UserId,
+    session: &SessionId,
+) -> Result<(Claim, Subscription), ClientError> {
+    let max = node.config.sessions_per_user;
+    let mut retries = TAKEN_RETRIES.iter();
+    loop {
+        let Some(mut claim) = node.claims.claim(user, max, RECONNECT_GRACE).await else {
+            return Err(too_many_sessions(node));
+        };
+        loop {
+            match node.bus.open(session, user, claim.slot()).await {
+                Ok(subscription) => return Ok((claim, subscription)),
+                Err(BusError::SlotTaken) => {}
+                Err(e) => {
+                    warn!(error = %e, %user, "opening a session failed");
+                    return Err(ClientError::unavailable());
+                }
+            }
+            match node.claims.claim_above(user, max, Some(claim.slot())) {
+                Some(next) => claim = next,
+                None => break,
+            }
+        }
+        match retries.next() {
+            Some(delay) => tokio::time::sleep(*delay).await,
+            None => return Err(too_many_sessions(node)),
         }
     }
 }
 
-/// What admission would answer, without subscribing: for a plain GET of a
-/// session endpoint, since browsers cannot read a refused upgrade's status.
+/// What admission would answer, without opening anything: for a plain GET of
+/// a session endpoint, since browsers cannot read a refused upgrade's status.
 /// `Ok` means the session would be admitted.
 pub async fn probe(node: &Node, handshake: &Handshake) -> Result<(), ClientError> {
-    if is_held(node, &handshake.user).await? {
-        return Err(user_taken());
+    let max = node.config.sessions_per_user;
+    let full = node.claims.sessions_of(&handshake.user) >= usize::from(max)
+        || node
+            .bus
+            .is_full(&handshake.user, max)
+            .await
+            .map_err(|_| ClientError::unavailable())?;
+    if full {
+        return Err(too_many_sessions(node));
     }
     Ok(())
 }
 
 /// Does a session anywhere hold `user`? This node's claims first (no broker
-/// round trip), then the broker's exclusive queues.
+/// round trip), then the bus's slots.
 pub async fn is_held(node: &Node, user: &UserId) -> Result<bool, ClientError> {
     if node.claims.is_claimed(user) {
         return Ok(true);
     }
     node.bus
-        .is_connected(user)
+        .is_connected(user, node.config.sessions_per_user)
         .await
         .map_err(|_| ClientError::unavailable())
 }
@@ -148,8 +213,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_abandoned_admission_leaves_nothing_behind() {
-        // The embedded bus forgets a room once its last inbox goes; a failed
-        // upgrade used to release the queue while the inbox still lived.
+        // A failed upgrade must give back the queue, the room and the slot.
         let node = Node::start(Config::defaults()).await.unwrap();
         let handshake = Handshake::new(Some("lobby"), Some("alice")).unwrap();
         let admitted = admit(&node, handshake).await.unwrap();
@@ -157,6 +221,7 @@ mod tests {
             panic!("the default configuration runs on the embedded bus");
         };
         assert_eq!((bus.room_count(), bus.user_count()), (1, 1));
+        assert!(node.claims.is_claimed(&UserId::parse("alice").unwrap()));
         admitted.abandon().await;
         assert_eq!((bus.room_count(), bus.user_count()), (0, 0));
         assert!(!node.claims.is_claimed(&UserId::parse("alice").unwrap()));
@@ -192,7 +257,7 @@ mod tests {
     #[test]
     fn handshake_defaults() {
         let h = Handshake::from_query(&HashMap::new()).unwrap();
-        assert_eq!(h.room.as_str(), "lobby");
+        assert_eq!(h.room, None);
         assert!(h.user.as_str().starts_with("guest-"));
         let bad: HashMap<_, _> = [("room".to_string(), "a b".to_string())].into();
         assert_eq!(

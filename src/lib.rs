@@ -12,11 +12,12 @@
 //! - [`transport`]: one file per way in — [`transport::websocket`],
 //!   [`transport::sse`] (Server-Sent Events) and [`transport::publish`] (HTTP
 //!   POST). Each only adapts its wire.
-//! - [`handshake`]: admission shared by every transport: validate, claim the
-//!   user id, subscribe on the bus — before any byte of the stream is sent.
+//! - [`handshake`]: admission shared by every transport: validate, claim a
+//!   session slot of the user id, open the session's queue on the bus — before
+//!   any byte of the stream is sent.
 //! - [`session`]: one session's life, once for every transport: welcome, the
-//!   loop ([`session::events`]), cleanup; [`session::connection`] is what a
-//!   transport implements.
+//!   loop ([`session::events`]), its rooms ([`session::rooms`]), cleanup;
+//!   [`session::connection`] is what a transport implements.
 //! - [`node`]: what a node's sessions and handlers share, its lifecycle and its
 //!   readiness.
 //! - [`bus`]: the one abstraction sessions publish to and receive from, with two
@@ -24,7 +25,7 @@
 //!   per room, over [`bus::pool`]) and [`bus::memory`] (embedded, one node).
 //! - [`presence`]: who is in each room across nodes, and the live node list,
 //!   gossiped between nodes over the bus ([`presence::view`] is the pure state).
-//! - [`claims`]: which user ids have a session on this node.
+//! - [`claims`]: which session slots of which user ids this node holds.
 //! - [`tokens`]: posting tokens, so HTTP publishing cannot speak for a
 //!   connected user.
 //! - [`metrics`]: the node's Prometheus metrics.

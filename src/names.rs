@@ -14,9 +14,6 @@ pub const MAX_ROOM_LEN: usize = 64;
 /// Longest user id accepted.
 pub const MAX_USER_LEN: usize = 32;
 
-/// The room a client joins when it names none.
-pub const DEFAULT_ROOM: &str = "lobby";
-
 /// Why a name was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum NameError {
@@ -44,11 +41,6 @@ impl RoomName {
         } else {
             Err(NameError::InvalidRoom)
         }
-    }
-
-    /// The room a client lands in when the query names none.
-    pub fn parse_or_default(s: Option<&str>) -> Result<Self, NameError> {
-        Self::parse(s.unwrap_or(DEFAULT_ROOM))
     }
 
     pub fn as_str(&self) -> &str {
@@ -93,6 +85,29 @@ impl fmt::Display for UserId {
     }
 }
 
+/// A session's id: 32 random hex digits, fresh for every connection. It names
+/// the session's queue (`<prefix>.conn.<session>`), so it must be unique across
+/// the cluster; it is unguessable, so a later resume can be bound to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(String);
+
+impl SessionId {
+    pub fn random() -> Self {
+        let n: u128 = rand::rng().random();
+        Self(format!("{n:032x}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,7 +124,6 @@ mod tests {
         for bad in ["", "a.b", "a b", "é", "a/b", "#x"] {
             assert_eq!(RoomName::parse(bad), Err(NameError::InvalidRoom), "{bad:?}");
         }
-        assert_eq!(RoomName::parse_or_default(None).unwrap().as_str(), "lobby");
     }
 
     #[test]

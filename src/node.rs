@@ -108,6 +108,7 @@ impl Node {
             .unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff));
         let metrics = Arc::new(Metrics::new());
         let bus = Bus::connect(&config, &id, metrics.broker_reconnects.clone()).await?;
+        let sessions = TaskTracker::new();
         let presence = Presence::start(
             bus.clone(),
             id.clone(),
@@ -116,6 +117,7 @@ impl Node {
                 batch: Duration::from_millis(config.presence_batch_ms.max(10)),
                 max_members: config.presence_max_members,
             },
+            sessions.clone(),
         );
         Ok(Arc::new(Node {
             tokens: Tokens::new(config.session_secret.as_deref()),
@@ -132,7 +134,7 @@ impl Node {
             metrics,
             claims: Claims::new(),
             ids: MessageIds::default(),
-            sessions: TaskTracker::new(),
+            sessions,
         }))
     }
 

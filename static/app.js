@@ -21,12 +21,16 @@
 
   // Server-Sent Event names the page listens to (the frame `type`s).
   const SSE_EVENTS = ['welcome', 'message', 'direct', 'presence', 'ack', 'error'];
+  // Rooms one page keeps (the server allows more per connection).
+  const MAX_ROOMS = 20;
 
   // Refusals the user has to fix by hand: never reconnect on these.
-  const FATAL_CODES = new Set(['user_taken', 'invalid_user', 'invalid_room', 'origin_not_allowed']);
+  const FATAL_CODES = new Set(['too_many_sessions', 'invalid_user', 'invalid_room', 'origin_not_allowed']);
 
   const FRIENDLY = {
-    user_taken: 'That name is taken — someone is using it (in this or another room). Pick another.',
+    too_many_sessions: 'That name is connected in too many tabs or devices already. Close one, or pick another name.',
+    too_many_rooms: 'You are in as many rooms as a connection may be.',
+    not_subscribed: 'You are not in that room.',
     invalid_user: 'That name is not allowed: use 1–32 letters, digits, - or _.',
     invalid_room: 'That room name is not allowed: use 1–64 letters, digits, - or _.',
     origin_not_allowed: 'This page’s origin is not allowed to connect to the server.',
@@ -48,6 +52,7 @@
 
   const LS_NAME = 'warren.name';
   const LS_ROOM = 'warren.room';
+  const LS_ROOMS = 'warren.rooms';
   const LS_TRANSPORT = 'warren.transport';
 
   const $ = (sel) => document.querySelector(sel);
@@ -80,12 +85,16 @@
     text: $('#text'),
     send: $('#send'),
     error: $('#error'),
+    addRoom: $('#add-room'),
+    newRoom: $('#new-room'),
   };
 
   // ---------------------------------------------------------------- state
   const state = {
     user: '',
-    room: '',
+    room: '',            // the room whose members the panel shows (the last one viewed)
+    rooms: [],           // rooms this page is in, in the order joined
+    subscribing: new Map(), // ref -> room, a subscribe awaiting its answer
     mode: 'auto',        // what the user picked: auto | ws | sse
     transport: 'ws',     // what is in use (or being tried): ws | sse
     sseUnsupported: false,
@@ -105,7 +114,7 @@
     earlyEchoes: new Map(),// id -> {frame, timer} own echo seen before its ack
     convs: new Map(),      // '#room' | '@user' -> conversation
     active: '',            // key of the conversation on screen
-    members: new Set(),    // everyone in the room (from welcome + presence)
+    members: new Map(),    // room -> Set of members (from subscribed/welcome + presence)
     hiddenUnread: 0,       // messages in the active conversation while the tab was hidden
   };
 
@@ -144,8 +153,8 @@
       el.text.placeholder = el.status.dataset.state === 'disconnected' ? 'Disconnected' : 'Waiting for connection…';
     } else if (conv && conv.kind === 'direct') {
       el.text.placeholder = conv.peer === state.user ? 'Note to yourself' : 'Message @' + conv.peer;
-    } else {
-      el.text.placeholder = 'Message #' + state.room;
+    } else if (conv) {
+      el.text.placeholder = 'Message ' + conv.key;
     }
   }
 
@@ -215,7 +224,13 @@
   // Each has its own message list; only the active one is shown.
   function activeConv() { return state.convs.get(state.active) || null; }
 
-  function roomKey() { return '#' + state.room; }
+  function roomKey(room) { return '#' + (room === undefined ? state.room : room); }
+
+  function membersOf(room) {
+    let m = state.members.get(room);
+    if (!m) { m = new Set(); state.members.set(room, m); }
+    return m;
+  }
 
   function ensureConv(key) {
     let conv = state.convs.get(key);
@@ -262,7 +277,7 @@
     }
     const label = document.createElement('span');
     label.className = 'conv-name';
-    label.textContent = direct ? conv.peer : state.room;
+    label.textContent = direct ? conv.peer : key.slice(1);
     b.appendChild(label);
     if (direct && conv.peer === state.user) {
       const you = document.createElement('span');
@@ -281,6 +296,17 @@
     b.addEventListener('click', () => switchConv(key));
     const li = document.createElement('li');
     li.appendChild(b);
+    if (!direct) {
+      const leave = document.createElement('button');
+      leave.type = 'button';
+      leave.className = 'conv-leave';
+      leave.dataset.room = key.slice(1);
+      leave.textContent = '✕';
+      leave.title = 'Leave ' + key;
+      leave.setAttribute('aria-label', 'Leave ' + key);
+      li.appendChild(leave);
+    }
+    conv.item = li;
     el.conversations.appendChild(li);
 
     state.convs.set(key, conv);
@@ -321,6 +347,10 @@
     }
     el.chatView.dataset.kind = next.kind;
     el.roomTitle.textContent = next.kind === 'direct' ? '@' + next.peer : next.key;
+    if (next.kind === 'room' && next.key.slice(1) !== state.room) {
+      state.room = next.key.slice(1);
+      renderMembers();
+    }
     if (next.stick) scrollToBottom(); else { next.list.scrollTop = next.scrollTop; el.jump.hidden = true; }
     if (next.button.scrollIntoView) next.button.scrollIntoView({ block: 'nearest', inline: 'nearest' });
     updateComposer();
@@ -345,13 +375,31 @@
     el.messages.textContent = '';
     el.conversations.textContent = '';
     el.chatView.dataset.convs = '0';
-    setMembers([]);
+    state.members = new Map();
+    state.subscribing.clear();
+    renderMembers();
+  }
+
+  // Forget a room's conversation (after leaving it).
+  function dropConv(key) {
+    const conv = state.convs.get(key);
+    if (!conv) return;
+    conv.list.remove();
+    if (conv.item) conv.item.remove();
+    state.convs.delete(key);
+    el.chatView.dataset.convs = String(state.convs.size);
+    if (state.active === key) {
+      state.active = '';
+      const next = state.rooms.length ? roomKey(state.rooms[0]) : (state.convs.keys().next().value || '');
+      if (next) switchConv(next);
+    }
+    updateTitle();
   }
 
   // ---------------------------------------------------------------- members
   function sortedMembers() {
     const me = state.user;
-    return Array.from(state.members).sort((a, b) => {
+    return Array.from(membersOf(state.room)).sort((a, b) => {
       if (a === me) return -1;
       if (b === me) return 1;
       const x = a.toLowerCase();
@@ -397,7 +445,7 @@
     for (const li of Array.from(el.members.children)) {
       const b = li.querySelector('.member');
       const name = b ? b.dataset.user : '';
-      if (!name || !state.members.has(name) || have.has(name)) li.remove();
+      if (!name || !membersOf(state.room).has(name) || have.has(name)) li.remove();
       else have.set(name, li);
     }
     let prev = null;
@@ -407,7 +455,7 @@
       if (li !== expected) el.members.insertBefore(li, expected);
       prev = li;
     }
-    const n = String(state.members.size);
+    const n = String(membersOf(state.room).size);
     el.memberCount.textContent = n;
     el.membersN.textContent = n;
     el.membersRoom.textContent = '#' + state.room;
@@ -418,41 +466,44 @@
   function updatePresenceDots() {
     for (const c of state.convs.values()) {
       if (c.kind !== 'direct') continue;
-      const here = state.members.has(c.peer);
-      c.button.dataset.online = here ? 'true' : 'false';
-      c.button.title = here ? c.peer + ' is in #' + state.room : c.peer + ' is not in #' + state.room;
+      const where = state.rooms.filter((r) => membersOf(r).has(c.peer));
+      c.button.dataset.online = where.length ? 'true' : 'false';
+      c.button.title = where.length ? c.peer + ' is in #' + where.join(', #') : c.peer + ' is in none of your rooms';
     }
   }
 
-  function setMembers(list) {
-    state.members = new Set(list.filter((n) => typeof n === 'string' && n));
+  function setMembers(room, list) {
+    const m = new Set(list.filter((n) => typeof n === 'string' && n));
+    if (state.user) m.add(state.user); // we are there while subscribed
+    state.members.set(room, m);
     renderMembers();
   }
 
-  function applyPresence(joins, leaves) {
+  function applyPresence(roomName, joins, leaves) {
+    const members = membersOf(roomName);
     const joined = [];
     const left = [];
     for (const n of leaves) {
-      if (typeof n === 'string' && state.members.delete(n) && n !== state.user) left.push(n);
+      if (typeof n === 'string' && n !== state.user && members.delete(n)) left.push(n);
     }
     for (const n of joins) {
-      if (typeof n !== 'string' || !n || state.members.has(n)) continue;
-      state.members.add(n);
+      if (typeof n !== 'string' || !n || members.has(n)) continue;
+      members.add(n);
       if (n !== state.user) joined.push(n);
     }
-    if (state.user) state.members.add(state.user); // we are here while connected
+    if (state.user) members.add(state.user); // we are here while subscribed
     renderMembers();
-    const room = state.convs.get(roomKey());
+    const room = state.convs.get(roomKey(roomName));
     if (!room) return;
-    if (joined.length) appendSystem(room, listNames(joined) + (joined.length === 1 ? ' joined' : ' joined'));
+    if (joined.length) appendSystem(room, listNames(joined) + ' joined');
     if (left.length) appendSystem(room, listNames(left) + ' left');
     for (const n of left) {
       const dm = state.convs.get('@' + n);
-      if (dm && dm.list.children.length) appendSystem(dm, n + ' left #' + state.room);
+      if (dm && dm.list.children.length) appendSystem(dm, n + ' left #' + roomName);
     }
     for (const n of joined) {
       const dm = state.convs.get('@' + n);
-      if (dm && dm.list.children.length) appendSystem(dm, n + ' joined #' + state.room);
+      if (dm && dm.list.children.length) appendSystem(dm, n + ' joined #' + roomName);
     }
   }
 
@@ -582,8 +633,12 @@
     if (stick) scrollToBottom();
   }
 
+  // A notice about the connection: shown in the room on screen (or the first).
   function appendSystemRoom(text) {
-    appendSystem(ensureConv(roomKey()), text);
+    const conv = activeConv();
+    if (conv) { appendSystem(conv, text); return; }
+    const room = state.rooms[0] || state.room;
+    if (room) appendSystem(ensureConv(roomKey(room)), text);
   }
 
   // label: short marker in the meta row; note: optional explanation below the
@@ -629,7 +684,7 @@
       const peer = f.from === state.user ? f.to : f.from;
       return ensureConv('@' + peer);
     }
-    return ensureConv(roomKey());
+    return ensureConv(roomKey(f.room));
   }
 
   function showIncoming(f) {
@@ -647,6 +702,8 @@
     if (!f || typeof f !== 'object' || typeof f.type !== 'string') return;
     switch (f.type) {
       case 'welcome': return onWelcome(f);
+      case 'subscribed': return onSubscribed(f);
+      case 'unsubscribed': return onUnsubscribed(f);
       case 'message': return onChat(f);
       case 'direct': return onChat(f);
       case 'presence': return onPresence(f);
@@ -661,32 +718,114 @@
     if (state.transport === 'ws') state.wsFailures = 0;
     if (typeof f.user === 'string' && f.user) state.user = f.user;
     state.token = typeof f.token === 'string' ? f.token : undefined;
-    if (typeof f.room === 'string' && f.room && f.room !== state.room) {
-      state.room = f.room;
+    state.subscribing.clear();
+    // An event stream is subscribed to its one room by its URL; a WebSocket
+    // starts in none and subscribes to every room of the page.
+    if (typeof f.room === 'string' && f.room) {
+      onSubscribed({ type: 'subscribed', room: f.room, members: f.members });
     }
-    ensureConv(roomKey());
-    if (!state.active) switchConv(roomKey());
+    if (state.transport === 'ws') {
+      for (const room of state.rooms) {
+        if (room !== f.room) subscribe(room);
+      }
+    }
+    if (!state.active && state.rooms.length) switchConv(roomKey(state.rooms[0]));
     const conv = activeConv();
-    el.roomTitle.textContent = conv && conv.kind === 'direct' ? '@' + conv.peer : roomKey();
+    if (conv) el.roomTitle.textContent = conv.kind === 'direct' ? '@' + conv.peer : conv.key;
     updateTitle();
-    const members = Array.isArray(f.members) ? f.members.slice() : [];
-    if (members.indexOf(state.user) < 0) members.push(state.user);
-    setMembers(members);
-    let detail = 'connected as ' + state.user + ' in #' + state.room + ' via ' +
+    let detail = 'connected as ' + state.user + ' via ' +
       (state.transport === 'sse' ? 'Server-Sent Events' : 'WebSocket');
     if (typeof f.node === 'string' && f.node) detail += ' (node ' + f.node + ')';
     setStatus('connected', 'connected', ' as ' + state.user);
     el.status.title = detail;
     clearError();
-    appendSystemRoom((state.everConnected ? 'Reconnected to #' : 'Joined #') + state.room + ' as ' + state.user +
+    appendSystemRoom((state.everConnected ? 'Reconnected' : 'Connected') + ' as ' + state.user +
       (state.transport === 'sse' ? ' (via Server-Sent Events)' : ''));
     state.everConnected = true;
+  }
+
+  function subscribe(room) {
+    const ws = state.ws;
+    if (!ws || ws.readyState !== 1 /* OPEN */) return;
+    const ref = 's' + (++state.refCounter);
+    state.subscribing.set(ref, room);
+    ws.send(JSON.stringify({ type: 'subscribe', room: room, ref: ref }));
+  }
+
+  function onSubscribed(f) {
+    if (typeof f.room !== 'string' || !ROOM_RE.test(f.room)) return;
+    if (typeof f.ref === 'string') state.subscribing.delete(f.ref);
+    if (state.rooms.indexOf(f.room) < 0) { state.rooms.push(f.room); saveRooms(); }
+    const conv = ensureConv(roomKey(f.room));
+    setMembers(f.room, Array.isArray(f.members) ? f.members : []);
+    updatePresenceDots();
+    if (!state.active) switchConv(conv.key);
+    appendSystem(conv, 'In #' + f.room + ' as ' + state.user);
+  }
+
+  function onUnsubscribed(f) {
+    if (typeof f.room !== 'string') return;
+    state.members.delete(f.room);
+    updatePresenceDots();
+  }
+
+  function saveRooms() {
+    try { localStorage.setItem(LS_ROOMS, JSON.stringify(state.rooms)); } catch (_) { /* ignore */ }
+  }
+
+  function savedRooms() {
+    try {
+      const list = JSON.parse(localStorage.getItem(LS_ROOMS) || '[]');
+      return Array.isArray(list) ? list.filter((r) => typeof r === 'string' && ROOM_RE.test(r)) : [];
+    } catch (_) { return []; }
+  }
+
+  // Join another room from the sidebar (WebSocket only: an event stream
+  // carries one room).
+  function onAddRoom(ev) {
+    ev.preventDefault();
+    const room = el.newRoom.value.trim().replace(/^#/, '');
+    el.newRoom.removeAttribute('aria-invalid');
+    if (!ROOM_RE.test(room)) {
+      el.newRoom.setAttribute('aria-invalid', 'true');
+      showError('Rooms are 1–64 characters: letters, digits, - or _ (no spaces).', 'invalid_input');
+      return;
+    }
+    el.newRoom.value = '';
+    if (state.rooms.indexOf(room) >= 0) { switchConv(roomKey(room)); return; }
+    if (state.transport === 'sse') {
+      showError('Joining several rooms needs a WebSocket connection.', 'sse_one_room');
+      return;
+    }
+    if (state.rooms.length >= MAX_ROOMS) {
+      showError(FRIENDLY.too_many_rooms, 'too_many_rooms');
+      return;
+    }
+    state.rooms.push(room);
+    saveRooms();
+    switchConv(roomKey(room));
+    subscribe(room);
+  }
+
+  function leaveRoom(room) {
+    const i = state.rooms.indexOf(room);
+    if (i < 0) return;
+    if (state.rooms.length === 1) { onLeave(); return; }
+    state.rooms.splice(i, 1);
+    saveRooms();
+    const ws = state.ws;
+    if (ws && ws.readyState === 1) {
+      ws.send(JSON.stringify({ type: 'unsubscribe', room: room, ref: 'u' + (++state.refCounter) }));
+    }
+    state.members.delete(room);
+    dropConv(roomKey(room));
+    updatePresenceDots();
   }
 
   function onChat(f) {
     if (typeof f.id === 'number') f.id = String(f.id);
     if (typeof f.id !== 'string' || typeof f.text !== 'string' || typeof f.from !== 'string') return;
-    if (f.type === 'message' && typeof f.room === 'string' && state.room && f.room !== state.room) return;
+    if (f.type === 'message' && (typeof f.room !== 'string' || state.rooms.indexOf(f.room) < 0)) return;
     if (f.type === 'direct') {
       if (typeof f.to !== 'string') f.to = state.user;
       if (f.from !== state.user && f.to !== state.user) return; // not ours
@@ -710,15 +849,15 @@
   }
 
   function onPresence(f) {
-    if (typeof f.room === 'string' && state.room && f.room !== state.room) return;
+    if (typeof f.room !== 'string' || state.rooms.indexOf(f.room) < 0) return;
     if (Array.isArray(f.members)) {
       // A resync (we missed diffs): the whole list replaces ours.
       const now = new Set(f.members.filter((n) => typeof n === 'string' && n));
-      const leaves = [...state.members].filter((n) => !now.has(n));
-      applyPresence([...now], leaves);
+      const leaves = [...membersOf(f.room)].filter((n) => !now.has(n));
+      applyPresence(f.room, [...now], leaves);
       return;
     }
-    applyPresence(Array.isArray(f.joins) ? f.joins : [], Array.isArray(f.leaves) ? f.leaves : []);
+    applyPresence(f.room, Array.isArray(f.joins) ? f.joins : [], Array.isArray(f.leaves) ? f.leaves : []);
   }
 
   function onAck(f) {
@@ -748,6 +887,16 @@
   function onServerError(f) {
     const code = typeof f.code === 'string' ? f.code : 'error';
     const msg = typeof f.message === 'string' && f.message ? f.message : (FRIENDLY[code] || code);
+    if (typeof f.ref === 'string' && state.subscribing.has(f.ref)) {
+      // A room we could not join: say so, and forget it.
+      const room = state.subscribing.get(f.ref);
+      state.subscribing.delete(f.ref);
+      const i = state.rooms.indexOf(room);
+      if (i >= 0) { state.rooms.splice(i, 1); saveRooms(); }
+      dropConv(roomKey(room));
+      showError('Could not join #' + room + ': ' + (FRIENDLY[code] || msg), code);
+      return;
+    }
     if (typeof f.ref === 'string' && state.pending.has(f.ref)) {
       const p = state.pending.get(f.ref);
       state.pending.delete(f.ref);
@@ -767,16 +916,19 @@
   }
 
   // ---------------------------------------------------------------- connection
+  // A WebSocket connects in no room and subscribes after `welcome`.
   function query() {
-    return 'room=' + encodeURIComponent(state.room) + '&user=' + encodeURIComponent(state.user);
+    return 'user=' + encodeURIComponent(state.user);
   }
 
   function wsUrl() {
     return (location.protocol === 'https:' ? 'wss' : 'ws') + '://' + location.host + '/ws?' + query();
   }
 
+  // An event stream carries one room: the page's first.
   function sseUrl() {
-    return '/rooms/' + encodeURIComponent(state.room) + '/events?user=' + encodeURIComponent(state.user);
+    return '/rooms/' + encodeURIComponent(state.rooms[0] || state.room) + '/events?user=' +
+      encodeURIComponent(state.user);
   }
 
   function cancelRetry() {
@@ -1068,7 +1220,7 @@
     if (!ws || ws.readyState !== 1 /* OPEN */) return false;
     const frame = conv.kind === 'direct'
       ? { type: 'direct', to: conv.peer, text: text, ref: ref }
-      : { type: 'message', text: text, ref: ref };
+      : { type: 'message', room: conv.key.slice(1), text: text, ref: ref };
     ws.send(JSON.stringify(frame));
     return true;
   }
@@ -1077,7 +1229,7 @@
   function sendHttp(conv, text, ref) {
     const url = conv.kind === 'direct'
       ? '/users/' + encodeURIComponent(conv.peer) + '/messages'
-      : '/rooms/' + encodeURIComponent(state.room) + '/messages';
+      : '/rooms/' + encodeURIComponent(conv.key.slice(1)) + '/messages';
     // The token from our welcome proves we are the session speaking as state.user.
     const body = conv.kind === 'direct'
       ? { from: state.user, text: text, token: state.token }
@@ -1194,8 +1346,12 @@
       localStorage.setItem(LS_TRANSPORT, mode);
     } catch (_) { /* storage may be unavailable */ }
 
-    if (room !== state.room || user !== state.user) resetConversations();
+    if (user !== state.user || state.rooms.indexOf(room) < 0) resetConversations();
     state.user = user;
+    // The room from the form first, then the rooms this browser was in.
+    state.rooms = [room].concat(savedRooms().filter((r) => r !== room)).slice(0, MAX_ROOMS);
+    if (mode === 'sse') state.rooms = [room];
+    saveRooms();
     state.room = room;
     state.mode = mode;
     state.sseUnsupported = false;
@@ -1203,8 +1359,8 @@
     state.attempt = 0;
     state.everConnected = false;
     setTransport(mode === 'sse' ? 'sse' : 'ws');
-    ensureConv(roomKey());
-    switchConv(state.active || roomKey());
+    for (const r of state.rooms) ensureConv(roomKey(r));
+    switchConv(roomKey(room));
     renderMembers();
     showView('chat');
     connect();
@@ -1219,6 +1375,8 @@
     clearError();
     resetConversations();
     state.room = '';
+    state.rooms = [];
+    saveRooms();
     updateTitle();
     showView('join');
     el.name.focus();
@@ -1226,6 +1384,11 @@
 
   // ---------------------------------------------------------------- wiring
   el.joinForm.addEventListener('submit', onJoin);
+  el.addRoom.addEventListener('submit', onAddRoom);
+  el.conversations.addEventListener('click', (ev) => {
+    const b = ev.target instanceof Element ? ev.target.closest('.conv-leave') : null;
+    if (b && b.dataset.room) leaveRoom(b.dataset.room);
+  });
   el.composer.addEventListener('submit', onSend);
   el.leave.addEventListener('click', onLeave);
   el.retry.addEventListener('click', () => { state.attempt = 0; connect(); });

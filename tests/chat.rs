@@ -19,7 +19,7 @@ on_both_buses!(
     bad_input_gets_its_code_and_the_connection_stays_usable,
     oversized_websocket_message_closes_with_1009,
     a_flood_of_invalid_frames_is_closed_as_abuse,
-    user_taken_on_one_node_and_immediate_reconnect,
+    too_many_sessions_on_one_node_and_immediate_reconnect,
     handshake_refusals_are_json,
     http_endpoints,
 );
@@ -245,15 +245,21 @@ async fn a_flood_of_invalid_frames_is_closed_as_abuse(bus: BusKind) {
     server.shutdown().await;
 }
 
-async fn user_taken_on_one_node_and_immediate_reconnect(bus: BusKind) {
-    let server = start(config(bus, &unique_prefix("taken"))).await;
+/// `--sessions-per-user 2`: a third connection of one user id is refused,
+/// the first two are undisturbed, and a slot freed is at once usable again.
+async fn too_many_sessions_on_one_node_and_immediate_reconnect(bus: BusKind) {
+    let mut cfg = config(bus, &unique_prefix("taken"));
+    cfg.sessions_per_user = 2;
+    let server = start(cfg).await;
     let addr = server.local_addr();
     let mut first = connect(addr, "lobby", "frank").await;
+    let _second = connect(addr, "elsewhere", "frank").await;
+    assert_ne!(first.welcome["session"], _second.welcome["session"]);
     let (status, body) = refused(addr, "room=lobby&user=frank", None).await;
     assert_eq!(status, 409);
-    assert_eq!(body["code"], "user_taken");
-    // Even in another room: a user id is one identity.
-    let (status, _) = refused(addr, "room=elsewhere&user=frank", None).await;
+    assert_eq!(body["code"], "too_many_sessions");
+    // In any room, or none: the limit is per user id.
+    let (status, _) = refused(addr, "user=frank", None).await;
     assert_eq!(status, 409);
     // The first session was not disturbed by the refusals.
     send_json(
@@ -306,12 +312,13 @@ async fn handshake_refusals_are_json(bus: BusKind) {
         .await
         .expect("same origin accepted");
     assert_eq!(next_json(&mut socket).await["type"], "welcome");
-    // No room and no user: the lobby, as a guest.
+    // No room and no user: in no room yet, as a guest.
     let (mut guest, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
         .await
         .unwrap();
     let welcome = next_json(&mut guest).await;
-    assert_eq!(welcome["room"], "lobby");
+    assert_eq!(welcome["rooms"], json!([]));
+    assert!(welcome.get("room").is_none(), "{welcome}");
     assert!(welcome["user"].as_str().unwrap().starts_with("guest-"));
     server.shutdown().await;
 }
@@ -340,7 +347,14 @@ async fn http_endpoints(bus: BusKind) {
     assert_eq!(status, 426, "{body}");
     let _holder = connect(addr, "lobby", "somebody").await;
     let (status, _, body) = get(addr, "/ws?user=somebody").await;
+    assert_eq!(status, 426, "a second session is allowed: {body}");
+    let mut holders = Vec::new();
+    for _ in 1..server.node().config.sessions_per_user {
+        holders.push(connect(addr, "lobby", "somebody").await);
+    }
+    let (status, _, body) = get(addr, "/ws?user=somebody").await;
     assert_eq!(status, 409, "{body}");
+    assert!(body.contains("too_many_sessions"), "{body}");
     let (status, _, _) = get(addr, "/ws?user=bad%20name").await;
     assert_eq!(status, 400);
     server.shutdown().await;

@@ -56,16 +56,33 @@ async fn clients_on_different_nodes_talk_both_ways() {
     b.shutdown().await;
 }
 
+/// The per-user session limit holds across nodes exactly: with 2 sessions
+/// per user, one on each node, a third is refused on either; one freed is
+/// usable at once, through the other node.
 #[tokio::test]
-async fn user_taken_across_nodes_and_reconnect_on_the_other_node() {
-    let (a, b, _) = two_nodes("xtaken").await;
+async fn too_many_sessions_across_nodes_and_reconnect_on_the_other_node() {
+    let prefix = unique_prefix("xtaken");
+    let nodes: Vec<_> = ["node-a", "node-b"]
+        .into_iter()
+        .map(|id| {
+            let mut c = config(BusKind::Amqp, &prefix);
+            c.node_id = Some(id.into());
+            c.sessions_per_user = 2;
+            c
+        })
+        .collect();
+    let a = start(nodes[0].clone()).await;
+    let b = start(nodes[1].clone()).await;
     let mut first = connect(a.local_addr(), "lobby", "grace").await;
-    let (status, body) = refused(b.local_addr(), "room=lobby&user=grace", None).await;
-    assert_eq!(
-        (status, body["code"].as_str().unwrap()),
-        (409, "user_taken")
-    );
-    // The plain GET on the other node knows too.
+    let _second = connect(b.local_addr(), "lobby", "grace").await;
+    for node in [&a, &b] {
+        let (status, body) = refused(node.local_addr(), "room=lobby&user=grace", None).await;
+        assert_eq!(
+            (status, body["code"].as_str().unwrap()),
+            (409, "too_many_sessions")
+        );
+    }
+    // The plain GET on either node knows too.
     let (status, _, _) = get(b.local_addr(), "/ws?user=grace").await;
     assert_eq!(status, 409);
     first.socket.close(None).await.unwrap();
@@ -87,11 +104,21 @@ async fn no_queue_is_left_after_disconnects_or_shutdown() {
     for u in &users {
         clients.push(connect(addr, "leaky", u).await);
     }
-    for u in &users {
-        assert!(
-            queue_exists(&format!("{prefix}.user.{u}")).await,
-            "queue of {u} while connected"
-        );
+    // Each connection's queue, and the slot it holds of its user.
+    let queues: Vec<(String, String)> = clients
+        .iter()
+        .zip(&users)
+        .map(|(c, u)| {
+            let session = c.welcome["session"].as_str().unwrap();
+            (
+                format!("{prefix}.conn.{session}"),
+                format!("{prefix}.slot.{u}.0"),
+            )
+        })
+        .collect();
+    for (queue, slot) in &queues {
+        assert!(queue_exists(queue).await, "{queue} while connected");
+        assert!(queue_exists(slot).await, "{slot} while connected");
     }
     assert!(exchange_exists(&format!("{prefix}.room.leaky")).await);
     // Three leave politely, one just drops its TCP connection.
@@ -99,16 +126,18 @@ async fn no_queue_is_left_after_disconnects_or_shutdown() {
         c.socket.close(None).await.unwrap();
     }
     drop(clients.remove(0));
-    for u in &users[..4] {
-        wait_queue_gone(&format!("{prefix}.user.{u}")).await;
+    for (queue, slot) in &queues[..4] {
+        wait_queue_gone(queue).await;
+        wait_queue_gone(slot).await;
     }
     // The last one is closed by a graceful shutdown, with 1001; when shutdown
-    // returns its queue is already gone.
+    // returns its queues are already gone.
     let mut last = clients.remove(0);
     let shutdown = tokio::spawn(server.shutdown());
     assert_eq!(close_code(&mut last.socket).await, Some(1001));
     shutdown.await.unwrap();
-    assert!(!queue_exists(&format!("{prefix}.user.u4")).await);
+    assert!(!queue_exists(&queues[4].0).await);
+    assert!(!queue_exists(&queues[4].1).await);
     // The room's exchange is auto-deleted with its last queue.
     assert!(!exchange_exists(&format!("{prefix}.room.leaky")).await);
 }
@@ -245,7 +274,7 @@ async fn losing_the_broker_closes_sessions_with_1013_and_recovers() {
     );
     server.shutdown().await;
     // The queue died with the broker connection, and the new one was deleted.
-    assert!(!queue_exists(&format!("{prefix}.user.heidi")).await);
+    assert!(!queue_exists(&format!("{prefix}.slot.heidi.0")).await);
 }
 
 #[tokio::test]

@@ -262,8 +262,9 @@ impl Cluster {
         self.nodes.iter_mut().find(|n| n.id == id).unwrap()
     }
 
+    /// The session slot a user's one connection holds; deleted with it.
     fn queue(&self, user: &str) -> String {
-        format!("{}.user.{user}", self.prefix)
+        format!("{}.slot.{user}.0", self.prefix)
     }
 }
 

@@ -30,7 +30,9 @@ fn value(m: &HashMap<String, f64>, key: &str) -> f64 {
 
 #[tokio::test]
 async fn counters_follow_the_traffic() {
-    let server = start(config(BusKind::Amqp, &unique_prefix("metrics"))).await;
+    let mut cfg = config(BusKind::Amqp, &unique_prefix("metrics"));
+    cfg.sessions_per_user = 1;
+    let server = start(cfg).await;
     let addr = server.local_addr();
     let before = scrape(addr).await;
     assert_eq!(value(&before, "warren_ready"), 1.0);
@@ -76,7 +78,10 @@ async fn counters_follow_the_traffic() {
     // Three messages, each to both members.
     assert!(delta(r#"warren_messages_delivered_total{transport="ws"}"#) >= 6.0);
     assert_eq!(delta(r#"warren_errors_total{code="invalid_json"}"#), 1.0);
-    assert_eq!(delta(r#"warren_errors_total{code="user_taken"}"#), 1.0);
+    assert_eq!(
+        delta(r#"warren_errors_total{code="too_many_sessions"}"#),
+        1.0
+    );
     assert_eq!(delta("warren_publish_confirm_seconds_count"), 3.0);
     assert_eq!(value(&after, "warren_publish_in_flight"), 0.0);
 

@@ -113,7 +113,8 @@ async fn sigterm_drains_then_closes_with_1012_deletes_queues_and_exits_0() {
     );
     let mut c = connect(p.addr, "sig", "ivan").await;
     assert_eq!(c.welcome["node"], "proc-1");
-    assert!(queue_exists(&format!("{prefix}.user.ivan")).await);
+    let queue = format!("{prefix}.conn.{}", c.welcome["session"].as_str().unwrap());
+    assert!(queue_exists(&queue).await);
     signal(&p, "-TERM");
     // Draining: not ready at once, no new sessions, but the open one still works.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -140,7 +141,7 @@ async fn sigterm_drains_then_closes_with_1012_deletes_queues_and_exits_0() {
     // Then the node asks its clients to reconnect elsewhere, and exits cleanly.
     assert_eq!(close_code(&mut c.socket).await, Some(1012));
     assert_eq!(exit_code(p).await, Some(0));
-    assert!(!queue_exists(&format!("{prefix}.user.ivan")).await);
+    assert!(!queue_exists(&format!("{prefix}.slot.ivan.0")).await);
 }
 
 #[tokio::test]

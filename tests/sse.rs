@@ -103,7 +103,10 @@ on_both_buses!(
 );
 
 async fn sse_and_websocket_share_a_room(bus: BusKind) {
-    let server = start(config(bus, &unique_prefix("sse1"))).await;
+    // One session per user (v1's rule), so the probes below can be refused.
+    let mut cfg = config(bus, &unique_prefix("sse1"));
+    cfg.sessions_per_user = 1;
+    let server = start(cfg).await;
     let addr = server.local_addr();
     let (_, stream) =
         EventStream::open(&format!("http://{addr}/rooms/mixed/events?user=reader")).await;
@@ -203,17 +206,17 @@ async fn sse_and_websocket_share_a_room(bus: BusKind) {
         !members.contains("newcomer"),
         "a probe opened a session: {members}"
     );
-    // The same id cannot be taken by another transport while the stream lives.
+    // The stream holds the id's one session: another transport is refused.
     let (status, body) = refused(addr, "room=mixed&user=reader", None).await;
     assert_eq!(
         (status, body["code"].as_str().unwrap()),
-        (409, "user_taken")
+        (409, "too_many_sessions")
     );
     let (status, refusal) =
         EventStream::open(&format!("http://{addr}/rooms/mixed/events?user=writer")).await;
     assert_eq!(
         (status, refusal.err().unwrap()["code"].as_str()),
-        (409, Some("user_taken"))
+        (409, Some("too_many_sessions"))
     );
     server.shutdown().await;
 }
@@ -397,7 +400,7 @@ async fn sse_and_websocket_interoperate_across_nodes() {
     assert_eq!(at_b["from"], "sse-a");
     // The SSE client leaves: its queue goes.
     drop(sse);
-    wait_queue_gone(&format!("{prefix}.user.sse-a")).await;
+    wait_queue_gone(&format!("{prefix}.slot.sse-a.0")).await;
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -442,7 +445,7 @@ async fn curl_is_a_client() {
     assert!(seen.contains("event:message"), "{seen}");
     curl.kill().await.unwrap();
     let prefix = server.node().config.prefix.clone();
-    wait_queue_gone(&format!("{prefix}.user.curly")).await;
+    wait_queue_gone(&format!("{prefix}.slot.curly.0")).await;
     // Keep-alive comments flow on an idle stream (1 s here).
     let mut idle = tokio::process::Command::new("curl")
         .args([

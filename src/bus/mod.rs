@@ -2,19 +2,24 @@
 //!
 //! One abstraction, two homes:
 //! - [`amqp`]: RabbitMQ. Every session gets its own exclusive queue
-//!   (`<prefix>.user.<user>`) bound to its room's fanout exchange
-//!   (`<prefix>.room.<room>`), on a channel of its own multiplexed over a small
-//!   pool of AMQP connections ([`pool`]).
+//!   (`<prefix>.conn.<session>`), bound to the fanout exchange of each room it
+//!   subscribes to (`<prefix>.room.<room>`) and, by its user id, to the direct
+//!   exchange for direct messages; on a channel of its own multiplexed over a
+//!   small pool of AMQP connections ([`pool`]).
 //! - [`memory`]: the embedded in-process bus, one node, the same semantics.
 //!
-//! A session only sees [`Subscription`]: a [`Publisher`] to send into the room or
-//! to a user, an [`Inbox`] of delivered frames (already-serialised JSON,
-//! forwarded as is), and a [`Lease`] whose release deletes the session's queue.
-//! The session code does not know which bus it talks to; it publishes through
-//! the [`Publish`] trait, which its unit tests implement with a stand-in.
+//! A session only sees [`Subscription`]: a [`Link`] to publish and to bind its
+//! queue to rooms, an [`Inbox`] of delivered frames (already-serialised JSON,
+//! forwarded as is) from the rooms it follows and its direct messages, and a
+//! [`Lease`] whose release deletes its queue. The session code does not know
+//! which bus it talks to; it uses the [`SessionLink`] trait, which its unit
+//! tests implement with a stand-in.
 //!
 //! Every broker operation a client waits on is bounded by [`BROKER_TIMEOUT`]: a
 //! half-open link must cost the client a `503 unavailable`, never a hang.
+//!
+//! The file is a little over 400 lines because every operation dispatches to
+//! both buses here, in one place, rather than behind a trait object.
 
 pub mod amqp;
 pub mod memory;
@@ -29,7 +34,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 use crate::config::Config;
-use crate::names::{RoomName, UserId};
+use crate::names::{RoomName, SessionId, UserId};
 use crate::protocol::Destination;
 
 /// How long one broker operation a client waits on (subscribing, publishing)
@@ -46,9 +51,10 @@ async fn bounded<T>(operation: impl Future<Output = Result<T, BusError>>) -> Res
 /// What can go wrong on the bus, as the session needs to tell it apart.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum BusError {
-    /// Another session (on this node or any other) holds this user id.
-    #[error("user id is already connected")]
-    UserTaken,
+    /// Another session (on this node or any other) holds this session slot of
+    /// the user.
+    #[error("session slot already held")]
+    SlotTaken,
     /// A direct message found no queue: its recipient is not connected anywhere.
     #[error("no such user is connected")]
     NoRecipient,
@@ -104,26 +110,38 @@ impl Bus {
         )))
     }
 
-    /// Subscribe `user` to `room`. When this returns, anything published to the
-    /// room afterwards reaches the returned inbox. Bounded by [`BROKER_TIMEOUT`].
-    pub async fn subscribe(
+    /// Open a session's place on the bus, holding `user`'s session slot
+    /// `slot`: a queue that direct messages to `user` reach at once, and rooms
+    /// once bound. Bounded by [`BROKER_TIMEOUT`].
+    pub async fn open(
         &self,
-        room: &RoomName,
+        session: &SessionId,
         user: &UserId,
+        slot: u16,
     ) -> Result<Subscription, BusError> {
         match self {
-            Bus::Memory(bus) => bus.subscribe(room, user),
-            Bus::Amqp(bus) => bounded(bus.subscribe(room, user)).await,
+            Bus::Memory(bus) => Ok(bus.open(session, user)),
+            Bus::Amqp(bus) => bounded(bus.open(session, user, slot)).await,
         }
     }
 
-    /// Whether `user` holds a subscription anywhere the bus reaches (a passive
-    /// declare of its queue on RabbitMQ). Lets a plain GET tell why an upgrade
-    /// would be refused, for browsers that cannot read a refused upgrade's status.
-    pub async fn is_connected(&self, user: &UserId) -> Result<bool, BusError> {
+    /// Whether `user` holds a session anywhere the bus reaches (one of its
+    /// `max` slots). Lets a plain GET tell why an upgrade would be refused,
+    /// for browsers that cannot read a refused upgrade's status.
+    pub async fn is_connected(&self, user: &UserId, max: u16) -> Result<bool, BusError> {
         match self {
             Bus::Memory(bus) => Ok(bus.is_connected(user)),
-            Bus::Amqp(bus) => bounded(bus.is_connected(user)).await,
+            Bus::Amqp(bus) => bounded(bus.is_connected(user, max)).await,
+        }
+    }
+
+    /// Whether all of `user`'s `max` session slots are held anywhere the bus
+    /// reaches, so a new session would be refused. The embedded bus serves
+    /// one node, whose claims know that already: always `false` there.
+    pub async fn is_full(&self, user: &UserId, max: u16) -> Result<bool, BusError> {
+        match self {
+            Bus::Memory(_) => Ok(false),
+            Bus::Amqp(bus) => bounded(bus.is_full(user, max)).await,
         }
     }
 
@@ -140,22 +158,30 @@ impl Bus {
         }
     }
 
-    /// Publish without a session (HTTP publishing), waiting for the broker's
-    /// confirm, bounded by [`BROKER_TIMEOUT`]. A room nobody is in takes the
-    /// message and drops it; a direct message to a user who is not connected
-    /// anywhere is [`BusError::NoRecipient`].
-    pub async fn publish(&self, to: &Destination, payload: Bytes) -> Result<(), BusError> {
+    /// Publish without a session (HTTP publishing) as `from`, waiting for the
+    /// broker's confirm, bounded by [`BROKER_TIMEOUT`]. A room nobody is in
+    /// takes the message and drops it; a direct message to a user who is not
+    /// connected anywhere is [`BusError::NoRecipient`], and its copy goes to
+    /// `from`'s connections.
+    pub async fn publish(
+        &self,
+        to: &Destination,
+        from: &UserId,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
         match (self, to) {
             (Bus::Memory(bus), Destination::Room(room)) => {
                 bus.publish_room(room, payload);
                 Ok(())
             }
-            (Bus::Memory(bus), Destination::User(user)) => bus.publish_direct(user, payload),
+            (Bus::Memory(bus), Destination::User(user)) => {
+                bus.publish_direct(user, from, None, payload)
+            }
             (Bus::Amqp(bus), Destination::Room(room)) => {
                 bounded(bus.publish_room(room, payload)).await
             }
             (Bus::Amqp(bus), Destination::User(user)) => {
-                bounded(bus.publish_direct(user, payload)).await
+                bounded(bus.publish_direct(user, from, payload)).await
             }
         }
     }
@@ -195,68 +221,88 @@ impl Bus {
 
 /// One session's place on the bus.
 pub struct Subscription {
-    pub publisher: Publisher,
+    pub link: Link,
     pub inbox: Inbox,
     pub lease: Lease,
 }
 
 impl Subscription {
-    /// Give up the publisher and the inbox, keeping only the lease to release.
-    /// The order matters: the embedded bus forgets a room only once no inbox
-    /// listens to it, so releasing the lease while the inbox lived would leave
-    /// the room behind.
+    /// Give up the link and the inbox, keeping only the lease to release.
     pub fn into_lease(self) -> Lease {
-        let Subscription {
-            publisher,
-            inbox,
-            lease,
-        } = self;
+        let Subscription { link, inbox, lease } = self;
         drop(inbox);
-        drop(publisher);
+        drop(link);
         lease
     }
 }
 
-/// How a session publishes: [`Publisher`] on a real bus; a stand-in in the
+/// What a session does on the bus: [`Link`] on a real bus; a stand-in in the
 /// session's unit tests, which need confirms that arrive when they say so.
-pub trait Publish {
+pub trait SessionLink {
     /// Resolves when the bus has taken responsibility for the frame, or refused it.
     type Confirm: Future<Output = Result<(), BusError>> + Unpin + Send + 'static;
 
-    /// Hand `payload` to the bus for `to`. Frames published through one
-    /// publisher reach every receiver in the order they were published. A
-    /// direct message's confirm fails with [`BusError::NoRecipient`] when nobody
-    /// by that id is connected.
+    /// Hand `payload` to the bus for `to`: a room the session is bound to, or a
+    /// user. Frames published through one link reach every receiver in the
+    /// order they were published. A direct message's confirm fails with
+    /// [`BusError::NoRecipient`] when nobody by that id is connected.
     fn publish(
         &self,
         to: &Destination,
         payload: Bytes,
     ) -> impl Future<Output = Result<Self::Confirm, BusError>> + Send;
+
+    /// Bind the session's queue to `room`: when this returns, everything
+    /// published to the room afterwards reaches the queue.
+    fn bind(&self, room: &RoomName) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Unbind the session's queue from `room`.
+    fn unbind(&self, room: &RoomName) -> impl Future<Output = Result<(), BusError>> + Send;
 }
 
-/// Sends already-serialised frames from one session.
-pub enum Publisher {
-    Memory(memory::MemoryPublisher),
-    Amqp(amqp::AmqpPublisher),
+/// A session's link on the bus it runs on.
+pub enum Link {
+    Memory(memory::MemoryLink),
+    Amqp(amqp::AmqpLink),
 }
 
-impl Publish for Publisher {
+impl SessionLink for Link {
     type Confirm = Confirm;
 
     async fn publish(&self, to: &Destination, payload: Bytes) -> Result<Confirm, BusError> {
         match (self, to) {
-            (Publisher::Memory(p), Destination::Room(_)) => {
-                Ok(Confirm::Done(Some(p.publish(payload))))
+            (Link::Memory(l), Destination::Room(room)) => {
+                Ok(Confirm::Done(Some(l.publish(room, payload))))
             }
-            (Publisher::Memory(p), Destination::User(user)) => {
-                Ok(Confirm::Done(Some(p.publish_direct(user, payload))))
+            (Link::Memory(l), Destination::User(user)) => {
+                Ok(Confirm::Done(Some(l.publish_direct(user, payload))))
             }
-            (Publisher::Amqp(p), Destination::Room(_)) => {
-                p.publish(payload).await.map(Confirm::Amqp)
+            (Link::Amqp(l), Destination::Room(room)) => {
+                l.publish(room, payload).await.map(Confirm::Amqp)
             }
-            (Publisher::Amqp(p), Destination::User(user)) => {
-                p.publish_direct(user, payload).await.map(Confirm::Amqp)
+            (Link::Amqp(l), Destination::User(user)) => {
+                l.publish_direct(user, payload).await.map(Confirm::Amqp)
             }
+        }
+    }
+
+    async fn bind(&self, room: &RoomName) -> Result<(), BusError> {
+        match self {
+            Link::Memory(l) => {
+                l.bind(room);
+                Ok(())
+            }
+            Link::Amqp(l) => bounded(l.bind(room)).await,
+        }
+    }
+
+    async fn unbind(&self, room: &RoomName) -> Result<(), BusError> {
+        match self {
+            Link::Memory(l) => {
+                l.unbind(room);
+                Ok(())
+            }
+            Link::Amqp(l) => bounded(l.unbind(room)).await,
         }
     }
 }
@@ -306,7 +352,8 @@ impl Future for Confirm {
     }
 }
 
-/// Frames delivered to this session, in order, as JSON text that the socket
+/// Frames delivered to this session, in order, from the rooms it follows and
+/// its direct messages, as JSON text that the socket
 /// takes as it is (`Utf8Bytes` is what tungstenite sends without copying).
 pub enum Inbox {
     Memory(memory::MemoryInbox),
@@ -321,6 +368,23 @@ impl Inbox {
         match self {
             Inbox::Memory(i) => i.recv().await,
             Inbox::Amqp(i) => i.recv().await,
+        }
+    }
+
+    /// Deliver `room`'s messages from now on (call once bound to it).
+    pub fn follow(&mut self, room: &RoomName) {
+        match self {
+            Inbox::Memory(i) => i.follow(room),
+            Inbox::Amqp(i) => i.follow(room),
+        }
+    }
+
+    /// Skip `room`'s messages from now on, even those already queued (call
+    /// before unbinding).
+    pub fn unfollow(&mut self, room: &RoomName) {
+        match self {
+            Inbox::Memory(i) => i.unfollow(room),
+            Inbox::Amqp(i) => i.unfollow(room),
         }
     }
 
@@ -343,14 +407,14 @@ impl Inbox {
     }
 }
 
-/// The session's hold on its queue and its user id on the bus.
+/// The session's hold on its queue and its session slot on the bus.
 pub enum Lease {
     Memory(memory::MemoryLease),
     Amqp(amqp::AmqpLease),
 }
 
 impl Lease {
-    /// Delete the session's queue and free its user id. Every session calls this
+    /// Delete the session's queue and free its slot. Every session calls this
     /// when it ends; dropping a lease unreleased spawns the same cleanup.
     pub async fn release(self) {
         match self {

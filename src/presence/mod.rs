@@ -1,7 +1,8 @@
 //! Presence: who is in each room across the cluster, and the live node list.
 //!
 //! One task per node owns a [`view::ClusterView`]. Sessions tell it when they
-//! join and leave; it
+//! subscribe to a room and leave it; a user is a member of a room while any of
+//! its sessions is subscribed (two tabs are one member). The task
 //! - publishes this node's changes as batched deltas, and a full snapshot every
 //!   heartbeat, on the broker's presence fanout exchange (one queue per node);
 //! - applies other nodes' gossip, and forgets a node whose heartbeats stop for
@@ -98,9 +99,16 @@ pub struct Presence {
 }
 
 impl Presence {
-    pub fn start(bus: Bus, node_id: String, timing: PresenceTiming) -> Self {
+    /// Start the node's presence task. `sessions` tracks the node's sessions;
+    /// its count is what `/cluster` and the gossip report as connections.
+    pub fn start(
+        bus: Bus,
+        node_id: String,
+        timing: PresenceTiming,
+        sessions: tokio_util::task::TaskTracker,
+    ) -> Self {
         let (commands, rx) = mpsc::channel(COMMAND_BUFFER);
-        let task = tokio::spawn(run(bus, node_id, timing, rx));
+        let task = tokio::spawn(run(bus, node_id, timing, sessions, rx));
         Self {
             commands,
             task: Arc::new(std::sync::Mutex::new(Some(task))),
@@ -273,6 +281,7 @@ async fn run(
     bus: Bus,
     node_id: String,
     timing: PresenceTiming,
+    sessions: tokio_util::task::TaskTracker,
     mut commands: mpsc::Receiver<Command>,
 ) {
     let mut view = ClusterView::new(&node_id, timing.ttl);
@@ -303,8 +312,9 @@ async fn run(
             command = commands.recv() => match command {
                 None => break,
                 Some(Command::Join { room, user, reply }) => {
-                    view.join_local(&room, &user);
-                    pending.push(Change { room: room.clone(), user: user.clone(), joined: true });
+                    if view.join_local(&room, &user) {
+                        pending.push(Change { room: room.clone(), user: user.clone(), joined: true });
+                    }
                     if !rooms.updates.contains_key(&room) {
                         rooms.updates.insert(room.clone(), broadcast::channel(UPDATES_BUFFER).0);
                         // New local room: announce as known everyone but the
@@ -338,8 +348,9 @@ async fn run(
                     let _ = reply.send((members, total, updates));
                 }
                 Some(Command::Leave { room, user }) => {
-                    view.leave_local(&room, &user);
-                    pending.push(Change { room: room.clone(), user, joined: false });
+                    if view.leave_local(&room, &user) {
+                        pending.push(Change { room: room.clone(), user, joined: false });
+                    }
                     rooms.dirty.insert(room.clone());
                     if rooms.updates.get(&room).is_some_and(|s| s.receiver_count() == 0) {
                         rooms.updates.remove(&room);
@@ -351,7 +362,7 @@ async fn run(
                     let _ = reply.send(view.members(&room).into_iter().collect());
                 }
                 Some(Command::Nodes { reply }) => {
-                    let _ = reply.send(view.nodes(now_ms()));
+                    let _ = reply.send(view.nodes(now_ms(), sessions.len()));
                 }
                 Some(Command::Stop { done }) => {
                     let goodbye = Gossip::Goodbye { node: node_id.clone() };
@@ -385,7 +396,7 @@ async fn run(
                 }
                 if reply_due {
                     reply_due = false;
-                    publish(&mut link, &view.snapshot(false, now_ms())).await;
+                    publish(&mut link, &view.snapshot(false, now_ms(), sessions.len())).await;
                 }
                 rooms.flush(&view);
             }
@@ -396,7 +407,7 @@ async fn run(
                 }
                 // The first snapshot on a (new) link says hello, so others answer
                 // with theirs and this node learns the cluster at once.
-                publish(&mut link, &view.snapshot(!said_hello, now_ms())).await;
+                publish(&mut link, &view.snapshot(!said_hello, now_ms(), sessions.len())).await;
                 said_hello = link.is_some();
             }
         }

@@ -68,7 +68,9 @@ pub struct Applied {
 pub struct ClusterView {
     me: String,
     ttl: Duration,
-    local: BTreeMap<String, BTreeSet<String>>,
+    /// Per local room, each member's number of sessions in it: a user with
+    /// two tabs in a room is one member, until both have left.
+    local: BTreeMap<String, BTreeMap<String, usize>>,
     remote: HashMap<String, RemoteNode>,
 }
 
@@ -82,29 +84,46 @@ impl ClusterView {
         }
     }
 
-    pub fn join_local(&mut self, room: &str, user: &str) {
-        self.local
+    /// One more session of `user` in `room`; true when it is the user's first
+    /// (the user joins the room).
+    pub fn join_local(&mut self, room: &str, user: &str) -> bool {
+        let sessions = self
+            .local
             .entry(room.to_owned())
             .or_default()
-            .insert(user.to_owned());
+            .entry(user.to_owned())
+            .or_default();
+        *sessions += 1;
+        *sessions == 1
     }
 
-    pub fn leave_local(&mut self, room: &str, user: &str) {
-        if let Some(users) = self.local.get_mut(room) {
-            users.remove(user);
-            if users.is_empty() {
-                self.local.remove(room);
-            }
+    /// One session of `user` fewer in `room`; true when it was the user's last
+    /// (the user leaves the room).
+    pub fn leave_local(&mut self, room: &str, user: &str) -> bool {
+        let Some(users) = self.local.get_mut(room) else {
+            return false;
+        };
+        let Some(sessions) = users.get_mut(user) else {
+            return false;
+        };
+        *sessions -= 1;
+        if *sessions > 0 {
+            return false;
         }
-    }
-
-    pub fn local_connections(&self) -> usize {
-        self.local.values().map(BTreeSet::len).sum()
+        users.remove(user);
+        if users.is_empty() {
+            self.local.remove(room);
+        }
+        true
     }
 
     /// Everyone in `room` on every live node.
     pub fn members(&self, room: &str) -> BTreeSet<String> {
-        let mut all = self.local.get(room).cloned().unwrap_or_default();
+        let mut all: BTreeSet<String> = self
+            .local
+            .get(room)
+            .map(|users| users.keys().cloned().collect())
+            .unwrap_or_default();
         for node in self.remote.values() {
             if let Some(users) = node.rooms.get(room) {
                 all.extend(users.iter().cloned());
@@ -116,7 +135,7 @@ impl ClusterView {
     /// How many are in `room`, without listing them: O(nodes). Counts a user
     /// twice only in the moment a reconnect moves them between nodes.
     pub fn member_count(&self, room: &str) -> usize {
-        self.local.get(room).map_or(0, BTreeSet::len)
+        self.local.get(room).map_or(0, BTreeMap::len)
             + self
                 .remote
                 .values()
@@ -125,14 +144,15 @@ impl ClusterView {
                 .sum::<usize>()
     }
 
-    pub fn snapshot(&self, hello: bool, now_ms: u64) -> Gossip {
+    /// This node's state for the others; `connections` is its session count.
+    pub fn snapshot(&self, hello: bool, now_ms: u64, connections: usize) -> Gossip {
         Gossip::Snapshot {
             node: self.me.clone(),
-            connections: self.local_connections(),
+            connections,
             rooms: self
                 .local
                 .iter()
-                .map(|(room, users)| (room.clone(), users.iter().cloned().collect()))
+                .map(|(room, users)| (room.clone(), users.keys().cloned().collect()))
                 .collect(),
             hello,
             ts: now_ms,
@@ -233,11 +253,11 @@ impl ClusterView {
         rooms
     }
 
-    /// This node and every live remote node.
-    pub fn nodes(&self, now_ms: u64) -> Vec<NodeInfo> {
+    /// This node (with `connections` sessions) and every live remote node.
+    pub fn nodes(&self, now_ms: u64, connections: usize) -> Vec<NodeInfo> {
         let mut nodes = vec![NodeInfo {
             id: self.me.clone(),
-            connections: self.local_connections(),
+            connections,
             rooms: self.local.len(),
             last_seen_ms: now_ms,
         }];
@@ -296,18 +316,18 @@ mod tests {
         };
         assert!(!view.apply(delta, Instant::now(), 0).reply_due);
         assert_eq!(view.members("lobby"), set(&["alice", "carol"]));
-        assert_eq!(view.nodes(0).len(), 2);
+        assert_eq!(view.nodes(0, 0).len(), 2);
 
         tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(view.expire(Instant::now()), set(&["lobby"]));
         assert_eq!(view.members("lobby"), set(&["alice"]));
-        assert_eq!(view.nodes(0).len(), 1);
+        assert_eq!(view.nodes(0, 0).len(), 1);
     }
 
     #[test]
     fn ignores_its_own_gossip_and_forgets_nodes_that_say_goodbye() {
         let mut view = ClusterView::new("a", Duration::from_secs(2));
-        let mine = view.snapshot(true, 0);
+        let mine = view.snapshot(true, 0, 1);
         assert_eq!(view.apply(mine, Instant::now(), 0), Applied::default());
         let delta = Gossip::Delta {
             node: "b".into(),

@@ -3,7 +3,6 @@
 
 use serde::Deserialize;
 
-use super::Destination;
 use crate::error::{ClientError, ErrorCode};
 use crate::names::{RoomName, UserId};
 
@@ -13,9 +12,21 @@ pub const MAX_REF_LEN: usize = 64;
 /// A frame a client sends, once validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
-    /// `{"type":"message","text":"hi","ref":"c1"}`
+    /// `{"type":"message","room":"lobby","text":"hi","ref":"c1"}`; `room` may
+    /// be left out while the connection has exactly one subscription.
     Message {
+        room: Option<RoomName>,
         text: String,
+        reference: Option<String>,
+    },
+    /// `{"type":"subscribe","room":"lobby","ref":"c3"}`
+    Subscribe {
+        room: RoomName,
+        reference: Option<String>,
+    },
+    /// `{"type":"unsubscribe","room":"lobby","ref":"c4"}`
+    Unsubscribe {
+        room: RoomName,
         reference: Option<String>,
     },
     /// `{"type":"direct","to":"bob","text":"hi","ref":"c2"}`
@@ -31,6 +42,16 @@ pub enum ClientFrame {
 struct RawMessage {
     text: Option<serde_json::Value>,
     to: Option<serde_json::Value>,
+    room: Option<serde_json::Value>,
+}
+
+/// The kinds of frame a client may send.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Message,
+    Direct,
+    Subscribe,
+    Unsubscribe,
 }
 
 /// A frame that could not be accepted, with the `ref` to echo when one was readable.
@@ -85,9 +106,11 @@ impl ClientFrame {
             }
             None => return Err(reject(ErrorCode::UnknownType, "frame has no type".into())),
         };
-        let direct = match kind {
-            "message" => false,
-            "direct" => true,
+        let kind = match kind {
+            "message" => Kind::Message,
+            "direct" => Kind::Direct,
+            "subscribe" => Kind::Subscribe,
+            "unsubscribe" => Kind::Unsubscribe,
             other => {
                 return Err(reject(
                     ErrorCode::UnknownType,
@@ -97,7 +120,36 @@ impl ClientFrame {
         };
         let raw: RawMessage = serde_json::from_value(value.clone())
             .map_err(|e| reject(ErrorCode::InvalidMessage, e.to_string()))?;
-        let to = if direct {
+        let room = match raw.room {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(room)) => Some(
+                RoomName::parse(&room)
+                    .map_err(|e| reject(ErrorCode::InvalidRoom, e.to_string()))?,
+            ),
+            Some(_) => {
+                return Err(reject(
+                    ErrorCode::InvalidRoom,
+                    "room must be a room name".into(),
+                ));
+            }
+        };
+        match kind {
+            Kind::Subscribe | Kind::Unsubscribe => {
+                let Some(room) = room else {
+                    return Err(reject(
+                        ErrorCode::InvalidRoom,
+                        "room must name the room".into(),
+                    ));
+                };
+                return Ok(if kind == Kind::Subscribe {
+                    ClientFrame::Subscribe { room, reference }
+                } else {
+                    ClientFrame::Unsubscribe { room, reference }
+                });
+            }
+            Kind::Message | Kind::Direct => {}
+        }
+        let to = if kind == Kind::Direct {
             match raw.to {
                 Some(serde_json::Value::String(to)) => Some(
                     UserId::parse(&to)
@@ -123,25 +175,12 @@ impl ClientFrame {
                 text,
                 reference,
             },
-            None => ClientFrame::Message { text, reference },
-        })
-    }
-}
-
-impl ClientFrame {
-    /// Where the message goes (a room message goes to the sender's `room`), its
-    /// text, and the `ref` the client wants its `ack` or `error` to carry.
-    pub fn into_chat(self, room: &RoomName) -> (Destination, String, Option<String>) {
-        match self {
-            ClientFrame::Message { text, reference } => {
-                (Destination::Room(room.clone()), text, reference)
-            }
-            ClientFrame::Direct {
-                to,
+            None => ClientFrame::Message {
+                room,
                 text,
                 reference,
-            } => (Destination::User(to), text, reference),
-        }
+            },
+        })
     }
 }
 
@@ -200,16 +239,49 @@ mod tests {
         assert_eq!(
             ClientFrame::parse(r#"{"type":"message","text":"hi","ref":"c1"}"#, 10).unwrap(),
             ClientFrame::Message {
+                room: None,
                 text: "hi".into(),
                 reference: Some("c1".into())
             }
         );
         assert_eq!(
-            ClientFrame::parse(r#"{"type":"message","text":"hi"}"#, 10).unwrap(),
+            ClientFrame::parse(r#"{"type":"message","room":"r","text":"hi"}"#, 10).unwrap(),
             ClientFrame::Message {
+                room: Some(RoomName::parse("r").unwrap()),
                 text: "hi".into(),
                 reference: None
             }
+        );
+        assert_eq!(
+            code(r#"{"type":"message","room":"a b","text":"hi"}"#),
+            ErrorCode::InvalidRoom
+        );
+        assert_eq!(
+            code(r#"{"type":"message","room":7,"text":"hi"}"#),
+            ErrorCode::InvalidRoom
+        );
+    }
+
+    #[test]
+    fn subscriptions() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"subscribe","room":"r","ref":"c3"}"#, 10).unwrap(),
+            ClientFrame::Subscribe {
+                room: RoomName::parse("r").unwrap(),
+                reference: Some("c3".into())
+            }
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"unsubscribe","room":"r"}"#, 10).unwrap(),
+            ClientFrame::Unsubscribe {
+                room: RoomName::parse("r").unwrap(),
+                reference: None
+            }
+        );
+        assert_eq!(code(r#"{"type":"subscribe"}"#), ErrorCode::InvalidRoom);
+        assert_eq!(
+            code(r#"{"type":"unsubscribe","room":"no/slash"}"#),
+            ErrorCode::InvalidRoom
         );
     }
 

@@ -1,4 +1,4 @@
-//! The wire protocol, v1: every JSON frame a client or server sends.
+//! The wire protocol, v2: every JSON frame a client or server sends.
 //!
 //! Frames are JSON objects tagged by `type`. This module is the only place JSON
 //! is shaped; `docs/PROTOCOL.md` documents the same types for client authors.
@@ -23,18 +23,42 @@ use crate::names::{RoomName, UserId};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
-    /// Always the first frame: the session is subscribed from here on.
+    /// Always the first frame. A v1 client that named a room in the URL is
+    /// subscribed to it from here on, and gets its member list here.
     Welcome {
         user: String,
-        room: String,
+        /// This connection's id.
+        session: String,
         node: String,
-        /// Everyone in the room, on every node, the new member included (at most
+        /// The rooms this connection is subscribed to.
+        rooms: Vec<String>,
+        /// The room named in the URL (v1), with its members as in `subscribed`.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        room: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        members: Option<Vec<String>>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        members_total: Option<usize>,
+        /// Proof of this session for HTTP publishing as `user` (see `tokens`).
+        token: String,
+    },
+    /// The connection's queue is bound to `room`: every message published to it
+    /// from here on reaches the connection.
+    Subscribed {
+        room: String,
+        /// Everyone in the room, on every node, this user included (at most
         /// `--presence-max-members` of them, sorted).
         members: Vec<String>,
         /// How many members the room has in all.
         members_total: usize,
-        /// Proof of this session for HTTP publishing as `user` (see `tokens`).
-        token: String,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none", default)]
+        reference: Option<String>,
+    },
+    /// No message of `room` reaches the connection from here on.
+    Unsubscribed {
+        room: String,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none", default)]
+        reference: Option<String>,
     },
     /// A chat message in a room. Published once, serialised once, delivered as is.
     Message {

@@ -20,20 +20,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::time::Instant;
 use tracing::debug;
 use tungstenite::Utf8Bytes;
 
+use super::rooms::{Rooms, on_broker};
 use super::{Inbound, SessionEnd, Transport};
-use crate::bus::{BusError, Inbox, Publish};
+use crate::bus::{BusError, Inbox, SessionLink};
 use crate::error::{ClientError, ErrorCode};
-use crate::handshake::Member;
+use crate::handshake::Identity;
 use crate::metrics::Metrics;
+use crate::names::RoomName;
 use crate::node::Node;
-use crate::presence::{Joined, Presence};
-use crate::protocol::ServerFrame;
+use crate::presence::Joined;
 use crate::protocol::client::{ClientFrame, Rejected};
+use crate::protocol::{Destination, ServerFrame};
 
 /// Publishes awaiting their confirm, per session. Past this the session stops
 /// reading the client until confirms come back: back-pressure, not buffering.
@@ -49,19 +50,14 @@ pub const ERROR_BUDGET: u32 = 100;
 const ERROR_WINDOW: Duration = Duration::from_secs(10);
 
 /// One session between its `welcome` and its end.
-pub struct Session<'a, T, P: Publish> {
-    node: &'a Node,
-    member: &'a Member,
+pub struct Session<'a, T, P: SessionLink> {
+    pub(super) node: &'a Node,
+    pub(super) identity: &'a Identity,
     /// The outgoing half of the client's connection.
     outbound: T,
-    publisher: P,
-    inbox: Inbox,
-    /// Serialised `presence` frames for the session's room; `None` once the
-    /// presence task has closed it (the node is stopping), so a closed channel
-    /// is never polled again.
-    presence: Option<broadcast::Receiver<Utf8Bytes>>,
-    /// Where to ask for the whole member list after missing presence frames.
-    members: Presence,
+    pub(super) link: P,
+    pub(super) inbox: Inbox,
+    pub(super) rooms: Rooms,
     /// The client's publishes awaiting the bus's confirm, in publish order.
     confirms: FuturesOrdered<Pending<P::Confirm>>,
     /// When the client last sent anything, pongs included.
@@ -71,23 +67,15 @@ pub struct Session<'a, T, P: Publish> {
     window_start: Instant,
 }
 
-impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
-    pub fn new(
-        node: &'a Node,
-        member: &'a Member,
-        outbound: T,
-        publisher: P,
-        inbox: Inbox,
-        joined: Joined,
-    ) -> Self {
+impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
+    pub fn new(node: &'a Node, identity: &'a Identity, outbound: T, link: P, inbox: Inbox) -> Self {
         Self {
             node,
-            member,
+            identity,
             outbound,
-            publisher,
+            link,
             inbox,
-            presence: Some(joined.updates),
-            members: joined.presence,
+            rooms: Rooms::default(),
             confirms: FuturesOrdered::new(),
             last_heard: Instant::now(),
             refused: 0,
@@ -95,9 +83,19 @@ impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
         }
     }
 
+    /// A room the session is already bound to and joined (the URL named it).
+    pub fn joined(&mut self, room: RoomName, joined: Joined) {
+        self.rooms.add(room, joined.updates);
+    }
+
+    /// The rooms the session is still in, to leave.
+    pub fn into_rooms(self) -> std::collections::BTreeSet<RoomName> {
+        self.rooms.into_names()
+    }
+
     /// Run until the client leaves, the broker goes, or the node stops; then
     /// close the transport with the reason.
-    pub async fn run<R>(mut self, mut inbound: R) -> SessionEnd
+    pub async fn run<R>(&mut self, mut inbound: R) -> SessionEnd
     where
         R: Stream<Item = Inbound> + Unpin,
     {
@@ -114,7 +112,7 @@ impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
                 _ = lifecycle.shutdown.cancelled() => Break(SessionEnd::Shutdown),
                 _ = &mut restart_due => Break(SessionEnd::Restart),
                 delivery = self.inbox.recv() => self.on_delivery(delivery).await,
-                update = recv_presence(&mut self.presence) => self.on_presence(update).await,
+                update = self.rooms.next_presence() => self.on_presence(update).await,
                 Some(confirmed) = self.confirms.next(), if !self.confirms.is_empty() => {
                     self.on_confirm(confirmed).await
                 }
@@ -151,33 +149,6 @@ impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
         self.metrics().delivered(T::KIND, count as u64);
         self.inbox.settle(count).await;
         Continue(())
-    }
-
-    /// A presence frame for the session's room, or news that some were missed.
-    async fn on_presence(
-        &mut self,
-        update: Result<Utf8Bytes, RecvError>,
-    ) -> ControlFlow<SessionEnd> {
-        match update {
-            Ok(frame) => self.write(vec![frame]).await,
-            Err(RecvError::Lagged(missed)) => {
-                // Diffs cannot be replayed: send the whole list instead.
-                debug!(missed, "presence frames missed; resyncing the client");
-                let room = self.member.room.as_str();
-                let frame = ServerFrame::Presence {
-                    room: room.to_owned(),
-                    joins: Vec::new(),
-                    leaves: Vec::new(),
-                    members: Some(self.members.members(room).await),
-                };
-                self.write_frame(&frame).await
-            }
-            Err(RecvError::Closed) => {
-                debug!("presence stopped; no more member updates for this session");
-                self.presence = None;
-                Continue(())
-            }
-        }
     }
 
     /// The bus's answer to one of the client's publishes.
@@ -220,7 +191,27 @@ impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
             },
             Some(Inbound::Text(text)) => {
                 match ClientFrame::parse(&text, self.node.config.max_text_bytes) {
-                    Ok(frame) => return self.publish(frame).await,
+                    Ok(ClientFrame::Subscribe { room, reference }) => {
+                        return self.subscribe(room, reference).await;
+                    }
+                    Ok(ClientFrame::Unsubscribe { room, reference }) => {
+                        return self.unsubscribe(room, reference).await;
+                    }
+                    Ok(ClientFrame::Message {
+                        room,
+                        text,
+                        reference,
+                    }) => match self.rooms.target(room) {
+                        Ok(room) => {
+                            return self.publish(Destination::Room(room), text, reference).await;
+                        }
+                        Err(error) => Rejected { error, reference },
+                    },
+                    Ok(ClientFrame::Direct {
+                        to,
+                        text,
+                        reference,
+                    }) => return self.publish(Destination::User(to), text, reference).await,
                     Err(rejected) => rejected,
                 }
             }
@@ -243,23 +234,20 @@ impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
         }
     }
 
-    /// Publish an accepted chat frame and queue its confirm.
-    async fn publish(&mut self, frame: ClientFrame) -> ControlFlow<SessionEnd> {
-        let (to, text, reference) = frame.into_chat(&self.member.room);
+    /// Publish an accepted chat message and queue its confirm.
+    async fn publish(
+        &mut self,
+        to: Destination,
+        text: String,
+        reference: Option<String>,
+    ) -> ControlFlow<SessionEnd> {
         let id = self.node.ids.next_id();
         let payload =
-            Bytes::from(ServerFrame::chat(id.clone(), &self.member.user, &to, text).to_json());
+            Bytes::from(ServerFrame::chat(id.clone(), &self.identity.user, &to, text).to_json());
         let published_at = std::time::Instant::now();
         // A broker that stops reading (a memory alarm, a half-open link) must
         // not freeze the session: bound the publish, and let shutdown through.
-        let publish = tokio::time::timeout(
-            crate::bus::BROKER_TIMEOUT,
-            self.publisher.publish(&to, payload),
-        );
-        let published = tokio::select! {
-            published = publish => published.unwrap_or(Err(BusError::TimedOut)),
-            _ = self.node.lifecycle.shutdown.cancelled() => return Break(SessionEnd::Shutdown),
-        };
+        let published = on_broker(self.node, self.link.publish(&to, payload)).await?;
         match published {
             Ok(confirm) => {
                 self.metrics().received(to.kind(), T::KIND);
@@ -291,7 +279,7 @@ impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
 
     /// Answer a refused frame with its error, unless the client has used up its
     /// budget of them: then it is abusive and the session ends.
-    async fn refuse(&mut self, refused: Rejected) -> ControlFlow<SessionEnd> {
+    pub(super) async fn refuse(&mut self, refused: Rejected) -> ControlFlow<SessionEnd> {
         if self.window_start.elapsed() > ERROR_WINDOW {
             self.window_start = Instant::now();
             self.refused = 0;
@@ -306,7 +294,7 @@ impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
 
     /// The broker is gone or stuck: tell the client why (`unavailable`, with the
     /// `ref` of the frame that was waiting, if any), then end with 1013.
-    async fn broker_lost(
+    pub(super) async fn broker_lost(
         &mut self,
         message: &str,
         reference: Option<String>,
@@ -318,14 +306,14 @@ impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
         Break(SessionEnd::BrokerLost)
     }
 
-    async fn write_frame(&mut self, frame: &ServerFrame) -> ControlFlow<SessionEnd> {
+    pub(super) async fn write_frame(&mut self, frame: &ServerFrame) -> ControlFlow<SessionEnd> {
         if let ServerFrame::Error { code, .. } = frame {
             self.metrics().error(*code);
         }
         self.write(vec![Utf8Bytes::from(frame.to_json())]).await
     }
 
-    async fn write(&mut self, frames: Vec<Utf8Bytes>) -> ControlFlow<SessionEnd> {
+    pub(super) async fn write(&mut self, frames: Vec<Utf8Bytes>) -> ControlFlow<SessionEnd> {
         match tokio::time::timeout(WRITE_TIMEOUT, self.outbound.send(frames)).await {
             Ok(Ok(())) => Continue(()),
             Ok(Err(e)) => Break(SessionEnd::ClientGone(e.to_string())),
@@ -335,16 +323,6 @@ impl<'a, T: Transport, P: Publish> Session<'a, T, P> {
 
     fn metrics(&self) -> &Metrics {
         &self.node.metrics
-    }
-}
-
-/// The next presence frame, or never once presence has closed.
-async fn recv_presence(
-    presence: &mut Option<broadcast::Receiver<Utf8Bytes>>,
-) -> Result<Utf8Bytes, RecvError> {
-    match presence {
-        Some(updates) => updates.recv().await,
-        None => std::future::pending().await,
     }
 }
 
@@ -420,10 +398,10 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::metrics::Transport as Kind;
-    use crate::names::{RoomName, UserId};
-    use crate::protocol::Destination;
+    use crate::names::{RoomName, SessionId, UserId};
     use crate::session::TransportError;
     use crate::session::close_code;
+    use tokio::sync::broadcast;
 
     /// What the session wrote to its client.
     #[derive(Debug, PartialEq)]
@@ -485,8 +463,17 @@ mod tests {
         }
     }
 
-    impl Publish for Gate {
+    impl SessionLink for Gate {
         type Confirm = GateConfirm;
+
+        /// The harness binds the session's real queue to its one room itself.
+        async fn bind(&self, _room: &RoomName) -> Result<(), BusError> {
+            Ok(())
+        }
+
+        async fn unbind(&self, _room: &RoomName) -> Result<(), BusError> {
+            Ok(())
+        }
 
         async fn publish(
             &self,
@@ -535,7 +522,17 @@ mod tests {
         let node = Node::start(config).await.unwrap();
         let room = RoomName::parse(ROOM).unwrap();
         let user = UserId::parse("alice").unwrap();
-        let subscription = node.bus.subscribe(&room, &user).await.unwrap();
+        let identity = Identity {
+            user,
+            session: SessionId::random(),
+        };
+        let mut subscription = node
+            .bus
+            .open(&identity.session, &identity.user, 0)
+            .await
+            .unwrap();
+        subscription.link.bind(&room).await.unwrap();
+        subscription.inbox.follow(&room);
         let joined = joined(&node);
         let (out_tx, out) = mpsc::channel(4096);
         let (client, client_rx) = mpsc::channel(4096);
@@ -547,16 +544,12 @@ mod tests {
             let node = node.clone();
             let gate = gate.clone();
             async move {
-                let member = Member { room, user };
-                let session = Session::new(
-                    &node,
-                    &member,
-                    Recorder(out_tx),
-                    gate,
-                    subscription.inbox,
-                    joined,
-                );
-                session.run(inbound).await
+                let crate::bus::Subscription { link, inbox, lease } = subscription;
+                let mut session = Session::new(&node, &identity, Recorder(out_tx), gate, inbox);
+                session.joined(room, joined);
+                let end = session.run(inbound).await;
+                drop((link, lease));
+                end
             }
         });
         Harness {
@@ -629,7 +622,11 @@ mod tests {
         let room = Destination::Room(RoomName::parse(ROOM).unwrap());
         for i in 0..600 {
             let frame = format!(r#"{{"type":"message","n":{i}}}"#);
-            h.node.bus.publish(&room, Bytes::from(frame)).await.unwrap();
+            h.node
+                .bus
+                .publish(&room, &UserId::parse("bob").unwrap(), Bytes::from(frame))
+                .await
+                .unwrap();
         }
         for i in 0..600 {
             assert_eq!(h.next_frame().await["n"], i);
@@ -645,7 +642,11 @@ mod tests {
         let room = Destination::Room(RoomName::parse(ROOM).unwrap());
         h.node
             .bus
-            .publish(&room, Bytes::from_static(br#"{"type":"message","n":0}"#))
+            .publish(
+                &room,
+                &UserId::parse("bob").unwrap(),
+                Bytes::from_static(br#"{"type":"message","n":0}"#),
+            )
             .await
             .unwrap();
         assert_eq!(h.next_frame().await["n"], 0);
@@ -653,7 +654,11 @@ mod tests {
         h.out.close();
         h.node
             .bus
-            .publish(&room, Bytes::from_static(br#"{"type":"message","n":1}"#))
+            .publish(
+                &room,
+                &UserId::parse("bob").unwrap(),
+                Bytes::from_static(br#"{"type":"message","n":1}"#),
+            )
             .await
             .unwrap();
         let node = h.node.clone();

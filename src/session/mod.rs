@@ -2,16 +2,18 @@
 //!
 //! A transport (one of the WebSocket, SSE and HTTP adapters) admits a client ([`crate::handshake`]) and
 //! then hands the session to [`serve`], which runs its whole life once for every
-//! transport: count it, join presence, write `welcome`, run the loop
-//! ([`events::Session`]), leave presence, delete its queue, free its user id.
+//! transport: count it, join the URL's room, write `welcome`, run the loop
+//! ([`events::Session`]), leave every room, delete its queue, free its slot.
 //!
 //! - [`connection`]: the small interface a transport implements.
 //! - [`events`]: the loop, one method per event.
+//! - [`rooms`]: subscribing and unsubscribing, and each room's presence frames.
 //! - [`end`]: why a session ends, and the close code that tells the client.
 
 pub mod connection;
 pub mod end;
 pub mod events;
+pub mod rooms;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,7 +26,8 @@ pub use end::{SessionEnd, close_code};
 pub use events::{ERROR_BUDGET, MAX_IN_FLIGHT, WRITE_TIMEOUT};
 
 use crate::bus::Subscription;
-use crate::handshake::{Admitted, Member};
+use crate::handshake::{Admitted, Identity};
+use crate::names::RoomName;
 use crate::node::Node;
 use crate::presence::Joined;
 use crate::protocol::ServerFrame;
@@ -39,39 +42,45 @@ where
     F: Future<Output = Result<(T, R), TransportError>>,
 {
     let Admitted {
-        member,
+        identity,
+        room,
         claim,
         subscription,
     } = admitted;
     let open_sessions = node.metrics.connections(T::KIND);
     open_sessions.inc();
     info!("connected");
-    let mut joined = node
-        .presence
-        .join(member.room.as_str(), member.user.as_str())
-        .await;
-    let welcome = welcome(&mut joined, &member, &node);
-    let (end, lease) = match open(welcome).await {
-        Ok((outbound, inbound)) => {
-            let Subscription {
-                publisher,
-                inbox,
-                lease,
-            } = subscription;
-            let session = events::Session::new(&node, &member, outbound, publisher, inbox, joined);
-            (session.run(inbound).await, lease)
-        }
-        Err(e) => {
-            drop(joined);
-            (
-                SessionEnd::ClientGone(e.to_string()),
-                subscription.into_lease(),
-            )
-        }
+    // A room the URL named is joined before `welcome`, which lists its members.
+    let mut joined = match &room {
+        Some(room) => Some(
+            node.presence
+                .join(room.as_str(), identity.user.as_str())
+                .await,
+        ),
+        None => None,
     };
-    node.presence
-        .leave(member.room.as_str(), member.user.as_str())
-        .await;
+    let welcome = welcome(&identity, room.as_ref(), joined.as_mut(), &node);
+    let Subscription { link, inbox, lease } = subscription;
+    let (end, rooms) = match open(welcome).await {
+        Ok((outbound, inbound)) => {
+            let mut session = events::Session::new(&node, &identity, outbound, link, inbox);
+            if let (Some(room), Some(joined)) = (room, joined) {
+                session.joined(room, joined);
+            }
+            let end = session.run(inbound).await;
+            (end, session.into_rooms())
+        }
+        Err(e) => (
+            SessionEnd::ClientGone(e.to_string()),
+            room.into_iter().collect(),
+        ),
+    };
+    // Leave every room still subscribed, before the queue goes.
+    for room in rooms {
+        node.presence
+            .leave(room.as_str(), identity.user.as_str())
+            .await;
+    }
     lease.release().await;
     drop(claim);
     open_sessions.dec();
@@ -81,14 +90,28 @@ where
 /// The `welcome` frame a session starts with, as JSON. It takes the member list
 /// out of `joined`: in a large room that list is the biggest thing a session
 /// ever holds, and nothing needs it once it is sent.
-fn welcome(joined: &mut Joined, member: &Member, node: &Node) -> String {
+fn welcome(
+    identity: &Identity,
+    room: Option<&RoomName>,
+    joined: Option<&mut Joined>,
+    node: &Node,
+) -> String {
+    let (members, members_total) = match joined {
+        Some(joined) => (
+            Some(std::mem::take(&mut joined.members)),
+            Some(joined.total),
+        ),
+        None => (None, None),
+    };
     ServerFrame::Welcome {
-        user: member.user.to_string(),
-        room: member.room.to_string(),
+        user: identity.user.to_string(),
+        session: identity.session.to_string(),
         node: node.id.clone(),
-        members: std::mem::take(&mut joined.members),
-        members_total: joined.total,
-        token: node.tokens.issue(&member.user),
+        rooms: room.iter().map(ToString::to_string).collect(),
+        room: room.map(ToString::to_string),
+        members,
+        members_total,
+        token: node.tokens.issue(&identity.user),
     }
     .to_json()
 }

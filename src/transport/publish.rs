@@ -58,7 +58,7 @@ fn bus_refusal(error: BusError) -> ClientError {
         BusError::NoRecipient => {
             client_error(ErrorCode::UserNotFound, "no user by that id is connected")
         }
-        BusError::UserTaken | BusError::Unavailable(_) | BusError::TimedOut => {
+        BusError::SlotTaken | BusError::Unavailable(_) | BusError::TimedOut => {
             ClientError::unavailable()
         }
     }
@@ -244,7 +244,7 @@ pub async fn handle(target: Target, body: Body, node: Arc<Node>) -> Response {
     let id = node.ids.next_id();
     let payload = Bytes::from(ServerFrame::chat(id.clone(), &from, &to, text).to_json());
     let published_at = std::time::Instant::now();
-    let result = node.bus.publish(&to, payload).await;
+    let result = node.bus.publish(&to, &from, payload).await;
     observe(&node, published_at, to.kind(), result.is_ok());
     match result {
         Ok(()) => accepted(id),

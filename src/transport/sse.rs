@@ -73,8 +73,8 @@ pub async fn handle(
     let span = info_span!(
         "session",
         transport = "sse",
-        user = %admitted.member.user,
-        room = %admitted.member.room
+        user = %admitted.identity.user,
+        session = %admitted.identity.session
     );
     let keepalive = Duration::from_secs(node.config.sse_keepalive_secs.max(1));
     node.sessions.spawn(

@@ -116,8 +116,8 @@ fn accept(node: Arc<Node>, admitted: Admitted, upgrade: UpgradeRequest) -> Respo
     let span = info_span!(
         "session",
         transport = "ws",
-        user = %admitted.member.user,
-        room = %admitted.member.room
+        user = %admitted.identity.user,
+        session = %admitted.identity.session
     );
     // Tracked from here, so shutdown waits for it even before the upgrade lands.
     let sessions = node.sessions.clone();

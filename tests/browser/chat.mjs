@@ -3,7 +3,10 @@
 //   node tests/browser/chat.mjs <base-url> <artifact-dir>
 //
 // Two users in two separate browser contexts join a fresh room, exchange a
-// message and an XSS probe, see each other in the member list, exchange direct
+// message and an XSS probe, see each other in the member list, join a second
+// room from the sidebar and talk there (with unread counts per room), and one
+// of them opens a second tab under the same name that sees the same direct
+// messages; closing it does not make that user leave. They exchange direct
 // messages, and one gets `user_not_found` for a DM to a user who left. A third
 // user joins over Server-Sent Events + HTTP POST (transport forced to SSE), and
 // a fourth whose WebSocket cannot connect falls back to SSE on its own ("Auto").
@@ -27,6 +30,7 @@ const artifactDir = path.resolve(artifactArg);
 
 const suffix = () => crypto.randomBytes(4).toString('hex');
 const room = `br-${suffix()}`;
+const room2 = `br2-${suffix()}`;
 const userA = `alice-${suffix()}`;
 const userB = `bob-${suffix()}`;
 const userC = `carol-${suffix()}`;
@@ -40,6 +44,11 @@ const FROM_SSE = 'hello from C, posted over HTTP';
 const DM_CB = 'a direct one from C over HTTP';
 const DM_BC = 'and back to C over the event stream';
 const XSS = '<img src=x onerror="window.__xss=1">';
+const IN_ROOM2 = 'over in the second room';
+const IN_ROOM1 = 'back in the first room';
+const DM_TABS = 'a DM for all of your tabs';
+const DM_TABS_REPLY = 'answered from one tab';
+const AFTER_TAB_CLOSED = 'still here with one tab';
 
 let passed = 0;
 let browser = null;
@@ -157,6 +166,18 @@ async function openDirectFromMembers(page, label, user) {
   if ((await page.getAttribute('#members-toggle', 'aria-expanded')) === 'true') {
     fail(`${label}: member drawer still open after picking ${user}`);
   }
+}
+
+// Joins another room from the sidebar form and waits until it is subscribed.
+async function joinRoom(page, name) {
+  await page.fill('#new-room', name);
+  await page.click('#add-room-go');
+  await page.waitForSelector(`#conversations .conv[data-conv="#${name}"].active`, { timeout: STEP_TIMEOUT_MS });
+  await page.waitForFunction(
+    (r) => Array.from(document.querySelectorAll(`#messages [data-conv="#${r}"] .sys`)).some((n) => n.textContent.startsWith('In #')),
+    name,
+    { timeout: STEP_TIMEOUT_MS },
+  );
 }
 
 async function openConv(page, key) {
@@ -283,18 +304,74 @@ async function main() {
     if (b !== 1) fail(`B shows the XSS probe ${b} times`);
   });
 
-  await step('a second tab with a taken name is told so and stops reconnecting', async () => {
-    const pageC = await ctxB.newPage();
-    watch(pageC, 'C');
-    try {
-      await pageC.goto(`${base}/`, { waitUntil: 'load', timeout: STEP_TIMEOUT_MS });
-      await join(pageC, userA);
-      await pageC.waitForSelector('#error[data-code="user_taken"]:not([hidden])', { timeout: STEP_TIMEOUT_MS });
-      const st = await pageC.getAttribute('#status', 'data-state');
-      if (st !== 'disconnected') fail(`status is ${st} after user_taken, expected disconnected`);
-    } finally {
-      await pageC.close();
+  // Protocol v2: one connection in several rooms, one user in several tabs.
+  const pageA2 = await ctxA.newPage();
+  watch(pageA2, 'A2');
+  pages.a2 = pageA2;
+
+  await step('(v2) A opens a second tab under the same name: both tabs are connected', async () => {
+    await pageA2.goto(`${base}/`, { waitUntil: 'load', timeout: STEP_TIMEOUT_MS });
+    await join(pageA2, userA);
+    await waitConnected(pageA2, 'A2');
+    await waitConnected(pageA, 'A');
+    await waitMember(pageA2, 'A2', userB);
+  });
+
+  await step(`(v2) A and B join a second room, #${room2}, from the sidebar; both rooms are listed`, async () => {
+    await joinRoom(pageA, room2);
+    await joinRoom(pageB, room2);
+    await waitMember(pageB, 'B', userA);
+    await waitMember(pageA, 'A', userB);
+    for (const [label, page] of [['A', pageA], ['B', pageB]]) {
+      for (const key of [`#${room}`, `#${room2}`]) {
+        if (!(await page.$(`#conversations .conv[data-conv="${key}"]`))) fail(`${label}: ${key} not listed`);
+      }
     }
+  });
+
+  await step(`(v2) B's message in #${room2} reaches A there, not in #${room}; one in #${room} while A looks at #${room2} shows as unread`, async () => {
+    await send(pageB, IN_ROOM2);
+    await waitForMessage(pageA, 'A', userB, IN_ROOM2);
+    const inFirst = await pageA.$$eval(`#messages [data-conv="#${room}"] .msg .text`, (ns) => ns.map((x) => x.textContent));
+    if (inFirst.includes(IN_ROOM2)) fail(`A: the #${room2} message was shown in #${room}`);
+    await openConv(pageB, `#${room}`);
+    await send(pageB, IN_ROOM1);
+    const badge = `#conversations .conv[data-conv="#${room}"] .badge`;
+    await pageA.waitForSelector(badge, { state: 'visible', timeout: STEP_TIMEOUT_MS });
+    const n = (await pageA.textContent(badge) || '').trim();
+    if (n !== '1') fail(`A: unread badge on #${room} says "${n}", expected 1`);
+    await openConv(pageA, `#${room}`);
+    await waitForMessage(pageA, 'A', userB, IN_ROOM1);
+  });
+
+  await step("(v2) B's DM reaches both of A's tabs; A's reply from one tab shows in the other", async () => {
+    await openDirectFromMembers(pageB, 'B', userA);
+    await send(pageB, DM_TABS);
+    await pageA2.waitForSelector(`#conversations .conv[data-conv="@${userB}"]`, { timeout: STEP_TIMEOUT_MS });
+    await openConv(pageA2, `@${userB}`);
+    await waitForMessage(pageA2, 'A2', userB, DM_TABS, '.direct:not(.own)');
+    await openConv(pageA, `@${userB}`);
+    await waitForMessage(pageA, 'A', userB, DM_TABS, '.direct:not(.own)');
+    await send(pageA, DM_TABS_REPLY);
+    await waitForMessage(pageA, 'A', userA, DM_TABS_REPLY, '.own.direct.delivered[data-ref]');
+    await waitForMessage(pageA2, 'A2', userA, DM_TABS_REPLY, '.own.direct');
+    await waitForMessage(pageB, 'B', userA, DM_TABS_REPLY, '.direct:not(.own)');
+  });
+
+  await step("(v2) A closes one tab: A is still a member for B, and B's room shows no 'left'", async () => {
+    await pageA2.close();
+    delete pages.a2;
+    await openConv(pageB, `#${room}`);
+    await openConv(pageA, `#${room}`);
+    // A message from A's remaining tab, after the close: presence had its
+    // chance to flicker by the time it arrives.
+    await pageA.waitForTimeout(300);
+    await send(pageA, AFTER_TAB_CLOSED);
+    await waitForMessage(pageB, 'B', userA, AFTER_TAB_CLOSED);
+    await waitMember(pageB, 'B', userA);
+    const sys = await pageB.$$eval('#messages .sys', (ns) => ns.map((n) => n.textContent));
+    const flicker = sys.filter((t) => t.includes(userA) && /\bleft\b/.test(t));
+    if (flicker.length) fail(`B saw A leave: ${flicker.join(' | ')}`);
   });
 
   await step('chat-a.png saved (phone width, room)', async () => {

@@ -90,13 +90,21 @@ pub fn ws_url(addr: SocketAddr, query: &str) -> String {
 
 /// Connect, expecting the upgrade to succeed and `welcome` to be the first frame.
 pub async fn connect(addr: SocketAddr, room: &str, user: &str) -> Client {
-    let (mut socket, _) = tokio::time::timeout(
-        WAIT,
-        tokio_tungstenite::connect_async(ws_url(addr, &format!("room={room}&user={user}"))),
-    )
-    .await
-    .expect("connect in time")
-    .unwrap_or_else(|e| panic!("connect {user}@{room}: {e}"));
+    connect_with(addr, &format!("room={room}&user={user}")).await
+}
+
+/// Connect as `user` in no room (protocol v2).
+pub async fn connect_user(addr: SocketAddr, user: &str) -> Client {
+    connect_with(addr, &format!("user={user}")).await
+}
+
+/// Connect with `query`, expecting `welcome` first.
+pub async fn connect_with(addr: SocketAddr, query: &str) -> Client {
+    let (mut socket, _) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(ws_url(addr, query)))
+            .await
+            .expect("connect in time")
+            .unwrap_or_else(|e| panic!("connect with {query}: {e}"));
     let welcome = next_json(&mut socket).await;
     assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
     Client { socket, welcome }
@@ -302,4 +310,21 @@ pub fn apply_presence(members: &mut BTreeSet<String>, frame: &Value) {
     for gone in names(&frame["leaves"]) {
         members.remove(&gone);
     }
+}
+
+/// Subscribe to `room` and return the `subscribed` answer (skipping what
+/// arrives before it, like presence).
+pub async fn subscribe(client: &mut Client, room: &str) -> Value {
+    let reference = format!("sub-{room}");
+    send_json(
+        &mut client.socket,
+        serde_json::json!({"type": "subscribe", "room": room, "ref": reference}),
+    )
+    .await;
+    let answer = next_matching(&mut client.socket, |f| {
+        f["ref"] == reference.as_str() && f["type"] != "ack"
+    })
+    .await;
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+    answer
 }

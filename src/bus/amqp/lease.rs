@@ -1,4 +1,5 @@
-//! A session's hold on its queue and channel, and their release.
+//! A session's hold on its queues (its slot and its connection queue) and its
+//! channel, and their release.
 
 use std::sync::Arc;
 
@@ -12,7 +13,9 @@ use crate::bus::pool::PooledConnection;
 pub(super) struct LeaseState {
     pub(super) conn: Arc<PooledConnection>,
     pub(super) channel: Channel,
-    pub(super) queue: String,
+    /// What to delete, in the order declared: the slot first, then the
+    /// connection's queue. Deleted in reverse, so the slot frees last.
+    pub(super) queues: Vec<String>,
 }
 
 pub struct AmqpLease {
@@ -20,8 +23,18 @@ pub struct AmqpLease {
 }
 
 impl AmqpLease {
-    /// The broker closed the channel and the queue is not ours: nothing is
-    /// left to delete, only the channel to uncount.
+    pub(super) fn queues(&self) -> &[String] {
+        self.state.as_ref().map_or(&[], |state| &state.queues)
+    }
+
+    pub(super) fn add_queue(&mut self, queue: String) {
+        if let Some(state) = &mut self.state {
+            state.queues.push(queue);
+        }
+    }
+
+    /// The broker closed the channel before anything was declared: nothing
+    /// is left to delete, only the channel to uncount.
     pub(super) fn forget_channel(&mut self) {
         if let Some(state) = self.state.take() {
             state.conn.channel_closed();
@@ -54,34 +67,45 @@ impl Drop for AmqpLease {
     }
 }
 
-/// Delete the queue and close the channel. If the session's channel is already
-/// dead but its connection lives, the exclusive queue lives too: delete it through
-/// a fresh channel. If the connection is dead, the broker has deleted the queue.
+/// Delete the queues and close the channel. If the session's channel is already
+/// dead but its connection lives, the exclusive queues live too: delete them
+/// through a fresh channel. If the connection is dead, the broker has deleted them.
 pub(super) async fn release(state: LeaseState) {
     let LeaseState {
         conn,
         channel,
-        queue,
+        queues,
     } = state;
-    let deleted = channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    if deleted.is_ok() {
-        let _ = channel.close(200, "session ended".into()).await;
-    } else if conn.is_connected() {
+    let mut channel = Some(channel);
+    for queue in queues.iter().rev() {
+        if let Some(open) = &channel
+            && open
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .is_ok()
+        {
+            continue;
+        }
+        channel = None;
+        if !conn.is_connected() {
+            break;
+        }
         match conn.connection.create_channel().await {
             Ok(fresh) => {
                 if let Err(e) = fresh
                     .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                     .await
                 {
-                    warn!(%queue, error = %e, "could not delete the session queue");
+                    warn!(%queue, error = %e, "could not delete a session queue");
                 }
                 let _ = fresh.close(200, "session ended".into()).await;
             }
-            Err(e) => warn!(%queue, error = %e, "could not delete the session queue"),
+            Err(e) => warn!(%queue, error = %e, "could not delete a session queue"),
         }
     }
+    if let Some(channel) = channel {
+        let _ = channel.close(200, "session ended".into()).await;
+    }
     conn.channel_closed();
-    debug!(%queue, "released");
+    debug!(?queues, "released");
 }

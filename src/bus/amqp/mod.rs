@@ -1,53 +1,64 @@
-//! The RabbitMQ bus: an exclusive queue per session, bound to its room's fanout
-//! exchange.
+//! The RabbitMQ bus: an exclusive queue per connection, bound to the fanout
+//! exchange of every room it subscribes to and, by its user id, to one direct
+//! exchange for direct messages.
 //!
 //! Topology, with `<prefix>` from `--prefix`:
-//! - `<prefix>.room.<room>`: a fanout exchange, auto-deleted when its last queue
-//!   unbinds, so empty rooms leave nothing behind.
-//! - `<prefix>.user.<user>`: the session's queue; exclusive, so the broker refuses a
-//!   second holder of the user id anywhere in the cluster (`405 RESOURCE_LOCKED` →
-//!   `user_taken`). It is bounded (`x-max-length`, `x-overflow: drop-head`): a
-//!   client too slow to keep up loses its oldest messages instead of growing the
-//!   broker's memory.
+//! - `<prefix>.conn.<session>`: the connection's queue; exclusive and deleted
+//!   with the session. It is bounded (`x-max-length`, `x-overflow: drop-head`):
+//!   a client too slow to keep up loses its oldest messages instead of growing
+//!   the broker's memory.
+//! - `<prefix>.room.<room>`: a fanout exchange per room, auto-deleted when its
+//!   last queue unbinds, so empty rooms leave nothing behind. Subscribing binds
+//!   the connection's queue to it; unsubscribing unbinds it.
+//! - `<prefix>.direct`: one direct exchange; every connection's queue is bound
+//!   to it with its user id as the routing key, so a direct message published
+//!   with the recipient's id reaches all of the recipient's connections on every
+//!   node, and `mandatory` returns it when the recipient has none.
+//! - `<prefix>.slot.<user>.<n>`: an exclusive queue with no bindings, held by
+//!   one session of `user`. At most `--sessions-per-user` slots exist per user,
+//!   and the broker refuses a second holder of a slot anywhere in the cluster
+//!   (`405 RESOURCE_LOCKED`): the per-user session limit is exact across nodes.
 //!
-//! Each session gets its own channel. A channel-level error (user taken, an
-//! exchange deleted under our feet) closes only that channel, never another
-//! user's; publisher confirms and per-channel ordering make acks meaningful and
-//! keep each sender's messages in order.
+//! Each session gets its own channel, for its consumer and its publishes:
+//! publisher confirms and per-channel ordering make acks meaningful and keep
+//! each sender's messages in order. Anything that can fail with a channel-level
+//! error (a taken slot, an exchange deleted under our feet) runs on a channel
+//! that may die: a short-lived one, never a session's.
 //!
-//! This file declares the topology and subscribes; a session's side of it is in
-//! [`publisher`] (publish with confirms), [`inbox`] (consume, ack in batches),
-//! [`lease`] (queue deletion) and [`presence_link`] (the node's gossip queue).
+//! This file declares the topology and opens sessions; a session's side of it
+//! is in [`publisher`] (publish with confirms, bind to rooms), [`inbox`]
+//! (consume, ack in batches, skip what it does not follow) and [`lease`] (queue
+//! deletion); [`sessionless`] publishes for HTTP POSTs and asks about slots;
+//! [`presence_link`] is the node's gossip queue.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Consumer, ExchangeKind, PublisherConfirm};
+use lapin::{Channel, Consumer, ExchangeKind};
 use tracing::{debug, warn};
 
 pub mod inbox;
 pub mod lease;
 pub mod presence_link;
 pub mod publisher;
+pub mod sessionless;
 
 pub use inbox::AmqpInbox;
 pub use lease::AmqpLease;
 pub use presence_link::AmqpPresenceLink;
-pub use publisher::{AmqpConfirm, AmqpPublisher};
+pub use publisher::{AmqpConfirm, AmqpLink};
 
 use lease::LeaseState;
-use publisher::{publish_to_exchange, publish_to_queue};
 
 use super::pool::{Pool, PooledConnection};
-use super::{BusError, Inbox, Lease, Publisher, Subscription};
-use crate::names::{RoomName, UserId};
+use super::{BusError, Inbox, Lease, Link, Subscription};
+use crate::names::{RoomName, SessionId, UserId};
 
 /// Deliveries the broker may push to a session before the session acknowledges
 /// them. Bounds what a slow socket can pile up in this process; the rest waits in
@@ -61,13 +72,9 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 const NOT_FOUND: u16 = 404;
 const RESOURCE_LOCKED: u16 = 405;
 
-/// Retries of a declaration that met a queue still held by a previous session of
-/// the same user (it may be closing on another node), before `user_taken`.
-const TAKEN_RETRIES: [Duration; 3] = [
-    Duration::from_millis(100),
-    Duration::from_millis(200),
-    Duration::from_millis(400),
-];
+/// How often a bind is tried again when the room's exchange vanished between
+/// its declaration and the bind (its last member left at that moment).
+const VANISHED_EXCHANGE_RETRIES: usize = 3;
 
 /// Every exchange and queue name Warren uses, under one `--prefix`.
 #[derive(Clone)]
@@ -87,9 +94,19 @@ impl Names {
         format!("{}.room.{room}", self.prefix)
     }
 
-    /// A session's queue, named after the user id it holds.
-    pub fn user_queue(&self, user: &UserId) -> String {
-        format!("{}.user.{user}", self.prefix)
+    /// A connection's queue.
+    pub fn connection_queue(&self, session: &SessionId) -> String {
+        format!("{}.conn.{session}", self.prefix)
+    }
+
+    /// The direct exchange every connection's queue is bound to by user id.
+    pub fn direct_exchange(&self) -> String {
+        format!("{}.direct", self.prefix)
+    }
+
+    /// One of a user's session slots.
+    pub fn slot_queue(&self, user: &UserId, slot: u16) -> String {
+        format!("{}.slot.{user}.{slot}", self.prefix)
     }
 
     /// The fanout exchange nodes gossip presence on.
@@ -162,64 +179,102 @@ impl AmqpBus {
         self.pool.close().await;
     }
 
-    pub async fn subscribe(
+    /// Open a session's place on the bus: hold `user`'s session slot `slot`,
+    /// declare the connection's queue bound to the direct exchange by user id,
+    /// and consume it. [`BusError::SlotTaken`] when another node holds the slot.
+    pub async fn open(
         &self,
-        room: &RoomName,
+        session: &SessionId,
         user: &UserId,
+        slot: u16,
     ) -> Result<Subscription, BusError> {
-        let exchange = self.names.room_exchange(room);
-        let queue = self.names.user_queue(user);
         let conn = self.connection()?;
-        let mut taken_retries = TAKEN_RETRIES.iter();
-        let mut vanished_exchange_retries = 3;
-        loop {
-            let channel = conn.open_channel().await.map_err(unavailable)?;
-            // From here the channel (and, once declared, the queue) is leased:
-            // if the caller gives up (the subscribe timed out), dropping the
-            // lease deletes the queue and closes the channel.
-            let mut lease = AmqpLease {
-                state: Some(LeaseState {
-                    conn: conn.clone(),
-                    channel: channel.clone(),
-                    queue: queue.clone(),
-                }),
-            };
-            match self.declare(&channel, &exchange, &queue).await {
-                Ok(consumer) => {
-                    debug!(%queue, %exchange, channel = channel.id(), "subscribed");
-                    return Ok(Subscription {
-                        publisher: Publisher::Amqp(AmqpPublisher {
-                            channel,
-                            exchange: exchange.clone(),
-                            names: self.names.clone(),
-                        }),
-                        inbox: Inbox::Amqp(Box::new(AmqpInbox::new(consumer, conn.lost.clone()))),
-                        lease: Lease::Amqp(lease),
-                    });
-                }
-                Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => {
-                    // The broker closed this channel; the queue belongs to another
-                    // connection, i.e. another session of this user id.
-                    lease.forget_channel();
-                    match taken_retries.next() {
-                        Some(delay) => tokio::time::sleep(*delay).await,
-                        None => return Err(BusError::UserTaken),
-                    }
-                }
-                Err(e) if reply_code(&e) == Some(NOT_FOUND) && vanished_exchange_retries > 0 => {
-                    // The room's auto-delete exchange went away between our declare
-                    // and bind (its last member left). Our queue survives on this
-                    // connection; declare both again on a fresh channel.
-                    lease.forget_channel();
-                    vanished_exchange_retries -= 1;
-                }
-                Err(e) => {
-                    warn!(%queue, error = %e, "subscribe failed");
-                    lease.release().await;
-                    return Err(unavailable(e));
-                }
+        let channel = conn.open_channel().await.map_err(unavailable)?;
+        // From here the channel (and, once declared, the queues) is leased: if
+        // the caller gives up (the open timed out), dropping the lease deletes
+        // the queues and closes the channel.
+        let queue = self.names.connection_queue(session);
+        let mut lease = AmqpLease {
+            state: Some(LeaseState {
+                conn: conn.clone(),
+                channel: channel.clone(),
+                queues: vec![self.names.slot_queue(user, slot)],
+            }),
+        };
+        match declare_exclusive(&channel, &lease.queues()[0], FieldTable::default()).await {
+            Ok(()) => {}
+            Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => {
+                // The broker closed this channel: another connection holds the slot.
+                lease.forget_channel();
+                return Err(BusError::SlotTaken);
+            }
+            Err(e) => {
+                lease.release().await;
+                return Err(unavailable(e));
             }
         }
+        lease.add_queue(queue.clone());
+        match self.declare_connection(&channel, &queue, user).await {
+            Ok(consumer) => {
+                debug!(%queue, %user, slot, channel = channel.id(), "opened");
+                Ok(Subscription {
+                    link: Link::Amqp(AmqpLink {
+                        conn: conn.clone(),
+                        channel,
+                        queue,
+                        user: user.clone(),
+                        session: session.clone(),
+                        names: self.names.clone(),
+                    }),
+                    inbox: Inbox::Amqp(Box::new(AmqpInbox::new(
+                        consumer,
+                        conn.lost.clone(),
+                        &self.names,
+                        session,
+                    ))),
+                    lease: Lease::Amqp(lease),
+                })
+            }
+            Err(e) => {
+                warn!(%queue, error = %e, "opening a session's queue failed");
+                lease.release().await;
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    async fn declare_connection(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        user: &UserId,
+    ) -> lapin::Result<Consumer> {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions { global: false })
+            .await?;
+        let direct = self.names.direct_exchange();
+        channel
+            .exchange_declare(
+                direct.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        declare_exclusive(channel, queue, bounded_queue(self.queue_max_length)).await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                direct.as_str().into(),
+                user.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        consume(channel, queue, false).await
     }
 
     /// Declare this node's presence queue, bound to `<prefix>.presence`.
@@ -230,7 +285,13 @@ impl AmqpBus {
         let queue = self.names.node_queue(node_id);
         // Presence is soft state, refreshed by every heartbeat: no acks.
         let args = bounded_queue(PRESENCE_QUEUE_LENGTH);
-        let declared = subscribe_to_fanout(&channel, &exchange, &queue, args, true).await;
+        let declared = async {
+            declare_fanout(&channel, &exchange).await?;
+            declare_exclusive(&channel, &queue, args).await?;
+            bind(&channel, &queue, &exchange, "").await?;
+            consume(&channel, &queue, true).await
+        }
+        .await;
         match declared {
             Ok(consumer) => Ok(AmqpPresenceLink {
                 conn,
@@ -244,123 +305,25 @@ impl AmqpBus {
             }
         }
     }
-
-    /// Publish on a short-lived channel of its own: a passive declare of a missing
-    /// exchange closes the channel it runs on, which must not be a session's.
-    pub async fn publish_room(&self, room: &RoomName, payload: Bytes) -> Result<(), BusError> {
-        let exchange = self.names.room_exchange(room);
-        self.publish_alone(|channel| async move {
-            let exists = channel
-                .exchange_declare(
-                    exchange.as_str().into(),
-                    ExchangeKind::Fanout,
-                    ExchangeDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            match exists {
-                // Nobody is in the room: there is no one to deliver to.
-                Err(e) if reply_code(&e) == Some(NOT_FOUND) => return Ok(None),
-                Err(e) => return Err(e),
-                Ok(()) => {}
-            }
-            publish_to_exchange(&channel, &exchange, &payload)
-                .await
-                .map(Some)
-        })
-        .await
-    }
-
-    pub async fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
-        let queue = self.names.user_queue(to);
-        self.publish_alone(|channel| async move {
-            publish_to_queue(&channel, &queue, &payload).await.map(Some)
-        })
-        .await
-    }
-
-    async fn publish_alone<F, Fut>(&self, publish: F) -> Result<(), BusError>
-    where
-        F: FnOnce(Channel) -> Fut,
-        Fut: Future<Output = lapin::Result<Option<PublisherConfirm>>>,
-    {
-        let conn = self.connection()?;
-        let channel = conn.open_channel().await.map_err(unavailable)?;
-        let result = async {
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(unavailable)?;
-            match publish(channel.clone()).await.map_err(unavailable)? {
-                Some(confirm) => AmqpConfirm(confirm).await,
-                None => Ok(()),
-            }
-        }
-        .await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "published".into()).await;
-        }
-        conn.channel_closed();
-        result
-    }
-
-    pub async fn is_connected(&self, user: &UserId) -> Result<bool, BusError> {
-        let conn = self.connection()?;
-        let channel = conn.open_channel().await.map_err(unavailable)?;
-        let declared = channel
-            .queue_declare(
-                self.names.user_queue(user).into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        conn.channel_closed();
-        match declared {
-            Ok(_) => {
-                let _ = channel.close(200, "checked".into()).await;
-                Ok(true)
-            }
-            // A passive declare of a missing queue closes the channel with 404.
-            Err(e) if reply_code(&e) == Some(NOT_FOUND) => Ok(false),
-            // Another connection's exclusive queue: someone holds the id.
-            Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => Ok(true),
-            Err(e) => Err(unavailable(e)),
-        }
-    }
-
-    async fn declare(
-        &self,
-        channel: &Channel,
-        exchange: &str,
-        queue: &str,
-    ) -> lapin::Result<Consumer> {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions { global: false })
-            .await?;
-        let args = bounded_queue(self.queue_max_length);
-        subscribe_to_fanout(channel, exchange, queue, args, false).await
-    }
 }
 
-/// Declare a fanout exchange (auto-deleted with its last queue) and an exclusive,
-/// auto-deleted queue bound to it, and consume the queue. The one topology both
-/// sessions and presence links use.
-async fn subscribe_to_fanout(
-    channel: &Channel,
-    exchange: &str,
-    queue: &str,
-    arguments: FieldTable,
-    no_ack: bool,
-) -> lapin::Result<Consumer> {
+/// Run `operation` on a channel of its own, then close it.
+async fn on_short_channel<F, Fut, T>(conn: &PooledConnection, operation: F) -> lapin::Result<T>
+where
+    F: FnOnce(Channel) -> Fut,
+    Fut: Future<Output = lapin::Result<T>>,
+{
+    let channel = conn.open_channel().await?;
+    let result = operation(channel.clone()).await;
+    if channel.status().connected() {
+        let _ = channel.close(200, "done".into()).await;
+    }
+    conn.channel_closed();
+    result
+}
+
+/// Declare a room-style fanout exchange, auto-deleted with its last binding.
+async fn declare_fanout(channel: &Channel, exchange: &str) -> lapin::Result<()> {
     channel
         .exchange_declare(
             exchange.into(),
@@ -371,7 +334,16 @@ async fn subscribe_to_fanout(
             },
             FieldTable::default(),
         )
-        .await?;
+        .await
+}
+
+/// Declare an exclusive queue, deleted when its connection closes (and by its
+/// lease before that).
+async fn declare_exclusive(
+    channel: &Channel,
+    queue: &str,
+    arguments: FieldTable,
+) -> lapin::Result<()> {
     channel
         .queue_declare(
             queue.into(),
@@ -382,16 +354,23 @@ async fn subscribe_to_fanout(
             },
             arguments,
         )
-        .await?;
+        .await
+        .map(drop)
+}
+
+async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {
     channel
         .queue_bind(
             queue.into(),
             exchange.into(),
-            "".into(),
+            key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
-        .await?;
+        .await
+}
+
+async fn consume(channel: &Channel, queue: &str, no_ack: bool) -> lapin::Result<Consumer> {
     channel
         .basic_consume(
             queue.into(),

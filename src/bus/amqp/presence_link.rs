@@ -6,7 +6,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use lapin::{Channel, Consumer};
 
-use super::{publish_to_exchange, unavailable};
+use super::publisher::publish_to_exchange;
+use super::unavailable;
 use crate::bus::BusError;
 use crate::bus::pool::PooledConnection;
 

@@ -1,46 +1,86 @@
-//! Publishing from a session: to its room's exchange, or a direct message to
-//! one user's queue, each answered by the broker's confirm.
+//! A session's link on RabbitMQ: publishing (to a room's exchange, or a direct
+//! message through the direct exchange, each answered by the broker's confirm),
+//! and binding its queue to rooms and unbinding it.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use lapin::options::BasicPublishOptions;
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
-use super::{Names, unavailable};
+use super::{
+    NOT_FOUND, Names, VANISHED_EXCHANGE_RETRIES, bind, declare_fanout, on_short_channel,
+    reply_code, unavailable,
+};
 use crate::bus::BusError;
-use crate::names::UserId;
+use crate::bus::pool::PooledConnection;
+use crate::names::{RoomName, SessionId, UserId};
 
-pub struct AmqpPublisher {
+pub struct AmqpLink {
+    pub(super) conn: Arc<PooledConnection>,
+    /// The session's own channel, in confirm mode; it also carries its consumer.
     pub(super) channel: Channel,
-    /// The session's room's exchange.
-    pub(super) exchange: String,
+    /// The connection's queue.
+    pub(super) queue: String,
+    pub(super) user: UserId,
+    pub(super) session: SessionId,
     pub(super) names: Names,
 }
 
-impl AmqpPublisher {
-    pub async fn publish(&self, payload: Bytes) -> Result<AmqpConfirm, BusError> {
-        publish_to_exchange(&self.channel, &self.exchange, &payload)
+impl AmqpLink {
+    /// Publish to a room the session is subscribed to (so its exchange exists).
+    pub async fn publish(&self, room: &RoomName, payload: Bytes) -> Result<AmqpConfirm, BusError> {
+        publish_to_exchange(&self.channel, &self.names.room_exchange(room), &payload)
             .await
             .map(AmqpConfirm)
             .map_err(unavailable)
     }
 
-    /// Publish straight to the recipient's queue through the default exchange.
-    /// `mandatory` makes the broker return the message when no such queue exists,
-    /// which the confirm reports as [`BusError::NoRecipient`]: the queue *is* the
-    /// registry of who is online, so no user→node table is needed.
+    /// A direct message to every connection of `to`, and a copy to this
+    /// user's other connections (marked with this session, whose own inbox
+    /// skips it). The confirm is the recipient's: [`BusError::NoRecipient`]
+    /// when `to` has no connection anywhere.
     pub async fn publish_direct(
         &self,
         to: &UserId,
         payload: Bytes,
     ) -> Result<AmqpConfirm, BusError> {
-        publish_to_queue(&self.channel, &self.names.user_queue(to), &payload)
+        let exchange = self.names.direct_exchange();
+        let confirm = publish_direct(
+            &self.channel,
+            &exchange,
+            to,
+            &payload,
+            DirectCopy::Recipient,
+            None,
+        )
+        .await
+        .map_err(unavailable)?;
+        if *to != self.user {
+            publish_direct(
+                &self.channel,
+                &exchange,
+                &self.user,
+                &payload,
+                DirectCopy::Sender,
+                Some(&self.session),
+            )
             .await
-            .map(AmqpConfirm)
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        }
+        Ok(AmqpConfirm(confirm))
+    }
+
+    pub async fn bind(&self, room: &RoomName) -> Result<(), BusError> {
+        bind_room(&self.conn, &self.queue, &self.names.room_exchange(room)).await
+    }
+
+    pub async fn unbind(&self, room: &RoomName) -> Result<(), BusError> {
+        unbind_room(&self.conn, &self.queue, &self.names.room_exchange(room)).await
     }
 }
 
@@ -61,23 +101,42 @@ pub(super) async fn publish_to_exchange(
         .await
 }
 
-/// Publish straight to a queue through the default exchange, `mandatory`, so a
-/// missing queue (an offline user) comes back as a returned message.
-pub(super) async fn publish_to_queue(
+/// Which copy of a direct message a publish is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum DirectCopy {
+    /// The recipient's: `mandatory`, so a user with no connection anywhere
+    /// comes back as a returned message (the bindings *are* the registry of
+    /// who is online).
+    Recipient,
+    /// The sender's, for its other connections: a sender with no other
+    /// connection is no error.
+    Sender,
+}
+
+/// Publish a direct message to every connection of `to` through the direct
+/// exchange. `origin` marks the copy its own session must skip.
+pub(super) async fn publish_direct(
     channel: &Channel,
-    queue: &str,
+    exchange: &str,
+    to: &UserId,
     payload: &[u8],
+    copy: DirectCopy,
+    origin: Option<&SessionId>,
 ) -> lapin::Result<PublisherConfirm> {
+    let mut properties = BasicProperties::default();
+    if let Some(origin) = origin {
+        properties = properties.with_correlation_id(origin.as_str().into());
+    }
     channel
         .basic_publish(
-            "".into(),
-            queue.into(),
+            exchange.into(),
+            to.as_str().into(),
             BasicPublishOptions {
-                mandatory: true,
+                mandatory: copy == DirectCopy::Recipient,
                 ..Default::default()
             },
             payload,
-            BasicProperties::default(),
+            properties,
         )
         .await
 }
@@ -99,5 +158,46 @@ impl Future for AmqpConfirm {
                 )),
                 Err(e) => Err(unavailable(e)),
             })
+    }
+}
+
+/// Bind `queue` to `room`'s fanout exchange (declaring it), on a short-lived
+/// channel of `conn` (the queue is exclusive to that connection): an exchange
+/// auto-deleted between declare and bind closes the channel it happens on,
+/// which must not be the session's.
+async fn bind_room(conn: &PooledConnection, queue: &str, exchange: &str) -> Result<(), BusError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let result = on_short_channel(conn, |channel| async move {
+            declare_fanout(&channel, exchange).await?;
+            bind(&channel, queue, exchange, "").await
+        })
+        .await;
+        match result {
+            Err(e) if reply_code(&e) == Some(NOT_FOUND) && attempts < VANISHED_EXCHANGE_RETRIES => {
+            }
+            other => return other.map_err(unavailable),
+        }
+    }
+}
+
+/// Unbind `queue` from a room's exchange, on a short-lived channel of `conn`.
+async fn unbind_room(conn: &PooledConnection, queue: &str, exchange: &str) -> Result<(), BusError> {
+    let result = on_short_channel(conn, |channel| async move {
+        channel
+            .queue_unbind(
+                queue.into(),
+                exchange.into(),
+                "".into(),
+                FieldTable::default(),
+            )
+            .await
+    })
+    .await;
+    match result {
+        // The exchange is gone: nothing is bound to it any more.
+        Err(e) if reply_code(&e) == Some(NOT_FOUND) => Ok(()),
+        other => other.map_err(unavailable),
     }
 }

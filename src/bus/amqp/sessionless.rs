@@ -1,0 +1,156 @@
+//! Publishing and asking without a session: HTTP POSTs publish on a
+//! short-lived channel of their own, and the probes ask the broker which of a
+//! user's session slots are held.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, ExchangeKind, PublisherConfirm};
+
+use super::publisher::{AmqpConfirm, DirectCopy, publish_direct, publish_to_exchange};
+use super::{AmqpBus, NOT_FOUND, RESOURCE_LOCKED, on_short_channel, reply_code, unavailable};
+use crate::bus::BusError;
+use crate::names::{RoomName, UserId};
+
+impl AmqpBus {
+    /// Publish on a short-lived channel of its own: a passive declare of a missing
+    /// exchange closes the channel it runs on, which must not be a session's.
+    pub async fn publish_room(&self, room: &RoomName, payload: Bytes) -> Result<(), BusError> {
+        let exchange = self.names.room_exchange(room);
+        self.publish_alone(|channel| async move {
+            let exists = channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match exists {
+                // Nobody is in the room: there is no one to deliver to.
+                Err(e) if reply_code(&e) == Some(NOT_FOUND) => return Ok(None),
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+            publish_to_exchange(&channel, &exchange, &payload)
+                .await
+                .map(Some)
+        })
+        .await
+    }
+
+    /// A direct message to every connection of `to`, and a copy to every
+    /// connection of `from` (its other tabs show the conversation).
+    pub async fn publish_direct(
+        &self,
+        to: &UserId,
+        from: &UserId,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
+        let exchange = self.names.direct_exchange();
+        self.publish_alone(|channel| async move {
+            let confirm = publish_direct(
+                &channel,
+                &exchange,
+                to,
+                &payload,
+                DirectCopy::Recipient,
+                None,
+            )
+            .await?;
+            if from != to {
+                publish_direct(
+                    &channel,
+                    &exchange,
+                    from,
+                    &payload,
+                    DirectCopy::Sender,
+                    None,
+                )
+                .await?;
+            }
+            Ok(Some(confirm))
+        })
+        .await
+    }
+
+    async fn publish_alone<F, Fut>(&self, publish: F) -> Result<(), BusError>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = lapin::Result<Option<PublisherConfirm>>>,
+    {
+        let conn = self.connection()?;
+        let channel = conn.open_channel().await.map_err(unavailable)?;
+        let result = async {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(unavailable)?;
+            match publish(channel.clone()).await.map_err(unavailable)? {
+                Some(confirm) => AmqpConfirm(confirm).await,
+                None => Ok(()),
+            }
+        }
+        .await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "published".into()).await;
+        }
+        conn.channel_closed();
+        result
+    }
+
+    /// Whether any of `user`'s session slots below `max` is held anywhere.
+    /// Each free slot checked costs a channel (the broker closes it with 404),
+    /// so this is for rare questions only.
+    pub async fn is_connected(&self, user: &UserId, max: u16) -> Result<bool, BusError> {
+        for slot in 0..max {
+            if self.slot_held(user, slot).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether all of `user`'s session slots below `max` are held: a new
+    /// session would be refused.
+    pub async fn is_full(&self, user: &UserId, max: u16) -> Result<bool, BusError> {
+        for slot in 0..max {
+            if !self.slot_held(user, slot).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// A passive declare of one slot's queue, on a channel of its own.
+    async fn slot_held(&self, user: &UserId, slot: u16) -> Result<bool, BusError> {
+        let conn = self.connection()?;
+        let queue = self.names.slot_queue(user, slot);
+        let declared = on_short_channel(&conn, |channel| async move {
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+        })
+        .await;
+        match declared {
+            Ok(_) => Ok(true),
+            // A passive declare of a missing queue closes the channel with 404.
+            Err(e) if reply_code(&e) == Some(NOT_FOUND) => Ok(false),
+            // Another connection's exclusive queue: someone holds the slot.
+            Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => Ok(true),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
