@@ -280,9 +280,11 @@ impl SessionLink for Link {
             (Link::Amqp(l), Destination::Room(room)) => {
                 l.publish(room, payload).await.map(Confirm::Amqp)
             }
-            (Link::Amqp(l), Destination::User(user)) => {
-                l.publish_direct(user, payload).await.map(Confirm::Amqp)
-            }
+            // Boxed: two publishes in a row make a large future, which would
+            // otherwise grow every session's task, idle or not.
+            (Link::Amqp(l), Destination::User(user)) => Box::pin(l.publish_direct(user, payload))
+                .await
+                .map(Confirm::Amqp),
         }
     }
 

@@ -191,11 +191,13 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
             },
             Some(Inbound::Text(text)) => {
                 match ClientFrame::parse(&text, self.node.config.max_text_bytes) {
+                    // Boxed: binding runs lapin's channel futures, large and
+                    // rare; inline, they would grow every idle session's task.
                     Ok(ClientFrame::Subscribe { room, reference }) => {
-                        return self.subscribe(room, reference).await;
+                        return Box::pin(self.subscribe(room, reference)).await;
                     }
                     Ok(ClientFrame::Unsubscribe { room, reference }) => {
-                        return self.unsubscribe(room, reference).await;
+                        return Box::pin(self.unsubscribe(room, reference)).await;
                     }
                     Ok(ClientFrame::Message {
                         room,
