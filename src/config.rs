@@ -116,9 +116,122 @@ pub struct Config {
     #[arg(long, env = "WARREN_MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
     pub max_rooms_per_connection: usize,
 
+    /// HS256 secret that signs the application's tokens (JWT). Set one of
+    /// --jwt-secret, --jwt-public-key, --jwks-url to require tokens; with none,
+    /// Warren is anonymous (self-asserted ids).
+    #[arg(long, env = "WARREN_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with the RS256 or ES256 public key that verifies tokens.
+    #[arg(long, env = "WARREN_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// The identity provider's JWKS URL; keys are cached, and fetched again on an
+    /// unknown key id and every 5 minutes.
+    #[arg(long, env = "WARREN_JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Required `iss` of tokens, when set.
+    #[arg(long, env = "WARREN_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` of tokens, when set.
+    #[arg(long, env = "WARREN_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// With a key set: let connections without a token in, as read-only
+    /// `guest-…` users.
+    #[arg(long, env = "WARREN_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// Rooms a user may read and write when its token has no `rooms` claim (and
+    /// every user's, anonymous): comma-separated patterns, `*` for any run.
+    #[arg(long, env = "WARREN_DEFAULT_ROOMS", default_value = "*")]
+    pub default_rooms: String,
+
+    /// Keys of the server-side publish API (`POST /api/rooms/<room>/messages`
+    /// with `Authorization: Bearer <key>`); several, comma-separated, for
+    /// rotation. Unset: the API answers 401.
+    #[arg(
+        long = "api-key",
+        env = "WARREN_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Chat frames one connection may publish per second, on average.
+    #[arg(long, env = "WARREN_PUBLISH_RATE", default_value_t = 20)]
+    pub publish_rate: u32,
+
+    /// Chat frames one connection may publish at once above the rate.
+    #[arg(long, env = "WARREN_PUBLISH_BURST", default_value_t = 40)]
+    pub publish_burst: u32,
+
+    /// Open connections (WebSocket and event streams) per client IP.
+    #[arg(long, env = "WARREN_MAX_CONNECTIONS_PER_IP", default_value_t = 200)]
+    pub max_connections_per_ip: usize,
+
+    /// New connections per client IP per second (a burst of as many is allowed).
+    #[arg(long, env = "WARREN_CONNECTIONS_PER_IP_PER_SEC", default_value_t = 50)]
+    pub connections_per_ip_per_sec: u32,
+
+    /// Proxies whose `X-Forwarded-For` is trusted (comma-separated addresses
+    /// or networks, e.g. `10.0.0.5,172.16.0.0/12`); a request from any other
+    /// address is the client itself.
+    #[arg(long, env = "WARREN_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// Log format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub tool: Option<Tool>,
+}
+
+/// Tools the binary offers besides running a node.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Tool {
+    /// Print a development token signed with --jwt-secret (HS256).
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Rooms the user may read and write, comma-separated patterns.
+        #[arg(long)]
+        rooms: Option<String>,
+        /// Rooms the user may only read, comma-separated patterns.
+        #[arg(long)]
+        rooms_read: Option<String>,
+        /// Lifetime: a number with s, m, h or d (e.g. 90s, 1h).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+    },
+}
+
+/// `10.0.0.5` (one address) or `10.0.0.0/8`.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is not an address or a network"))
+}
+
+/// `90s`, `15m`, `1h`, `7d`.
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: a number with s, m, h or d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{text:?}: a number with s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
 }
 
 impl Config {

@@ -44,7 +44,11 @@ error_codes! {
     InvalidRoom => "invalid_room", BAD_REQUEST;
     InvalidUser => "invalid_user", BAD_REQUEST;
     OriginNotAllowed => "origin_not_allowed", FORBIDDEN;
-    TokenRequired => "token_required", FORBIDDEN;
+    TokenRequired => "token_required", UNAUTHORIZED;
+    InvalidToken => "invalid_token", UNAUTHORIZED;
+    TokenExpired => "token_expired", UNAUTHORIZED;
+    Forbidden => "forbidden", FORBIDDEN;
+    RateLimited => "rate_limited", TOO_MANY_REQUESTS;
     UserNotFound => "user_not_found", NOT_FOUND;
     TooManySessions => "too_many_sessions", CONFLICT;
     TooManyRooms => "too_many_rooms", CONFLICT;
@@ -81,6 +85,8 @@ impl std::fmt::Display for ErrorCode {
 pub struct ClientError {
     pub code: ErrorCode,
     pub message: String,
+    /// For `rate_limited`: how long to wait before trying again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ClientError {
@@ -88,6 +94,15 @@ impl ClientError {
         Self {
             code,
             message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// A `rate_limited` refusal: try again after `wait`.
+    pub fn rate_limited(message: impl Into<String>, wait: std::time::Duration) -> Self {
+        Self {
+            retry_after_ms: Some(wait.as_millis().max(1) as u64),
+            ..Self::new(ErrorCode::RateLimited, message)
         }
     }
 
@@ -100,11 +115,14 @@ impl ClientError {
     }
 }
 
-/// The JSON body of every HTTP error: `{"code": "...", "message": "..."}`.
+/// The JSON body of every HTTP error: `{"code": "...", "message": "..."}`,
+/// plus `retry_after_ms` on `rate_limited`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Reply for ClientError {
@@ -116,9 +134,16 @@ impl Reply for ClientError {
         let body = ErrorBody {
             code,
             message: self.message,
+            retry_after_ms: self.retry_after_ms,
         };
         let mut response =
             warp::reply::with_status(warp::reply::json(&body), status).into_response();
+        if let Some(ms) = self.retry_after_ms {
+            let secs = ms.div_ceil(1000).max(1);
+            response
+                .headers_mut()
+                .insert("retry-after", warp::http::HeaderValue::from(secs));
+        }
         response.extensions_mut().insert(code);
         response
     }

@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use tracing::warn;
 
+use crate::auth::Grant;
 use crate::bus::{BusError, SessionLink, Subscription};
 use crate::claims::{Claim, RECONNECT_GRACE};
 use crate::error::{ClientError, ErrorCode};
+use crate::limits::OpenConnection;
 use crate::names::{RoomName, SessionId, UserId};
 use crate::node::Node;
 
@@ -30,29 +32,69 @@ const TAKEN_RETRIES: [Duration; 3] = [
     Duration::from_millis(400),
 ];
 
-/// Who asks to connect, and the room the URL names, if any.
+/// Who asks to connect, with what token, and the room the URL names, if any.
 pub struct Handshake {
     pub room: Option<RoomName>,
-    pub user: UserId,
+    /// The self-asserted id (`?user=`); with tokens, it must be the token's.
+    pub user: Option<UserId>,
+    pub token: Option<String>,
+    /// The client's address, when known, for the per-address limits.
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl Handshake {
-    /// From `?room=&user=`; both optional (no room; a `guest-<random>` id).
+    /// From `?room=&user=&token=`; all optional (no room; a `guest-<random>`
+    /// id when anonymous).
     pub fn from_query(query: &HashMap<String, String>) -> Result<Self, ClientError> {
         Self::new(
             query.get("room").map(String::as_str),
             query.get("user").map(String::as_str),
+            query.get("token").cloned(),
         )
     }
 
-    pub fn new(room: Option<&str>, user: Option<&str>) -> Result<Self, ClientError> {
+    pub fn new(
+        room: Option<&str>,
+        user: Option<&str>,
+        token: Option<String>,
+    ) -> Result<Self, ClientError> {
         let room = room.map(RoomName::parse).transpose()?;
-        let user = match user {
-            Some(user) => UserId::parse(user)?,
-            None => UserId::guest(),
-        };
-        Ok(Handshake { room, user })
+        let user = user.map(UserId::parse).transpose()?;
+        Ok(Handshake {
+            room,
+            user,
+            token,
+            client: None,
+        })
     }
+}
+
+/// Who the handshake's token (or, anonymous, its `?user=`) says the client is,
+/// and whether it may read the URL's room.
+pub async fn authenticate(node: &Node, handshake: &Handshake) -> Result<Grant, ClientError> {
+    let grant = node
+        .auth
+        .admit(handshake.token.as_deref(), handshake.user.clone())
+        .await?;
+    if let Some(claimed) = &handshake.user
+        && *claimed != grant.user
+    {
+        return Err(ClientError::new(
+            ErrorCode::InvalidToken,
+            format!("the token is for {}, not {claimed}", grant.user),
+        ));
+    }
+    if let Some(room) = &handshake.room
+        && !grant.permissions.may_read(room)
+    {
+        return Err(forbidden_room(room));
+    }
+    Ok(grant)
+}
+
+/// The refusal of a room the grant does not allow.
+pub fn forbidden_room(room: &RoomName) -> ClientError {
+    ClientError::new(ErrorCode::Forbidden, format!("you may not use room {room}"))
 }
 
 /// Who a session is: its user, and its own id.
@@ -65,6 +107,10 @@ pub struct Identity {
 /// to `room` when the URL named one.
 pub struct Admitted {
     pub identity: Identity,
+    /// What its token allows, until when.
+    pub grant: Grant,
+    /// Its place among its address's connections; freed with the session.
+    pub open: Option<OpenConnection>,
     pub room: Option<RoomName>,
     pub claim: Claim,
     pub subscription: Subscription,
@@ -122,7 +168,13 @@ pub fn precheck(node: &Node, origin: Option<&str>, host: Option<&str>) -> Result
 /// Claim a session slot, open the session's queue, and bind it to the URL's
 /// room. Call after [`precheck`].
 pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, ClientError> {
-    let Handshake { room, user } = handshake;
+    let address_slot = handshake
+        .client
+        .map(|ip| node.limits.admit(ip, &node.metrics))
+        .transpose()?;
+    let grant = authenticate(node, &handshake).await?;
+    let room = handshake.room;
+    let user = grant.user.clone();
     let session = SessionId::random();
     let (claim, mut subscription) = open(node, &user, &session).await?;
     if let Some(room) = &room {
@@ -135,6 +187,8 @@ pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, C
     }
     Ok(Admitted {
         identity: Identity { user, session },
+        grant,
+        open: address_slot,
         room,
         claim,
         subscription,
@@ -181,29 +235,18 @@ async fn open(
 /// a session endpoint, since browsers cannot read a refused upgrade's status.
 /// `Ok` means the session would be admitted.
 pub async fn probe(node: &Node, handshake: &Handshake) -> Result<(), ClientError> {
+    let grant = authenticate(node, handshake).await?;
     let max = node.config.sessions_per_user;
-    let full = node.claims.sessions_of(&handshake.user) >= usize::from(max)
+    let full = node.claims.sessions_of(&grant.user) >= usize::from(max)
         || node
             .bus
-            .is_full(&handshake.user, max)
+            .is_full(&grant.user, max)
             .await
             .map_err(|_| ClientError::unavailable())?;
     if full {
         return Err(too_many_sessions(node));
     }
     Ok(())
-}
-
-/// Does a session anywhere hold `user`? This node's claims first (no broker
-/// round trip), then the bus's slots.
-pub async fn is_held(node: &Node, user: &UserId) -> Result<bool, ClientError> {
-    if node.claims.is_claimed(user) {
-        return Ok(true);
-    }
-    node.bus
-        .is_connected(user, node.config.sessions_per_user)
-        .await
-        .map_err(|_| ClientError::unavailable())
 }
 
 #[cfg(test)]
@@ -215,7 +258,7 @@ mod tests {
     async fn an_abandoned_admission_leaves_nothing_behind() {
         // A failed upgrade must give back the queue, the room and the slot.
         let node = Node::start(Config::defaults()).await.unwrap();
-        let handshake = Handshake::new(Some("lobby"), Some("alice")).unwrap();
+        let handshake = Handshake::new(Some("lobby"), Some("alice"), None).unwrap();
         let admitted = admit(&node, handshake).await.unwrap();
         let crate::bus::Bus::Memory(bus) = &node.bus else {
             panic!("the default configuration runs on the embedded bus");
@@ -257,8 +300,10 @@ mod tests {
     #[test]
     fn handshake_defaults() {
         let h = Handshake::from_query(&HashMap::new()).unwrap();
-        assert_eq!(h.room, None);
-        assert!(h.user.as_str().starts_with("guest-"));
+        assert_eq!(
+            (h.room, h.user, h.token, h.client),
+            (None, None, None, None)
+        );
         let bad: HashMap<_, _> = [("room".to_string(), "a b".to_string())].into();
         assert_eq!(
             Handshake::from_query(&bad).err().unwrap().code,

@@ -25,6 +25,9 @@
 //!   per room, over [`bus::pool`]) and [`bus::memory`] (embedded, one node).
 //! - [`presence`]: who is in each room across nodes, and the live node list,
 //!   gossiped between nodes over the bus ([`presence::view`] is the pure state).
+//! - [`auth`]: verifying the application's tokens (JWT, JWKS) and what their
+//!   claims allow (room patterns).
+//! - [`limits`]: connections per client address.
 //! - [`claims`]: which session slots of which user ids this node holds.
 //! - [`tokens`]: posting tokens, so HTTP publishing cannot speak for a
 //!   connected user.
@@ -35,11 +38,13 @@
 //! - [`config`]: flags and environment variables.
 //! - [`shutdown`]: the process signals that stop a node.
 
+pub mod auth;
 pub mod bus;
 pub mod claims;
 pub mod config;
 pub mod error;
 pub mod handshake;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod names;

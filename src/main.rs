@@ -3,12 +3,15 @@
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use warren::config::{Config, LogFormat};
+use warren::config::{Config, LogFormat, Tool};
 use warren::shutdown::Signal;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    if let Some(tool) = &config.tool {
+        return run_tool(tool, &config);
+    }
     // lapin logs every returned (unroutable) message at WARN with its body; a
     // direct message to an offline user is routine here, and private.
     let filter = EnvFilter::try_from_default_env()
@@ -43,4 +46,42 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `warren token …`: print a development token.
+fn run_tool(tool: &Tool, config: &Config) -> anyhow::Result<()> {
+    match tool {
+        Tool::Token {
+            sub,
+            rooms,
+            rooms_read,
+            ttl,
+        } => {
+            let secret = config.jwt_secret.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("warren token needs --jwt-secret (or WARREN_JWT_SECRET)")
+            })?;
+            warren::names::UserId::parse(sub)?;
+            let list = |patterns: &Option<String>| {
+                patterns.as_ref().map(|p| {
+                    p.split(',')
+                        .map(str::trim)
+                        .filter(|r| !r.is_empty())
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+            };
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+                + ttl.as_secs();
+            let claims = warren::auth::Claims {
+                sub: sub.clone(),
+                exp,
+                rooms: list(rooms),
+                rooms_read: list(rooms_read),
+            };
+            println!("{}", warren::auth::mint(secret, &claims));
+            Ok(())
+        }
+    }
 }

@@ -21,6 +21,7 @@ pub struct Metrics {
     received: Family<Labels, Counter>,
     delivered: Family<Labels, Counter>,
     errors: Family<Labels, Counter>,
+    limited: Family<Labels, Counter>,
     /// Seconds from publish to the broker's confirm.
     pub confirm_seconds: Histogram,
     /// Publishes awaiting their confirm: the bus backlog this node is waiting on.
@@ -78,6 +79,12 @@ impl Metrics {
         );
         let errors = Family::<Labels, Counter>::default();
         registry.register("errors", "Errors sent to clients, by code", errors.clone());
+        let limited = Family::<Labels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused by a limit, by limit (publish, connect_rate, open_per_ip)",
+            limited.clone(),
+        );
         let confirm_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         registry.register(
             "publish_confirm_seconds",
@@ -110,6 +117,7 @@ impl Metrics {
             received,
             delivered,
             errors,
+            limited,
             confirm_seconds,
             publish_in_flight,
             broker_reconnects,
@@ -134,6 +142,11 @@ impl Metrics {
         self.delivered
             .get_or_create(&vec![("transport", transport.label())])
             .inc_by(frames);
+    }
+
+    /// A request refused by the limit named `limit`.
+    pub fn rate_limited(&self, limit: &'static str) {
+        self.limited.get_or_create(&vec![("limit", limit)]).inc();
     }
 
     pub fn error(&self, code: ErrorCode) {

@@ -97,6 +97,12 @@ impl SessionId {
         Self(format!("{n:032x}"))
     }
 
+    /// A session id as clients echo it back: 32 lowercase hex digits.
+    pub fn parse(s: &str) -> Option<Self> {
+        (s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| Self(s.to_owned()))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -32,6 +32,10 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Issues the posting token every `welcome` carries.
     pub tokens: Tokens,
+    /// Who clients are: their tokens, verified ([`crate::auth`]).
+    pub auth: crate::auth::Auth,
+    /// Connections per client address ([`crate::limits`]).
+    pub limits: crate::limits::ConnectionLimits,
     /// User ids with a session on this node.
     pub claims: Claims,
     /// The ids of the messages this node's clients send.
@@ -95,6 +99,8 @@ impl From<NotReady> for ClientError {
 pub enum StartError {
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthConfigError),
 }
 
 impl Node {
@@ -106,6 +112,13 @@ impl Node {
             .node_id
             .clone()
             .unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff));
+        let auth = crate::auth::Auth::from_config(&config)?;
+        if auth.is_anonymous() {
+            tracing::warn!(
+                "no --jwt-secret, --jwt-public-key or --jwks-url: anonymous mode, user ids are \
+                 self-asserted"
+            );
+        }
         let metrics = Arc::new(Metrics::new());
         let bus = Bus::connect(&config, &id, metrics.broker_reconnects.clone()).await?;
         let sessions = TaskTracker::new();
@@ -121,6 +134,8 @@ impl Node {
         );
         Ok(Arc::new(Node {
             tokens: Tokens::new(config.session_secret.as_deref()),
+            auth,
+            limits: crate::limits::ConnectionLimits::new(&config),
             lifecycle: Lifecycle {
                 shutdown: CancellationToken::new(),
                 draining: CancellationToken::new(),

@@ -2,8 +2,8 @@
 //!
 //! - `GET /ws` → [`crate::transport::websocket`] (the WebSocket handshake)
 //! - `GET /rooms/<room>/events` → [`crate::transport::sse`] (Server-Sent Events)
-//! - `POST /rooms/<room>/messages`, `POST /users/<user>/messages` →
-//!   [`crate::transport::publish`]
+//! - `POST /rooms/<room>/messages`, `POST /users/<user>/messages`, and the
+//!   server API `POST /api/rooms/<room>/messages` → [`crate::transport::publish`]
 //! - `GET /rooms/<room>/members`, `GET /cluster` → [`crate::presence`]
 //! - `GET /metrics` Prometheus text → [`crate::metrics`]
 //! - `GET /healthz` liveness, `GET /readyz` readiness ([`Node::readiness`])
@@ -19,6 +19,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use crate::error::{ClientError, ErrorCode};
+use crate::listener::Peer;
 use crate::names::RoomName;
 use crate::node::{Node, NotReady};
 use crate::protocol::bodies::{ClusterBody, MembersBody, StatusBody};
@@ -52,8 +53,22 @@ fn posted_body() -> impl Filter<Extract = (publish::Body,), Error = Rejection> +
     warp::post()
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::header::optional::<String>("authorization"))
         .and(warp::body::stream())
         .map(publish::Body::new)
+}
+
+/// The client's address, for the per-address limits: the TCP peer, or what a
+/// trusted proxy says ([`crate::limits`]).
+fn client_ip(
+    node: Arc<Node>,
+) -> impl Filter<Extract = (Option<std::net::IpAddr>,), Error = Rejection> + Clone {
+    warp::ext::optional::<Peer>()
+        .and(warp::header::optional::<String>("x-forwarded-for"))
+        .map(move |peer: Option<Peer>, forwarded: Option<String>| {
+            node.limits
+                .client_ip(peer.map(|p| p.0.ip()), forwarded.as_deref())
+        })
 }
 
 /// All routes of a node.
@@ -69,6 +84,7 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(warp::query::<HashMap<String, String>>())
         .and(origin())
         .and(warp::header::optional::<String>("host"))
+        .and(client_ip(node.clone()))
         .and(websocket::upgrade_request())
         .then(websocket::handle);
 
@@ -114,6 +130,7 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(origin())
         .and(warp::header::optional::<String>("host"))
         .and(warp::header::optional::<String>("accept"))
+        .and(client_ip(node.clone()))
         .then(sse::handle);
 
     let room_post = warp::path!("rooms" / String / "messages")
@@ -124,6 +141,12 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
 
     let direct_post = warp::path!("users" / String / "messages")
         .map(publish::Target::User)
+        .and(posted_body())
+        .and(with_node.clone())
+        .then(publish::handle);
+
+    let api_post = warp::path!("api" / "rooms" / String / "messages")
+        .map(publish::Target::Api)
         .and(posted_body())
         .and(with_node.clone())
         .then(publish::handle);
@@ -169,7 +192,13 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
     // Each route is boxed: one unboxed chain of this many filters makes a type
     // deep enough to overflow the compiler's recursion limit in release builds.
     let sessions = ws.boxed().or(events.boxed()).unify().boxed();
-    let publishing = room_post.boxed().or(direct_post.boxed()).unify().boxed();
+    let publishing = room_post
+        .boxed()
+        .or(direct_post.boxed())
+        .unify()
+        .or(api_post.boxed())
+        .unify()
+        .boxed();
     let state = healthz
         .boxed()
         .or(readyz.boxed())

@@ -1,21 +1,24 @@
-//! Posting tokens: proof that an HTTP publisher is the session it names.
+//! Posting tokens (anonymous servers): proof that an HTTP publisher is the
+//! session it names.
 //!
-//! Every `welcome` carries a token for its user id: an HMAC of the id under the
-//! cluster's `--session-secret`. HTTP publishing (`POST .../messages`) names its
-//! sender in the body; while that user id holds a session anywhere in the
-//! cluster, the POST must carry the token, so nobody can speak for a connected
-//! user. An id nobody holds may be used freely — exactly as anyone may open a
-//! WebSocket under a free id. Any node can check a token: they share the secret.
+//! Without a JWT key, ids are self-asserted, and a `POST .../messages` names
+//! its sender in the body. It must carry the posting token of a live session of
+//! that id: `<session>.<mac>`, where the MAC covers the user id and the session
+//! id under the cluster's `--session-secret`. Any node can check the MAC (they
+//! share the secret); the session must still be alive, which the bus answers
+//! (its queue exists). So a token belongs to one session and dies with it, and
+//! a POST under an id nobody holds is refused: applications publish through the
+//! server API instead.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::names::UserId;
+use crate::names::{SessionId, UserId};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Domain separation: these MACs mean "may post as", nothing else.
-const CONTEXT: &[u8] = b"warren posting token v1\0";
+/// Domain separation: these MACs mean "this session may post as", nothing else.
+const CONTEXT: &[u8] = b"warren posting token v2\0";
 
 #[derive(Clone)]
 pub struct Tokens {
@@ -33,24 +36,28 @@ impl Tokens {
         Self { secret }
     }
 
-    fn mac(&self, user: &UserId) -> HmacSha256 {
+    fn mac(&self, user: &UserId, session: &str) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
         mac.update(CONTEXT);
         mac.update(user.as_str().as_bytes());
+        mac.update(b"\0");
+        mac.update(session.as_bytes());
         mac
     }
 
-    pub fn issue(&self, user: &UserId) -> String {
-        let tag = self.mac(user).finalize().into_bytes();
-        tag.iter().map(|b| format!("{b:02x}")).collect()
+    pub fn issue(&self, user: &UserId, session: &SessionId) -> String {
+        let tag = self.mac(user, session.as_str()).finalize().into_bytes();
+        let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{session}.{hex}")
     }
 
-    /// Constant-time check of a token for `user`.
-    pub fn verify(&self, user: &UserId, token: &str) -> bool {
-        let Some(bytes) = decode_hex(token) else {
-            return false;
-        };
-        self.mac(user).verify_slice(&bytes).is_ok()
+    /// The session a token for `user` was issued to, if its MAC is right
+    /// (constant-time). Whether that session still lives is the caller's to ask.
+    pub fn session_of(&self, user: &UserId, token: &str) -> Option<SessionId> {
+        let (session, tag) = token.split_once('.')?;
+        let bytes = decode_hex(tag)?;
+        self.mac(user, session).verify_slice(&bytes).ok()?;
+        SessionId::parse(session)
     }
 }
 
@@ -69,17 +76,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens_are_per_user_and_per_secret() {
+    fn tokens_are_per_user_session_and_secret() {
         let alice = UserId::parse("alice").unwrap();
         let bob = UserId::parse("bob").unwrap();
+        let session = SessionId::random();
         let a = Tokens::new(Some("shared"));
         let b = Tokens::new(Some("shared"));
-        let token = a.issue(&alice);
-        assert!(b.verify(&alice, &token), "nodes sharing the secret agree");
-        assert!(!a.verify(&bob, &token));
-        assert!(!Tokens::new(Some("other")).verify(&alice, &token));
-        assert!(!a.verify(&alice, "zz"));
-        assert!(!a.verify(&alice, ""));
-        assert!(!a.verify(&alice, &token[..10]));
+        let token = a.issue(&alice, &session);
+        assert_eq!(
+            b.session_of(&alice, &token),
+            Some(session.clone()),
+            "nodes sharing the secret agree"
+        );
+        assert_eq!(a.session_of(&bob, &token), None);
+        assert_eq!(Tokens::new(Some("other")).session_of(&alice, &token), None);
+        let other = SessionId::random();
+        let (_, tag) = token.split_once('.').unwrap();
+        assert_eq!(
+            a.session_of(&alice, &format!("{other}.{tag}")),
+            None,
+            "bound to its session"
+        );
+        assert_eq!(a.session_of(&alice, "zz"), None);
+        assert_eq!(a.session_of(&alice, ""), None);
+        assert_eq!(a.session_of(&alice, &token[..40]), None);
     }
 }

@@ -353,16 +353,10 @@ async fn channel_errors_from_probes_and_posts_leave_other_sessions_alone() {
     for i in 0..6 {
         users.push(connect(addr, "calm", &format!("calm{i}")).await);
     }
-    let client = reqwest::Client::new();
     for i in 0..5 {
         assert_eq!(get(addr, &format!("/ws?user=free{i}")).await.0, 426);
-        let posted = client
-            .post(format!("http://{addr}/rooms/empty{i}/messages"))
-            .json(&json!({"user": format!("script{i}"), "text": "anyone?"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(posted.status().as_u16(), 202);
+        let posted = api_post(addr, &format!("empty{i}"), None, "anyone?").await;
+        assert_eq!(posted, 202);
     }
     assert_eq!(get(addr, "/readyz").await.0, 200);
     for (i, u) in users.iter_mut().enumerate() {

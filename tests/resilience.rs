@@ -104,8 +104,9 @@ async fn a_busy_session_ends_up_with_the_right_member_list() {
     let addr = server.local_addr();
     let http = reqwest::Client::new();
     let post = |text: String| {
-        http.post(format!("http://{addr}/rooms/lag/messages"))
-            .json(&json!({"user": "flooder", "text": text}))
+        http.post(format!("http://{addr}/api/rooms/lag/messages"))
+            .bearer_auth(TEST_API_KEY)
+            .json(&json!({"from": "flooder", "text": text}))
             .send()
     };
 
@@ -345,7 +346,7 @@ async fn a_handshake_and_a_post_give_up_when_the_broker_stops_answering() {
     let server = start(cfg).await;
     let addr = server.local_addr();
     // Before the freeze, both work.
-    let _first = connect(addr, "hang", "h1").await;
+    let first = connect(addr, "hang", "h1").await;
     proxy.freeze();
 
     let began = std::time::Instant::now();
@@ -357,9 +358,10 @@ async fn a_handshake_and_a_post_give_up_when_the_broker_stops_answering() {
     .expect("the handshake hung on a broker that stopped answering");
     assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")));
 
+    // A POST with a posting token asks the broker whether its session lives.
     let post = reqwest::Client::new()
         .post(format!("http://{addr}/rooms/hang/messages"))
-        .json(&json!({"user": "poster", "text": "anyone?"}))
+        .json(&json!({"user": "h1", "text": "anyone?", "token": first.welcome["token"]}))
         .send();
     let response = tokio::time::timeout(Duration::from_secs(9), post)
         .await

@@ -126,7 +126,7 @@ async fn sse_and_websocket_share_a_room(bus: BusKind) {
         "id: is the message id"
     );
 
-    // Speaking as a connected user takes that session's token...
+    // Speaking as a user takes the posting token of one of its sessions...
     let (status, body) = post(
         format!("http://{addr}/rooms/mixed/messages"),
         json!({"user":"reader","text":"forged"}),
@@ -134,7 +134,7 @@ async fn sse_and_websocket_share_a_room(bus: BusKind) {
     .await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (403, Some("token_required"))
+        (401, Some("token_required"))
     );
     let token = welcome.data["token"]
         .as_str()
@@ -147,7 +147,7 @@ async fn sse_and_websocket_share_a_room(bus: BusKind) {
     .await;
     assert_eq!(
         (status, body["code"].as_str()),
-        (403, Some("token_required"))
+        (401, Some("invalid_token"))
     );
     let (status, body) = post(
         format!("http://{addr}/rooms/mixed/messages"),
@@ -163,10 +163,21 @@ async fn sse_and_websocket_share_a_room(bus: BusKind) {
     assert_eq!(at_ws["id"], body["id"]);
     assert_eq!(reader.next_not_presence().await.data["id"], body["id"]);
 
-    // ...while an id nobody holds may be used freely, as with a WebSocket.
+    // ...and an id nobody holds cannot post at all: that is the server API's.
     let (status, body) = post(
         format!("http://{addr}/users/reader/messages"),
         json!({"from":"script","text":"dm"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("token_required"))
+    );
+    // The writer's posting token speaks for the writer (a DM to reader).
+    let writer_token = ws.welcome["token"].as_str().unwrap().to_owned();
+    let (status, body) = post(
+        format!("http://{addr}/users/reader/messages"),
+        json!({"from":"writer","text":"dm","token":writer_token}),
     )
     .await;
     assert_eq!(status, 202, "{body}");
@@ -179,7 +190,7 @@ async fn sse_and_websocket_share_a_room(bus: BusKind) {
     );
     let (status, body) = post(
         format!("http://{addr}/users/ghost/messages"),
-        json!({"from":"script","text":"dm"}),
+        json!({"from":"writer","text":"dm","token":writer_token}),
     )
     .await;
     assert_eq!(
@@ -228,6 +239,10 @@ async fn http_errors_are_json_with_codes(bus: BusKind) {
     let addr = server.local_addr();
     let url = format!("http://{addr}/rooms/r/messages");
     let client = reqwest::Client::new();
+    // A live session of "u" and its posting token, so the body's own errors
+    // are reached.
+    let u = connect(addr, "r", "u").await;
+    let token = u.welcome["token"].as_str().unwrap().to_owned();
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
         (
             client
@@ -238,12 +253,14 @@ async fn http_errors_are_json_with_codes(bus: BusKind) {
             "invalid_json",
         ),
         (
-            client.post(&url).json(&json!({"user":"u"})),
+            client.post(&url).json(&json!({"user":"u","token":token})),
             400,
             "invalid_message",
         ),
         (
-            client.post(&url).json(&json!({"user":"u","text":"   "})),
+            client
+                .post(&url)
+                .json(&json!({"user":"u","text":"   ","token":token})),
             400,
             "invalid_message",
         ),
@@ -269,7 +286,7 @@ async fn http_errors_are_json_with_codes(bus: BusKind) {
         (
             client
                 .post(&url)
-                .json(&json!({"user":"u","text":"12345678901"})),
+                .json(&json!({"user":"u","text":"12345678901","token":token})),
             413,
             "message_too_large",
         ),
@@ -434,11 +451,7 @@ async fn curl_is_a_client() {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         if !posted && seen.contains("event:welcome") {
             posted = true;
-            let (status, _) = post(
-                format!("http://{addr}/rooms/lobby/messages"),
-                json!({"user":"poster","text":"via curl"}),
-            )
-            .await;
+            let status = api_post(addr, "lobby", Some("poster"), "via curl").await;
             assert_eq!(status, 202);
         }
     }

@@ -95,8 +95,11 @@ impl MemoryBus {
         }
     }
 
-    pub fn is_connected(&self, user: &UserId) -> bool {
-        self.inner.users.lock().unwrap().contains_key(user)
+    pub fn session_alive(&self, session: &SessionId) -> bool {
+        let users = self.inner.users.lock().unwrap();
+        users
+            .values()
+            .any(|sessions| sessions.contains_key(session))
     }
 
     pub fn publish_room(&self, room: &RoomName, payload: Bytes) {

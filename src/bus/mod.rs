@@ -125,13 +125,11 @@ impl Bus {
         }
     }
 
-    /// Whether `user` holds a session anywhere the bus reaches (one of its
-    /// `max` slots). Lets a plain GET tell why an upgrade would be refused,
-    /// for browsers that cannot read a refused upgrade's status.
-    pub async fn is_connected(&self, user: &UserId, max: u16) -> Result<bool, BusError> {
+    /// Whether `session` is alive anywhere the bus reaches (its queue exists).
+    pub async fn session_alive(&self, session: &SessionId) -> Result<bool, BusError> {
         match self {
-            Bus::Memory(bus) => Ok(bus.is_connected(user)),
-            Bus::Amqp(bus) => bounded(bus.is_connected(user, max)).await,
+            Bus::Memory(bus) => Ok(bus.session_alive(session)),
+            Bus::Amqp(bus) => bounded(bus.session_alive(session)).await,
         }
     }
 

@@ -10,6 +10,7 @@
 //! ([`unparsable`]), not an empty one.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -64,8 +65,8 @@ pub async fn serve<S>(
             accepted = listener.accept() => accepted,
             _ = shutdown.cancelled() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) if is_per_connection(&e) => continue,
             Err(e) => {
                 error!(error = %e, "accept failed");
@@ -76,7 +77,13 @@ pub async fn serve<S>(
         no_delay(&stream);
         let io = TokioIo::new(unparsable::ErrorBodies::new(stream, refused.clone()));
         let connection = http
-            .serve_connection(io, TowerToHyperService::new(service.clone()))
+            .serve_connection(
+                io,
+                TowerToHyperService::new(WithPeer {
+                    inner: service.clone(),
+                    peer: Peer(peer),
+                }),
+            )
             .with_upgrades();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
@@ -96,6 +103,39 @@ pub async fn serve<S>(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// The TCP peer of a request's connection, in the request's extensions
+/// (`warp::ext::optional::<Peer>()`), for the per-address limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// A service that tells every request which peer it came from.
+#[derive(Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: Peer,
+}
+
+impl<S> tower_service::Service<Request<Incoming>> for WithPeer<S>
+where
+    S: tower_service::Service<Request<Incoming>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.peer);
+        self.inner.call(request)
+    }
 }
 
 /// Chat frames are small writes: with Nagle's algorithm and delayed ACKs, one

@@ -81,6 +81,7 @@ fn answer(code: ErrorCode) -> Vec<u8> {
     let body = serde_json::to_vec(&ErrorBody {
         code,
         message: message.to_owned(),
+        retry_after_ms: None,
     })
     .expect("an error body serialises");
     let status = code.status();

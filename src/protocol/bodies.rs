@@ -27,7 +27,7 @@ pub struct AcceptedBody {
 pub struct RoomPost {
     pub user: Option<serde_json::Value>,
     pub text: Option<serde_json::Value>,
-    /// Required while `user` holds a session: that session's welcome token.
+    /// Anonymous servers: the posting token of one of `user`'s sessions.
     pub token: Option<String>,
 }
 
@@ -36,8 +36,15 @@ pub struct RoomPost {
 pub struct DirectPost {
     pub from: Option<serde_json::Value>,
     pub text: Option<serde_json::Value>,
-    /// Required while `from` holds a session: that session's welcome token.
+    /// Anonymous servers: the posting token of one of `from`'s sessions.
     pub token: Option<String>,
+}
+
+/// The body of `POST /api/rooms/<room>/messages` (the server API).
+#[derive(Debug, Deserialize)]
+pub struct ApiPost {
+    pub from: Option<serde_json::Value>,
+    pub text: Option<serde_json::Value>,
 }
 
 /// The body of `/healthz`, a ready `/readyz`, and an acceptable SSE probe.

@@ -29,6 +29,11 @@ pub enum ClientFrame {
         room: RoomName,
         reference: Option<String>,
     },
+    /// `{"type":"refresh","token":"…","ref":"c5"}`: a fresh token for the session.
+    Refresh {
+        token: String,
+        reference: Option<String>,
+    },
     /// `{"type":"direct","to":"bob","text":"hi","ref":"c2"}`
     Direct {
         to: UserId,
@@ -43,6 +48,7 @@ struct RawMessage {
     text: Option<serde_json::Value>,
     to: Option<serde_json::Value>,
     room: Option<serde_json::Value>,
+    token: Option<serde_json::Value>,
 }
 
 /// The kinds of frame a client may send.
@@ -52,6 +58,7 @@ enum Kind {
     Direct,
     Subscribe,
     Unsubscribe,
+    Refresh,
 }
 
 /// A frame that could not be accepted, with the `ref` to echo when one was readable.
@@ -111,6 +118,7 @@ impl ClientFrame {
             "direct" => Kind::Direct,
             "subscribe" => Kind::Subscribe,
             "unsubscribe" => Kind::Unsubscribe,
+            "refresh" => Kind::Refresh,
             other => {
                 return Err(reject(
                     ErrorCode::UnknownType,
@@ -120,6 +128,17 @@ impl ClientFrame {
         };
         let raw: RawMessage = serde_json::from_value(value.clone())
             .map_err(|e| reject(ErrorCode::InvalidMessage, e.to_string()))?;
+        if kind == Kind::Refresh {
+            return match raw.token {
+                Some(serde_json::Value::String(token)) => {
+                    Ok(ClientFrame::Refresh { token, reference })
+                }
+                _ => Err(reject(
+                    ErrorCode::InvalidToken,
+                    "token must be the new token".into(),
+                )),
+            };
+        }
         let room = match raw.room {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(room)) => Some(
@@ -147,7 +166,7 @@ impl ClientFrame {
                     ClientFrame::Unsubscribe { room, reference }
                 });
             }
-            Kind::Message | Kind::Direct => {}
+            Kind::Message | Kind::Direct | Kind::Refresh => {}
         }
         let to = if kind == Kind::Direct {
             match raw.to {

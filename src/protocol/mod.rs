@@ -39,8 +39,10 @@ pub enum ServerFrame {
         members: Option<Vec<String>>,
         #[serde(skip_serializing_if = "Option::is_none", default)]
         members_total: Option<usize>,
-        /// Proof of this session for HTTP publishing as `user` (see `tokens`).
-        token: String,
+        /// Anonymous servers only: proof of this session for HTTP publishing
+        /// as `user` (see `tokens`); it dies with the session.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        token: Option<String>,
     },
     /// The connection's queue is bound to `room`: every message published to it
     /// from here on reaches the connection.
@@ -51,6 +53,15 @@ pub enum ServerFrame {
         members: Vec<String>,
         /// How many members the room has in all.
         members_total: usize,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none", default)]
+        reference: Option<String>,
+    },
+    /// The session's token expires at `expires_at` (Unix seconds): send a
+    /// `refresh` before then, or the session ends with close 4001.
+    TokenExpiring { expires_at: u64 },
+    /// A `refresh` was accepted: the session's token now expires then.
+    Refreshed {
+        expires_at: u64,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none", default)]
         reference: Option<String>,
     },
@@ -97,6 +108,9 @@ pub enum ServerFrame {
         message: String,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none", default)]
         reference: Option<String>,
+        /// On `rate_limited`: how long to wait before sending again.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -125,6 +139,7 @@ impl ServerFrame {
             code: err.code,
             message: err.message.clone(),
             reference,
+            retry_after_ms: err.retry_after_ms,
         }
     }
 
@@ -288,6 +303,7 @@ mod tests {
             code: ErrorCode::InvalidJson,
             message: "bad".into(),
             reference: None,
+            retry_after_ms: None,
         };
         assert_eq!(
             err.to_json(),

@@ -13,6 +13,9 @@ pub mod close_code {
     pub const SERVICE_RESTART: u16 = 1012;
     /// The broker is unreachable: reconnect later.
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The session's token expired without a valid `refresh`: reconnect with
+    /// a fresh token (a private-use code, RFC 6455 §7.4.2).
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }
 
 /// Why a session ended; logged once by the task that ran it.
@@ -30,6 +33,8 @@ pub enum SessionEnd {
     Abusive,
     /// No answer to pings for two intervals.
     Silent,
+    /// Its token expired and no valid `refresh` came.
+    TokenExpired,
 }
 
 impl SessionEnd {
@@ -45,6 +50,7 @@ impl SessionEnd {
             SessionEnd::TooLarge => Some((close_code::MESSAGE_TOO_BIG, "message too big")),
             SessionEnd::Abusive => Some((close_code::POLICY_VIOLATION, "too many invalid frames")),
             SessionEnd::Silent => Some((close_code::GOING_AWAY, "no answer to pings")),
+            SessionEnd::TokenExpired => Some((close_code::TOKEN_EXPIRED, "token expired")),
         }
     }
 }

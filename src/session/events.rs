@@ -26,6 +26,7 @@ use tungstenite::Utf8Bytes;
 
 use super::rooms::{Rooms, on_broker};
 use super::{Inbound, SessionEnd, Transport};
+use crate::auth::Grant;
 use crate::bus::{BusError, Inbox, SessionLink};
 use crate::error::{ClientError, ErrorCode};
 use crate::handshake::Identity;
@@ -53,6 +54,15 @@ const ERROR_WINDOW: Duration = Duration::from_secs(10);
 pub struct Session<'a, T, P: SessionLink> {
     pub(super) node: &'a Node,
     pub(super) identity: &'a Identity,
+    /// What the session's token allows, until when; a `refresh` replaces it.
+    pub(super) grant: Grant,
+    /// Bumped whenever the token timer must be set again (a warning sent, a
+    /// refresh taken).
+    pub(super) token_epoch: u64,
+    /// Whether the client was told its token is about to expire.
+    pub(super) warned: bool,
+    /// The client's chat frames per second (`--publish-rate`, `--publish-burst`).
+    limiter: governor::DefaultDirectRateLimiter,
     /// The outgoing half of the client's connection.
     outbound: T,
     pub(super) link: P,
@@ -68,10 +78,21 @@ pub struct Session<'a, T, P: SessionLink> {
 }
 
 impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
-    pub fn new(node: &'a Node, identity: &'a Identity, outbound: T, link: P, inbox: Inbox) -> Self {
+    pub fn new(
+        node: &'a Node,
+        identity: &'a Identity,
+        grant: Grant,
+        outbound: T,
+        link: P,
+        inbox: Inbox,
+    ) -> Self {
         Self {
             node,
             identity,
+            grant,
+            token_epoch: 0,
+            warned: false,
+            limiter: publish_limiter(&node.config),
             outbound,
             link,
             inbox,
@@ -105,6 +126,8 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
         let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
         let restart_due = lifecycle.restart_due();
         tokio::pin!(restart_due);
+        let mut token_timer = Box::pin(tokio::time::sleep_until(self.token_deadline()));
+        let mut token_epoch = self.token_epoch;
         let end = loop {
             // Not biased: under load every branch gets its turn, so a busy room's
             // deliveries cannot starve the client's own frames (or vice versa).
@@ -120,7 +143,14 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                     self.on_client(event).await
                 }
                 _ = ping.tick(), if T::PINGS => self.on_tick(interval).await,
+                _ = &mut token_timer, if self.grant.expires_at.is_some() => {
+                    self.on_token_timer().await
+                }
             };
+            if token_epoch != self.token_epoch {
+                token_epoch = self.token_epoch;
+                token_timer.as_mut().reset(self.token_deadline());
+            }
             if let Break(end) = flow {
                 break end;
             }
@@ -199,16 +229,34 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                     Ok(ClientFrame::Unsubscribe { room, reference }) => {
                         return Box::pin(self.unsubscribe(room, reference)).await;
                     }
+                    Ok(ClientFrame::Refresh { token, reference }) => {
+                        return Box::pin(self.refresh(token, reference)).await;
+                    }
                     Ok(ClientFrame::Message {
                         room,
                         text,
                         reference,
                     }) => match self.rooms.target(room) {
-                        Ok(room) => {
+                        Ok(room) if self.grant.permissions.may_write(&room) => {
                             return self.publish(Destination::Room(room), text, reference).await;
                         }
+                        Ok(room) => Rejected {
+                            error: crate::handshake::forbidden_room(&room),
+                            reference,
+                        },
                         Err(error) => Rejected { error, reference },
                     },
+                    Ok(ClientFrame::Direct { reference, .. })
+                        if !self.grant.permissions.may_send_direct() =>
+                    {
+                        Rejected {
+                            error: ClientError::new(
+                                ErrorCode::Forbidden,
+                                "you may not send direct messages",
+                            ),
+                            reference,
+                        }
+                    }
                     Ok(ClientFrame::Direct {
                         to,
                         text,
@@ -243,6 +291,13 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
         text: String,
         reference: Option<String>,
     ) -> ControlFlow<SessionEnd> {
+        if let Err(not_until) = self.limiter.check() {
+            use governor::clock::Clock;
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            self.metrics().rate_limited("publish");
+            let error = ClientError::rate_limited("too many messages; slow down", wait);
+            return self.refuse(Rejected { error, reference }).await;
+        }
         let id = self.node.ids.next_id();
         let payload =
             Bytes::from(ServerFrame::chat(id.clone(), &self.identity.user, &to, text).to_json());
@@ -326,6 +381,14 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
     fn metrics(&self) -> &Metrics {
         &self.node.metrics
     }
+}
+
+/// A connection's publish limit: `--publish-rate` per second on average, up to
+/// `--publish-burst` at once.
+fn publish_limiter(config: &crate::config::Config) -> governor::DefaultDirectRateLimiter {
+    let rate = std::num::NonZeroU32::new(config.publish_rate.max(1)).expect("at least 1");
+    let burst = std::num::NonZeroU32::new(config.publish_burst.max(1)).expect("at least 1");
+    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
 }
 
 fn not_delivered() -> ClientError {
@@ -521,6 +584,8 @@ mod tests {
     async fn start(gate: Gate, joined: impl FnOnce(&Node) -> Joined) -> Harness {
         let mut config = Config::defaults();
         config.drain_jitter_secs = 5;
+        config.publish_rate = 1_000_000;
+        config.publish_burst = 1_000_000;
         let node = Node::start(config).await.unwrap();
         let room = RoomName::parse(ROOM).unwrap();
         let user = UserId::parse("alice").unwrap();
@@ -547,7 +612,13 @@ mod tests {
             let gate = gate.clone();
             async move {
                 let crate::bus::Subscription { link, inbox, lease } = subscription;
-                let mut session = Session::new(&node, &identity, Recorder(out_tx), gate, inbox);
+                let grant = node
+                    .auth
+                    .admit(None, Some(identity.user.clone()))
+                    .await
+                    .expect("anonymous admission");
+                let mut session =
+                    Session::new(&node, &identity, grant, Recorder(out_tx), gate, inbox);
                 session.joined(room, joined);
                 let end = session.run(inbound).await;
                 drop((link, lease));

@@ -8,12 +8,14 @@
 //! - [`connection`]: the small interface a transport implements.
 //! - [`events`]: the loop, one method per event.
 //! - [`rooms`]: subscribing and unsubscribing, and each room's presence frames.
+//! - [`token`]: the session's token running out, and `refresh`.
 //! - [`end`]: why a session ends, and the close code that tells the client.
 
 pub mod connection;
 pub mod end;
 pub mod events;
 pub mod rooms;
+pub mod token;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,6 +45,8 @@ where
 {
     let Admitted {
         identity,
+        grant,
+        open: address_slot,
         room,
         claim,
         subscription,
@@ -63,7 +67,7 @@ where
     let Subscription { link, inbox, lease } = subscription;
     let (end, rooms) = match open(welcome).await {
         Ok((outbound, inbound)) => {
-            let mut session = events::Session::new(&node, &identity, outbound, link, inbox);
+            let mut session = events::Session::new(&node, &identity, grant, outbound, link, inbox);
             if let (Some(room), Some(joined)) = (room, joined) {
                 session.joined(room, joined);
             }
@@ -83,6 +87,7 @@ where
     }
     lease.release().await;
     drop(claim);
+    drop(address_slot);
     open_sessions.dec();
     info!(?end, "disconnected");
 }
@@ -111,7 +116,12 @@ fn welcome(
         room: room.map(ToString::to_string),
         members,
         members_total,
-        token: node.tokens.issue(&identity.user),
+        // Anonymous: the session's own posting token. With tokens, clients
+        // post with their own (`Authorization: Bearer`).
+        token: node
+            .auth
+            .is_anonymous()
+            .then(|| node.tokens.issue(&identity.user, &identity.session)),
     }
     .to_json()
 }

@@ -107,6 +107,10 @@ impl<T: Transport, P: SessionLink> Session<'_, T, P> {
         room: RoomName,
         reference: Option<String>,
     ) -> ControlFlow<SessionEnd> {
+        if !self.grant.permissions.may_read(&room) {
+            let error = crate::handshake::forbidden_room(&room);
+            return self.refuse(Rejected { error, reference }).await;
+        }
         if !self.rooms.contains(&room) {
             let limit = self.node.config.max_rooms_per_connection;
             if self.rooms.subscribed.len() >= limit {

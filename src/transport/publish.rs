@@ -17,12 +17,13 @@ use tracing::debug;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
+use crate::auth::{AuthError, Grant};
 use crate::bus::BusError;
 use crate::error::{ClientError, ErrorCode};
 use crate::metrics::Transport;
 use crate::names::{RoomName, UserId};
 use crate::node::{Node, NotReady};
-use crate::protocol::bodies::{AcceptedBody, DirectPost, RoomPost};
+use crate::protocol::bodies::{AcceptedBody, ApiPost, DirectPost, RoomPost};
 use crate::protocol::client::validate_text;
 use crate::protocol::{Destination, ServerFrame};
 
@@ -34,9 +35,13 @@ fn client_error(code: ErrorCode, message: impl Into<String>) -> ClientError {
     ClientError::new(code, message)
 }
 
-fn user_field(value: Option<serde_json::Value>, field: &str) -> Result<UserId, ClientError> {
+fn user_field(
+    value: Option<serde_json::Value>,
+    field: &str,
+) -> Result<Option<UserId>, ClientError> {
     match value {
-        Some(serde_json::Value::String(user)) => Ok(UserId::parse(&user)?),
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(user)) => Ok(Some(UserId::parse(&user)?)),
         _ => Err(client_error(
             ErrorCode::InvalidUser,
             format!("{field} must be a user id"),
@@ -74,36 +79,91 @@ fn observe(node: &Node, published_at: std::time::Instant, kind: &'static str, ac
         .observe(published_at.elapsed().as_secs_f64());
 }
 
-/// Who speaks and what, from a POST body: a valid sender id that this request
-/// may speak as, and a valid text. The same checks for rooms and directs.
+/// Who speaks, from a POST: the sender this request may speak as, and what
+/// it may do.
+///
+/// - With a JWT key: `Authorization: Bearer <token>`; the sender is the
+///   token's `sub` (a `user`/`from` in the body must be the same).
+/// - Anonymous: the body names the sender, and `token` is the posting token of
+///   a live session of that id ([`crate::tokens`]).
 async fn speaker(
     node: &Node,
-    sender: Option<serde_json::Value>,
-    field: &str,
-    token: Option<String>,
-    text: Option<serde_json::Value>,
-) -> Result<(UserId, String), ClientError> {
-    let from = user_field(sender, field)?;
-    authorize(node, &from, token.as_deref()).await?;
-    let text = validate_text(text, node.config.max_text_bytes)?;
-    Ok((from, text))
-}
-
-/// May this request speak as `from`? With its session's token, yes; without,
-/// only while no session anywhere holds the id (see [`crate::tokens`]).
-async fn authorize(node: &Node, from: &UserId, token: Option<&str>) -> Result<(), ClientError> {
-    if token.is_some_and(|t| node.tokens.verify(from, t)) {
-        return Ok(());
+    named: Option<UserId>,
+    posting_token: Option<String>,
+    authorization: &Option<String>,
+) -> Result<Grant, ClientError> {
+    let bearer = bearer(authorization.as_deref());
+    let posting_token = posting_token.as_deref();
+    if !node.auth.is_anonymous() {
+        let Some(bearer) = bearer else {
+            return Err(AuthError::Required.into());
+        };
+        let grant = node.auth.verify(bearer).await?;
+        if let Some(named) = named
+            && named != grant.user
+        {
+            return Err(client_error(
+                ErrorCode::InvalidToken,
+                format!("the token is for {}, not {named}", grant.user),
+            ));
+        }
+        return Ok(grant);
     }
-    if crate::handshake::is_held(node, from).await? {
+    let Some(user) = named else {
+        return Err(client_error(
+            ErrorCode::InvalidUser,
+            "name the sender (user, or from) and send its session's posting token",
+        ));
+    };
+    let Some(token) = posting_token else {
         return Err(client_error(
             ErrorCode::TokenRequired,
             format!(
-                "{from} is connected: only its session may post as it (send the token from its welcome)"
+                "posting as {user} needs the token of one of its sessions (the token of its \
+                 welcome); applications publish through the server API"
             ),
         ));
+    };
+    let alive = match node.tokens.session_of(&user, token) {
+        Some(session) => node
+            .bus
+            .session_alive(&session)
+            .await
+            .map_err(|_| ClientError::unavailable())?,
+        None => false,
+    };
+    if !alive {
+        return Err(client_error(
+            ErrorCode::InvalidToken,
+            format!("that token is not one of {user}'s live sessions"),
+        ));
     }
-    Ok(())
+    node.auth
+        .admit(None, Some(user))
+        .await
+        .map_err(ClientError::from)
+}
+
+/// `Authorization: Bearer <token>`, if the header says so.
+fn bearer(header: Option<&str>) -> Option<&str> {
+    let (scheme, token) = header?.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Is `header` one of the server API's keys? Constant-time per key.
+fn api_key_ok(node: &Node, header: Option<&str>) -> bool {
+    let Some(given) = bearer(header) else {
+        return false;
+    };
+    node.config.api_keys.iter().fold(false, |found, key| {
+        found
+            | (key.len() == given.len()
+                && key
+                    .bytes()
+                    .zip(given.bytes())
+                    .fold(0u8, |d, (a, b)| d | (a ^ b))
+                    == 0)
+    })
 }
 
 /// Whether this node publishes now. A draining node still does: its open
@@ -121,12 +181,20 @@ pub enum Target {
     Room(String),
     /// `POST /users/<user>/messages` with `{"from": "...", "text": "..."}`.
     User(String),
+    /// `POST /api/rooms/<room>/messages` with `{"text": "...", "from": "..."}`
+    /// (`from` optional, default `system`): the application's backend, with
+    /// an API key.
+    Api(String),
 }
+
+/// The sender of a server API message that names none.
+pub const SYSTEM_SENDER: &str = "system";
 
 /// A POST's body as it arrives: what its headers declare, and its bytes.
 pub struct Body {
     content_type: Option<String>,
     content_length: Option<u64>,
+    authorization: Option<String>,
     chunks: BoxStream<'static, Result<Bytes, warp::Error>>,
 }
 
@@ -134,11 +202,13 @@ impl Body {
     pub fn new(
         content_type: Option<String>,
         content_length: Option<u64>,
+        authorization: Option<String>,
         chunks: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + 'static,
     ) -> Self {
         Self {
             content_type,
             content_length,
+            authorization,
             chunks: chunks
                 .map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining()))
                 .boxed(),
@@ -153,6 +223,7 @@ impl Body {
             content_type,
             content_length,
             chunks: mut body,
+            ..
         } = self;
         let is_json = content_type
             .as_deref()
@@ -219,18 +290,46 @@ pub async fn handle(target: Target, body: Body, node: Arc<Node>) -> Response {
     // Validate the address first (a bad one is refused without reading the
     // body), then the body, then build the frame exactly as a session would.
     let prepared = async {
+        let authorization = body.authorization.clone();
         let (from, to, text) = match &target {
             Target::Room(room) => {
                 let room = RoomName::parse(room)?;
                 let post: RoomPost = body.read(limit).await?;
-                let (from, text) = speaker(&node, post.user, "user", post.token, post.text).await?;
-                (from, Destination::Room(room), text)
+                let named = user_field(post.user, "user")?;
+                let grant = speaker(&node, named, post.token, &authorization).await?;
+                if !grant.permissions.may_write(&room) {
+                    return Err(crate::handshake::forbidden_room(&room));
+                }
+                let text = validate_text(post.text, node.config.max_text_bytes)?;
+                (grant.user, Destination::Room(room), text)
             }
             Target::User(to) => {
                 let to = UserId::parse(to)?;
                 let post: DirectPost = body.read(limit).await?;
-                let (from, text) = speaker(&node, post.from, "from", post.token, post.text).await?;
-                (from, Destination::User(to), text)
+                let named = user_field(post.from, "from")?;
+                let grant = speaker(&node, named, post.token, &authorization).await?;
+                if !grant.permissions.may_send_direct() {
+                    return Err(client_error(
+                        ErrorCode::Forbidden,
+                        "you may not send direct messages",
+                    ));
+                }
+                let text = validate_text(post.text, node.config.max_text_bytes)?;
+                (grant.user, Destination::User(to), text)
+            }
+            Target::Api(room) => {
+                if !api_key_ok(&node, authorization.as_deref()) {
+                    return Err(client_error(
+                        ErrorCode::InvalidToken,
+                        "the server API needs Authorization: Bearer <one of --api-key>",
+                    ));
+                }
+                let room = RoomName::parse(room)?;
+                let post: ApiPost = body.read(limit).await?;
+                let from = user_field(post.from, "from")?
+                    .unwrap_or_else(|| UserId::parse(SYSTEM_SENDER).expect("a valid id"));
+                let text = validate_text(post.text, node.config.max_text_bytes)?;
+                (from, Destination::Room(room), text)
             }
         };
         ready(&node)?;

@@ -44,12 +44,18 @@ pub async fn handle(
     origin: Option<String>,
     host: Option<String>,
     accept: Option<String>,
+    client: Option<std::net::IpAddr>,
 ) -> Response {
     let probe_only = accept
         .as_deref()
         .is_some_and(|a| a.contains("application/json") && !a.contains("text/event-stream"));
     let admitted = async {
-        let request = Handshake::new(Some(&room), query.get("user").map(String::as_str))?;
+        let mut request = Handshake::new(
+            Some(&room),
+            query.get("user").map(String::as_str),
+            query.get("token").cloned(),
+        )?;
+        request.client = client;
         handshake::precheck(&node, origin.as_deref(), host.as_deref())?;
         if probe_only {
             handshake::probe(&node, &request).await?;

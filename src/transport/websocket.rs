@@ -90,10 +90,12 @@ pub async fn handle(
     query: HashMap<String, String>,
     origin: Option<String>,
     host: Option<String>,
+    client: Option<std::net::IpAddr>,
     upgrade: Option<UpgradeRequest>,
 ) -> Response {
     let admitted = async {
-        let request = Handshake::from_query(&query)?;
+        let mut request = Handshake::from_query(&query)?;
+        request.client = client;
         handshake::precheck(&node, origin.as_deref(), host.as_deref())?;
         let Some(upgrade) = upgrade else {
             handshake::probe(&node, &request).await?;

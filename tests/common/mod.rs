@@ -18,6 +18,27 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use warren::{Config, RunningServer};
 
+/// The server API key every test server accepts.
+pub const TEST_API_KEY: &str = "test-api-key";
+
+/// Publish `text` to `room` through the server API, as `from` (or `system`);
+/// the HTTP status.
+pub async fn api_post(addr: SocketAddr, room: &str, from: Option<&str>, text: &str) -> u16 {
+    let mut body = serde_json::json!({"text": text});
+    if let Some(from) = from {
+        body["from"] = from.into();
+    }
+    reqwest::Client::new()
+        .post(format!("http://{addr}/api/rooms/{room}/messages"))
+        .bearer_auth(TEST_API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("the server answers")
+        .status()
+        .as_u16()
+}
+
 /// How long any awaited event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -63,6 +84,15 @@ pub fn config(bus: BusKind, prefix: &str) -> Config {
     // Nodes of one test cluster share the posting-token secret, as a real one must.
     c.session_secret = Some(format!("secret-{prefix}"));
     c.amqp_connections = 2;
+    // Tests send bursts far above a person's rate; the publish limit has its
+    // own test (tests/auth.rs).
+    c.publish_rate = 1_000_000;
+    c.publish_burst = 1_000_000;
+    c.api_keys = vec![TEST_API_KEY.to_owned()];
+    // Every test client comes from 127.0.0.1; the per-address limits have
+    // their own test.
+    c.max_connections_per_ip = 1_000_000;
+    c.connections_per_ip_per_sec = 1_000_000;
     c.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").into();
     c
 }

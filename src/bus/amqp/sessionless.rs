@@ -12,7 +12,7 @@ use lapin::{Channel, ExchangeKind, PublisherConfirm};
 use super::publisher::{AmqpConfirm, DirectCopy, publish_direct, publish_to_exchange};
 use super::{AmqpBus, NOT_FOUND, RESOURCE_LOCKED, on_short_channel, reply_code, unavailable};
 use crate::bus::BusError;
-use crate::names::{RoomName, UserId};
+use crate::names::{RoomName, SessionId, UserId};
 
 impl AmqpBus {
     /// Publish on a short-lived channel of its own: a passive declare of a missing
@@ -104,18 +104,6 @@ impl AmqpBus {
         result
     }
 
-    /// Whether any of `user`'s session slots below `max` is held anywhere.
-    /// Each free slot checked costs a channel (the broker closes it with 404),
-    /// so this is for rare questions only.
-    pub async fn is_connected(&self, user: &UserId, max: u16) -> Result<bool, BusError> {
-        for slot in 0..max {
-            if self.slot_held(user, slot).await? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
     /// Whether all of `user`'s session slots below `max` are held: a new
     /// session would be refused.
     pub async fn is_full(&self, user: &UserId, max: u16) -> Result<bool, BusError> {
@@ -127,10 +115,21 @@ impl AmqpBus {
         Ok(true)
     }
 
+    /// Whether a session's queue exists (on any node).
+    pub async fn session_alive(&self, session: &SessionId) -> Result<bool, BusError> {
+        self.queue_exists(self.names.connection_queue(session))
+            .await
+    }
+
     /// A passive declare of one slot's queue, on a channel of its own.
     async fn slot_held(&self, user: &UserId, slot: u16) -> Result<bool, BusError> {
+        self.queue_exists(self.names.slot_queue(user, slot)).await
+    }
+
+    /// A passive declare of `queue`, on a channel of its own: an exclusive
+    /// queue of another connection exists too (`405`).
+    async fn queue_exists(&self, queue: String) -> Result<bool, BusError> {
         let conn = self.connection()?;
-        let queue = self.names.slot_queue(user, slot);
         let declared = on_short_channel(&conn, |channel| async move {
             channel
                 .queue_declare(
