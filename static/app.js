@@ -25,11 +25,17 @@
   const MAX_ROOMS = 20;
 
   // Refusals the user has to fix by hand: never reconnect on these.
-  const FATAL_CODES = new Set(['too_many_sessions', 'invalid_user', 'invalid_room', 'origin_not_allowed']);
+  const FATAL_CODES = new Set(['too_many_sessions', 'invalid_user', 'invalid_room', 'origin_not_allowed',
+    'token_required', 'invalid_token', 'token_expired', 'forbidden']);
 
   const FRIENDLY = {
     too_many_sessions: 'That name is connected in too many tabs or devices already. Close one, or pick another name.',
     too_many_rooms: 'You are in as many rooms as a connection may be.',
+    token_required: 'This server requires you to sign in: open the page with your ?token=.',
+    invalid_token: 'Your sign-in token was not accepted.',
+    token_expired: 'Your sign-in token has expired: get a fresh one and reload.',
+    forbidden: 'You may not use that room.',
+    rate_limited: 'Slow down: too many messages at once.',
     not_subscribed: 'You are not in that room.',
     invalid_user: 'That name is not allowed: use 1–32 letters, digits, - or _.',
     invalid_room: 'That room name is not allowed: use 1–64 letters, digits, - or _.',
@@ -92,6 +98,7 @@
   // ---------------------------------------------------------------- state
   const state = {
     user: '',
+    jwt: '',             // the application's sign-in token (?token=), if any
     room: '',            // the room whose members the panel shows (the last one viewed)
     rooms: [],           // rooms this page is in, in the order joined
     subscribing: new Map(), // ref -> room, a subscribe awaiting its answer
@@ -704,6 +711,7 @@
       case 'welcome': return onWelcome(f);
       case 'subscribed': return onSubscribed(f);
       case 'unsubscribed': return onUnsubscribed(f);
+      case 'token_expiring': return appendSystemRoom('Your sign-in expires soon: get a fresh token to stay connected.');
       case 'message': return onChat(f);
       case 'direct': return onChat(f);
       case 'presence': return onPresence(f);
@@ -918,7 +926,7 @@
   // ---------------------------------------------------------------- connection
   // A WebSocket connects in no room and subscribes after `welcome`.
   function query() {
-    return 'user=' + encodeURIComponent(state.user);
+    return state.jwt ? 'token=' + encodeURIComponent(state.jwt) : 'user=' + encodeURIComponent(state.user);
   }
 
   function wsUrl() {
@@ -927,8 +935,7 @@
 
   // An event stream carries one room: the page's first.
   function sseUrl() {
-    return '/rooms/' + encodeURIComponent(state.rooms[0] || state.room) + '/events?user=' +
-      encodeURIComponent(state.user);
+    return '/rooms/' + encodeURIComponent(state.rooms[0] || state.room) + '/events?' + query();
   }
 
   function cancelRetry() {
@@ -994,6 +1001,10 @@
   }
 
   function onWsClosedAfterOpen(gen, ev) {
+    if (ev.code === 4001) {
+      stopWithRefusal('token_expired', ev.reason || 'token expired');
+      return;
+    }
     const reason = CLOSE_REASONS[ev.code] || (ev.reason ? ev.reason : 'connection closed');
     failPending(ev.code === 1009 ? 'Message too big — not sent.'
       : 'Not confirmed: the connection dropped. It may not have been delivered.', 'ws');
@@ -1230,14 +1241,22 @@
     const url = conv.kind === 'direct'
       ? '/users/' + encodeURIComponent(conv.peer) + '/messages'
       : '/rooms/' + encodeURIComponent(conv.key.slice(1)) + '/messages';
-    // The token from our welcome proves we are the session speaking as state.user.
-    const body = conv.kind === 'direct'
-      ? { from: state.user, text: text, token: state.token }
-      : { user: state.user, text: text, token: state.token };
+    // Signed in: the sign-in token speaks for us. Anonymous: the posting
+    // token from our welcome proves we are the session speaking as state.user.
+    const headers = { 'Content-Type': 'application/json', Accept: 'application/json' };
+    let body;
+    if (state.jwt) {
+      headers.Authorization = 'Bearer ' + state.jwt;
+      body = { text: text };
+    } else {
+      body = conv.kind === 'direct'
+        ? { from: state.user, text: text, token: state.token }
+        : { user: state.user, text: text, token: state.token };
+    }
     fetch(url, {
       method: 'POST',
       cache: 'no-store',
-      headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+      headers: headers,
       body: JSON.stringify(body),
     })
       .then((res) => res.json().catch(() => ({})).then((b) => ({ status: res.status, ok: res.ok, body: b || {} })))
@@ -1330,7 +1349,8 @@
 
   function onJoin(ev) {
     ev.preventDefault();
-    const user = el.name.value.trim();
+    // Signed in with ?token=, the server names us: the name field may stay empty.
+    const user = el.name.value.trim() || (state.jwt ? 'signed-in' : '');
     let room = el.room.value.trim().replace(/^#/, '');
     if (room === '') room = DEFAULT_ROOM;
     const problem = validate(user, room);
@@ -1341,7 +1361,7 @@
     clearError();
     const mode = pickedMode();
     try {
-      localStorage.setItem(LS_NAME, user);
+      if (!state.jwt) localStorage.setItem(LS_NAME, user);
       localStorage.setItem(LS_ROOM, room);
       localStorage.setItem(LS_TRANSPORT, mode);
     } catch (_) { /* storage may be unavailable */ }
@@ -1468,6 +1488,12 @@
     if (q.get('room')) room = q.get('room');
     if (q.get('user')) name = q.get('user');
     if (q.get('transport')) transport = q.get('transport');
+    if (q.get('token')) {
+      // The application signed us in: the server takes our name from the token.
+      state.jwt = q.get('token');
+      name = '';
+      el.name.placeholder = 'from your sign-in';
+    }
     el.name.value = name;
     el.room.value = room;
     el.transportSelect.value = transport === 'ws' || transport === 'sse' ? transport : 'auto';

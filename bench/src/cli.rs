@@ -39,6 +39,11 @@ pub struct Args {
     )]
     pub urls: Vec<String>,
 
+    /// Warren's --jwt-secret, when it requires tokens: each client connects with
+    /// an HS256 token for its own user id.
+    #[arg(long, env = "WARREN_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
     /// The broker, for the amqp target (and to declare the Web-STOMP exchange).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,

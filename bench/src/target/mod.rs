@@ -90,6 +90,8 @@ pub enum Room {
         urls: Vec<String>,
         room: String,
         tag: String,
+        /// Warren's --jwt-secret, when it requires tokens: each client gets one.
+        jwt_secret: Option<String>,
     },
     Amqp(amqp::Room),
     Stomp(stomp::Room),
@@ -105,6 +107,7 @@ impl Room {
                 urls: args.urls.clone(),
                 room,
                 tag,
+                jwt_secret: args.jwt_secret.clone(),
             },
             TargetKind::Amqp => {
                 Room::Amqp(amqp::Room::open(&args.amqp_url, args.amqp_connections, room).await?)
@@ -126,9 +129,18 @@ impl Room {
     /// Connect client `index` and wait until it is subscribed.
     pub async fn connect(&self, index: usize) -> Result<Client> {
         match self {
-            Room::Warren { urls, room, tag } => {
+            Room::Warren {
+                urls,
+                room,
+                tag,
+                jwt_secret,
+            } => {
                 let url = &urls[index % urls.len()];
-                warren::connect(url, room, &format!("u{index}-{tag}")).await
+                let user = format!("u{index}-{tag}");
+                let token = jwt_secret
+                    .as_deref()
+                    .map(|secret| warren::token(secret, &user));
+                warren::connect(url, room, &user, token.as_deref()).await
             }
             Room::Amqp(r) => r.connect(index).await,
             Room::Stomp(r) => r.connect(index).await,

@@ -1,4 +1,5 @@
-//! A Warren client: `ws://…/ws?room=&user=`, subscribed once `welcome` arrives.
+//! A Warren client: `ws://…/ws?room=&user=` (or `&token=` for a Warren that
+//! requires tokens), subscribed once `welcome` arrives.
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -13,8 +14,31 @@ use crate::payload;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-pub async fn connect(url: &str, room: &str, user: &str) -> Result<Client> {
-    let url = format!("{url}?room={room}&user={user}");
+/// A day-long HS256 token for `user`, for a Warren that requires tokens.
+pub fn token(secret: &str, user: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        exp: u64,
+    }
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 86_400;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &Claims { sub: user, exp },
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 signing does not fail")
+}
+
+pub async fn connect(url: &str, room: &str, user: &str, token: Option<&str>) -> Result<Client> {
+    let url = match token {
+        Some(token) => format!("{url}?room={room}&token={token}"),
+        None => format!("{url}?room={room}&user={user}"),
+    };
     // Nagle off, as the server does: latency is what is measured.
     let (socket, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
         .await
