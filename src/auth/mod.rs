@@ -318,6 +318,59 @@ mod tests {
         assert!(!guest.permissions.may_write(&lobby));
     }
 
+    #[tokio::test]
+    async fn issuer_audience_and_not_before_are_checked_when_set() {
+        #[derive(Serialize)]
+        struct Full<'a> {
+            sub: &'a str,
+            exp: u64,
+            iss: &'a str,
+            aud: &'a str,
+            nbf: u64,
+        }
+        let sign = |iss, aud, nbf| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &Full {
+                    sub: "alice",
+                    exp: later(),
+                    iss,
+                    aud,
+                    nbf,
+                },
+                &jsonwebtoken::EncodingKey::from_secret(b"s3cret"),
+            )
+            .unwrap()
+        };
+        let now = now_ms() / 1000;
+        let mut c = config(Some("s3cret"));
+        c.jwt_issuer = Some("https://id.example".into());
+        c.jwt_audience = Some("warren".into());
+        let auth = Auth::from_config(&c).unwrap();
+        assert!(
+            auth.verify(&sign("https://id.example", "warren", now - 5))
+                .await
+                .is_ok()
+        );
+        for bad in [
+            sign("https://evil.example", "warren", now - 5),
+            sign("https://id.example", "other", now - 5),
+            sign("https://id.example", "warren", now + 600),
+        ] {
+            assert!(matches!(
+                auth.verify(&bad).await,
+                Err(AuthError::Invalid(_))
+            ));
+        }
+        // Unset, iss and aud are not checked.
+        let open = Auth::from_config(&config(Some("s3cret"))).unwrap();
+        assert!(
+            open.verify(&sign("anyone", "anything", now - 5))
+                .await
+                .is_ok()
+        );
+    }
+
     #[test]
     fn one_key_source_at_a_time() {
         let mut c = config(Some("s3cret"));
