@@ -47,6 +47,11 @@ pub enum Inbound {
     Close,
     /// A message over the size limit; the connection cannot go on.
     TooLarge,
+    /// A text message that is not UTF-8 (RFC 6455: close with 1007).
+    InvalidUtf8,
+    /// A frame that breaks the WebSocket protocol: reserved bits or opcodes,
+    /// an unmasked client frame, a bad control frame (close with 1002).
+    ProtocolError(String),
     /// The transport failed, or the client went away.
     Failed(String),
 }

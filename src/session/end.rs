@@ -5,6 +5,10 @@
 pub mod close_code {
     /// The server is shutting down, or the client stopped answering pings.
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol: do not retry as is.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message that is not UTF-8: do not retry as is.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// The client keeps sending invalid frames: do not retry as is.
     pub const POLICY_VIOLATION: u16 = 1008;
     /// A WebSocket message over `--max-frame-bytes`: do not retry as is.
@@ -35,6 +39,10 @@ pub enum SessionEnd {
     Silent,
     /// Its token expired and no valid `refresh` came.
     TokenExpired,
+    /// A text message that was not UTF-8.
+    InvalidUtf8,
+    /// A frame that broke the WebSocket protocol.
+    ProtocolError(String),
 }
 
 impl SessionEnd {
@@ -51,6 +59,8 @@ impl SessionEnd {
             SessionEnd::Abusive => Some((close_code::POLICY_VIOLATION, "too many invalid frames")),
             SessionEnd::Silent => Some((close_code::GOING_AWAY, "no answer to pings")),
             SessionEnd::TokenExpired => Some((close_code::TOKEN_EXPIRED, "token expired")),
+            SessionEnd::InvalidUtf8 => Some((close_code::INVALID_PAYLOAD, "text is not UTF-8")),
+            SessionEnd::ProtocolError(_) => Some((close_code::PROTOCOL_ERROR, "protocol error")),
         }
     }
 }

@@ -211,6 +211,8 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
             Some(Inbound::Close) => return Break(SessionEnd::ClientClosed),
             Some(Inbound::Failed(e)) => return Break(SessionEnd::ClientGone(e)),
             Some(Inbound::TooLarge) => return Break(SessionEnd::TooLarge),
+            Some(Inbound::InvalidUtf8) => return Break(SessionEnd::InvalidUtf8),
+            Some(Inbound::ProtocolError(e)) => return Break(SessionEnd::ProtocolError(e)),
             Some(Inbound::Control) => return Continue(()),
             Some(Inbound::Binary) => Rejected {
                 error: ClientError::new(

@@ -199,6 +199,8 @@ fn to_inbound(item: Result<Message, tungstenite::Error>) -> Inbound {
         Ok(Message::Close(_)) => Inbound::Close,
         Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Inbound::Control,
         Err(tungstenite::Error::Capacity(_)) => Inbound::TooLarge,
+        Err(tungstenite::Error::Utf8(_)) => Inbound::InvalidUtf8,
+        Err(tungstenite::Error::Protocol(e)) => Inbound::ProtocolError(e.to_string()),
         Err(e) => Inbound::Failed(e.to_string()),
     }
 }

@@ -1,0 +1,150 @@
+//! HTTP and WebSocket hygiene, probed with raw bytes: what a careless or
+//! hostile client gets (RFC 6455 close codes, header and idle timeouts).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A WebSocket opened by hand, past its `welcome`, so raw frames can be sent.
+async fn raw_session(addr: SocketAddr, user: &str) -> TcpStream {
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /ws?room=raw&user={user} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    // The 101 head, then the welcome frame.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(socket.read_u8().await.unwrap());
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let (opcode, _) = read_frame(&mut socket).await.unwrap();
+    assert_eq!(opcode, 0x1, "welcome is a text frame");
+    socket
+}
+
+/// One server frame: its opcode and payload; `None` once the socket ends.
+async fn read_frame(socket: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    socket.read_exact(&mut head).await.ok()?;
+    let opcode = head[0] & 0x0f;
+    let len = match head[1] & 0x7f {
+        126 => u64::from(socket.read_u16().await.ok()?),
+        127 => socket.read_u64().await.ok()?,
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; len as usize];
+    socket.read_exact(&mut payload).await.ok()?;
+    Some((opcode, payload))
+}
+
+/// A client frame: `first` is FIN/RSV/opcode, masked unless `masked` is false.
+fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut out = vec![first, (payload.len() as u8) | if masked { 0x80 } else { 0 }];
+    if masked {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// The status of the close frame the server ends with (`None`: no status).
+async fn close_status(socket: &mut TcpStream) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let next = tokio::time::timeout_at(deadline, read_frame(socket))
+            .await
+            .expect("the server closes in time");
+        match next {
+            Some((0x8, payload)) if payload.len() >= 2 => {
+                return Some(u16::from_be_bytes([payload[0], payload[1]]));
+            }
+            Some((0x8, _)) | None => return None,
+            Some(_) => continue,
+        }
+    }
+}
+
+on_both_buses!(bad_frames_close_with_the_rfc_6455_codes);
+
+async fn bad_frames_close_with_the_rfc_6455_codes(bus: BusKind) {
+    let server = start(config(bus, &unique_prefix("hyg"))).await;
+    let addr = server.local_addr();
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        ("invalid UTF-8 text", frame(0x81, &[0xc3, 0x28], true), 1007),
+        ("RSV1 set", frame(0xc1, b"{}", true), 1002),
+        ("reserved opcode", frame(0x83, b"x", true), 1002),
+        ("unmasked client frame", frame(0x81, b"{}", false), 1002),
+        ("fragmented ping", frame(0x09, b"", true), 1002),
+    ];
+    for (i, (what, bytes, expected)) in cases.into_iter().enumerate() {
+        let mut socket = raw_session(addr, &format!("raw{i}")).await;
+        socket.write_all(&bytes).await.unwrap();
+        assert_eq!(close_status(&mut socket).await, Some(expected), "{what}");
+    }
+    server.shutdown().await;
+}
+
+/// A request head trickled a byte at a time is cut off by the header-read
+/// timeout (10 s), not held open (slowloris).
+#[tokio::test]
+async fn a_trickled_request_head_is_cut_off() {
+    let server = start(config(BusKind::Memory, &unique_prefix("hygslow"))).await;
+    let mut socket = TcpStream::connect(server.local_addr()).await.unwrap();
+    let started = Instant::now();
+    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    let mut closed = false;
+    for byte in head.iter().chain(std::iter::repeat(&b'a')) {
+        if socket.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(500), socket.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) | Err(_) => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still open after 30 s"
+        );
+    }
+    assert!(closed);
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    server.shutdown().await;
+}
+
+/// A connection that never sends a byte does not stay open for ever.
+#[tokio::test]
+async fn a_silent_connection_is_closed() {
+    let server = start(config(BusKind::Memory, &unique_prefix("hygidle"))).await;
+    let mut socket = TcpStream::connect(server.local_addr()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), socket.read(&mut buf))
+        .await
+        .expect("closed within 30 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    server.shutdown().await;
+}
