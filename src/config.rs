@@ -182,6 +182,11 @@ pub struct Config {
     #[arg(long, env = "WARREN_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
 
+    /// Serve `GET /echo`: a WebSocket echo on Warren's own upgrade and limits,
+    /// for RFC 6455 conformance runs. Off by default: anyone could use it.
+    #[arg(long, env = "WARREN_ECHO_ENDPOINT")]
+    pub echo_endpoint: bool,
+
     /// Log format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

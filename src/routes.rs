@@ -6,6 +6,7 @@
 //!   server API `POST /api/rooms/<room>/messages` → [`crate::transport::publish`]
 //! - `GET /rooms/<room>/members`, `GET /cluster` → [`crate::presence`]
 //! - `GET /metrics` Prometheus text → [`crate::metrics`]
+//! - `GET /echo`, only with `--echo-endpoint` → [`crate::transport::echo`]
 //! - `GET /healthz` liveness, `GET /readyz` readiness ([`Node::readiness`])
 //! - `GET /` and static assets from `--static-dir`, with a Content-Security-Policy
 //! - anything else → 404 with the JSON error body
@@ -23,7 +24,7 @@ use crate::listener::Peer;
 use crate::names::RoomName;
 use crate::node::{Node, NotReady};
 use crate::protocol::bodies::{ClusterBody, MembersBody, StatusBody};
-use crate::transport::{publish, sse, websocket};
+use crate::transport::{echo, publish, sse, websocket};
 use warp::http::StatusCode;
 use warp::http::header::{HeaderMap, HeaderValue};
 use warp::reply::{Reply, Response};
@@ -87,6 +88,23 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(client_ip(node.clone()))
         .and(websocket::upgrade_request())
         .then(websocket::handle);
+
+    let echo = {
+        let enabled = node.config.echo_endpoint;
+        let max = node.config.max_frame_bytes;
+        warp::path!("echo")
+            .and(warp::get())
+            .and_then(move || async move {
+                if enabled {
+                    Ok(())
+                } else {
+                    Err(warp::reject::not_found())
+                }
+            })
+            .untuple_one()
+            .and(websocket::upgrade_request())
+            .map(move |upgrade| echo::handle(max, upgrade))
+    };
 
     let healthz = warp::path!("healthz")
         .and(warp::get())
@@ -191,7 +209,13 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
 
     // Each route is boxed: one unboxed chain of this many filters makes a type
     // deep enough to overflow the compiler's recursion limit in release builds.
-    let sessions = ws.boxed().or(events.boxed()).unify().boxed();
+    let sessions = ws
+        .boxed()
+        .or(events.boxed())
+        .unify()
+        .or(echo.boxed())
+        .unify()
+        .boxed();
     let publishing = room_post
         .boxed()
         .or(direct_post.boxed())

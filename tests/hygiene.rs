@@ -148,3 +148,63 @@ async fn a_silent_connection_is_closed() {
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     server.shutdown().await;
 }
+
+/// RFC 6455 conformance: the Autobahn cases 1–7, 9 and 10 (kosoku, which
+/// scripts/test installs) against `GET /echo`, Warren's own upgrade, buffers
+/// and limits, with the message limit raised to the 16 MiB case 9 sends.
+#[tokio::test]
+async fn the_autobahn_cases_pass_against_the_echo_endpoint() {
+    let mut cfg = config(BusKind::Memory, &unique_prefix("autobahn"));
+    cfg.echo_endpoint = true;
+    cfg.max_frame_bytes = 16 * 1024 * 1024 + 1024;
+    let server = start(cfg).await;
+    let url = format!("ws://{}/echo", server.local_addr());
+    let reports = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts/kosoku");
+    let _ = std::fs::remove_dir_all(&reports);
+    let out = {
+        let reports = reports.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut command = std::process::Command::new("kosoku");
+            command.arg(&url);
+            for case in [
+                "1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*",
+            ] {
+                command.args(["-i", case]);
+            }
+            command
+                .args(["-p", "8", "-o"])
+                .arg(&reports)
+                .output()
+                .expect("kosoku runs (scripts/test installs it: pip install kosoku)")
+        })
+        .await
+        .unwrap()
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut verdicts = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for entry in std::fs::read_dir(&reports).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let report: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            if let Some(behavior) = report["behavior"].as_str() {
+                let id = report["id"].as_str().unwrap_or("?").to_owned();
+                verdicts.entry(behavior.to_owned()).or_default().push(id);
+            }
+        }
+    }
+    println!("kosoku: {stdout}{stderr}");
+    for (verdict, cases) in &verdicts {
+        if verdict == "OK" {
+            println!("OK: {} cases", cases.len());
+        } else {
+            println!("{verdict}: {} cases {cases:?}", cases.len());
+        }
+    }
+    assert!(out.status.success(), "kosoku failed:\n{stdout}\n{stderr}");
+    assert!(!verdicts.contains_key("FAILED"), "{verdicts:?}");
+    let total: usize = verdicts.values().map(Vec::len).sum();
+    assert!(total >= 300, "only {total} cases ran");
+    server.shutdown().await;
+}

@@ -5,8 +5,11 @@
 //! - [`websocket`]: `GET /ws`, our own upgrade and a small read buffer.
 //! - [`sse`]: `GET /rooms/<room>/events`, Server-Sent Events.
 //! - [`publish`]: `POST /rooms/<room>/messages` and `POST /users/<user>/messages`,
-//!   for clients without a socket.
+//!   for clients without a socket; and the server API.
+//! - [`echo`]: `GET /echo`, only with `--echo-endpoint`: a WebSocket echo on the
+//!   same upgrade and limits, for conformance runs.
 
+pub mod echo;
 pub mod publish;
 pub mod sse;
 pub mod websocket;

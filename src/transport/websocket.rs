@@ -46,8 +46,8 @@ pub const READ_BUFFER: usize = 1024;
 
 /// A request that asks for a WebSocket, with what the upgrade needs.
 pub struct UpgradeRequest {
-    key: String,
-    on_upgrade: OnUpgrade,
+    pub key: String,
+    pub on_upgrade: OnUpgrade,
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -140,6 +140,11 @@ fn accept(node: Arc<Node>, admitted: Admitted, upgrade: UpgradeRequest) -> Respo
         }
         .instrument(span),
     );
+    switching_protocols(&key)
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket upgrade with `key`.
+pub fn switching_protocols(key: &str) -> Response {
     let mut response =
         warp::reply::with_status(warp::reply(), StatusCode::SWITCHING_PROTOCOLS).into_response();
     let headers = response.headers_mut();
@@ -153,7 +158,17 @@ fn accept(node: Arc<Node>, admitted: Admitted, upgrade: UpgradeRequest) -> Respo
     response
 }
 
-type Socket = WebSocketStream<TokioIo<Upgraded>>;
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// An upgraded connection as a server-side WebSocket with Warren's buffers and
+/// limits.
+pub async fn server_socket(io: TokioIo<Upgraded>, max_frame_bytes: usize) -> Socket {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(max_frame_bytes))
+        .max_frame_size(Some(max_frame_bytes));
+    WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
+}
 
 /// Write `welcome`, then wrap the connection as a WebSocket with Warren's
 /// buffers and limits.
@@ -163,11 +178,7 @@ async fn open(
     max_frame_bytes: usize,
 ) -> Result<(WebSocket, impl futures_util::Stream<Item = Inbound> + Unpin), TransportError> {
     write_welcome(&mut io, welcome).await?;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(max_frame_bytes))
-        .max_frame_size(Some(max_frame_bytes));
-    let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    let socket = server_socket(io, max_frame_bytes).await;
     let (sink, stream): (SplitSink<Socket, Message>, SplitStream<Socket>) = socket.split();
     Ok((WebSocket { sink }, stream.map(to_inbound)))
 }
