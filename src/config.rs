@@ -182,6 +182,12 @@ pub struct Config {
     #[arg(long, env = "WARREN_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
 
+    /// Connections that may wait at once for their first request head (idle or
+    /// trickling ones); more are answered `503` at once, so a flood of them
+    /// cannot use up the node's open files. Each waits 10 s at most.
+    #[arg(long, env = "WARREN_MAX_PENDING_CONNECTIONS", default_value_t = 512)]
+    pub max_pending_connections: usize,
+
     /// Serve `GET /echo`: a WebSocket echo on Warren's own upgrade and limits,
     /// for RFC 6455 conformance runs. Off by default: anyone could use it.
     #[arg(long, env = "WARREN_ECHO_ENDPOINT")]

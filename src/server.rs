@@ -106,6 +106,7 @@ async fn serve(node: Arc<Node>, listener: TcpListener) {
     let http = crate::listener::serve(
         listener,
         warp::service(crate::routes::routes(node.clone())),
+        node.config.max_pending_connections,
         shutdown.clone(),
         move |code| metrics.error(code),
     );

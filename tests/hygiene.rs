@@ -208,3 +208,110 @@ async fn the_autobahn_cases_pass_against_the_echo_endpoint() {
     assert!(total >= 300, "only {total} cases ran");
     server.shutdown().await;
 }
+
+/// Raw `GET path`: the status, or `None` when the connection closed first.
+async fn raw_get(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut socket = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, socket.read_to_end(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&answer);
+    text.get(9..12)?.parse().ok()
+}
+
+/// Connections that never send a request hold at most `--max-pending-connections`
+/// places; past that a connection is answered 503 at once (never left hanging),
+/// and a place comes back when one of them goes.
+#[tokio::test]
+async fn silent_connections_cannot_crowd_out_the_rest() {
+    let mut cfg = config(BusKind::Memory, &unique_prefix("hygpend"));
+    cfg.max_pending_connections = 20;
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // Each silent connection takes its place once the node accepted it: a
+    // request answered 503 shows they all have.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while raw_get(addr, "/healthz").await != Some(503) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cap never filled"
+        );
+    }
+    let mut turned_away = TcpStream::connect(addr).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, turned_away.read_to_string(&mut answer))
+        .await
+        .expect("answered at once, not left hanging")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains(r#""code":"unavailable""#), "{answer}");
+    // One silent connection goes: its place serves the next request.
+    drop(silent.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while raw_get(addr, "/healthz").await != Some(200) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await;
+}
+
+/// A node run with few open files, flooded with silent connections, keeps
+/// answering `/readyz` (at worst 503, never a hang), and is ready again once
+/// they time out.
+#[tokio::test]
+async fn near_its_file_limit_a_node_still_answers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut node = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 256 && exec {} --listen 127.0.0.1:{port} --max-pending-connections 64 \
+             --max-connections-per-ip 100000 --connections-per-ip-per-sec 100000",
+            env!("CARGO_BIN_EXE_warren")
+        ))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = node.stdout.take().unwrap();
+    let mut line = [0u8; 64];
+    let _ = tokio::time::timeout(WAIT, out.read(&mut line)).await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // More silent connections than the node has files.
+    let mut silent = Vec::new();
+    for _ in 0..400 {
+        if let Ok(s) = TcpStream::connect(addr).await {
+            silent.push(s);
+        }
+    }
+    let started = Instant::now();
+    let status = raw_get(addr, "/readyz").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "readyz took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(status, Some(200 | 503)), "{status:?}");
+    drop(silent);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while raw_get(addr, "/readyz").await != Some(200) {
+        assert!(tokio::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.kill().await.unwrap();
+}

@@ -11,12 +11,14 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error};
@@ -37,13 +39,15 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// loop does not spin while sessions close and free descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serve `service` on every connection `listener` accepts until `shutdown`;
+/// Serve `service` on every connection `listener` accepts until `shutdown`,
+/// with at most `max_pending` of them still waiting for their first request;
 /// then stop accepting, let requests in progress finish (WebSockets are no
 /// longer hyper's once upgraded), and return when every connection is done.
 /// `refused` is told each code hyper's own refusals are answered with.
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
+    max_pending: usize,
     shutdown: CancellationToken,
     refused: impl Fn(ErrorCode) + Clone + Send + Sync + Unpin + 'static,
 ) where
@@ -54,6 +58,10 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     let connections = TaskTracker::new();
+    // Connections that have not yet sent a whole request head: a flood of
+    // idle or trickling ones must not use up the node's file descriptors. A
+    // connection frees its place with its first request.
+    let pending = Arc::new(Semaphore::new(max_pending.max(1)));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -75,6 +83,11 @@ pub async fn serve<S>(
             }
         };
         no_delay(&stream);
+        let Ok(place) = pending.clone().try_acquire_owned() else {
+            refused(ErrorCode::Unavailable);
+            connections.spawn(turn_away(stream));
+            continue;
+        };
         let io = TokioIo::new(unparsable::ErrorBodies::new(stream, refused.clone()));
         let connection = http
             .serve_connection(
@@ -82,6 +95,7 @@ pub async fn serve<S>(
                 TowerToHyperService::new(WithPeer {
                     inner: service.clone(),
                     peer: Peer(peer),
+                    waiting: Arc::new(std::sync::Mutex::new(Some(place))),
                 }),
             )
             .with_upgrades();
@@ -105,16 +119,36 @@ pub async fn serve<S>(
     connections.wait().await;
 }
 
+/// Answer a connection over the pending cap with `503 unavailable` and close
+/// it, without reading its request: the node stays responsive, and the client
+/// learns to come back.
+async fn turn_away(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = r#"{"code":"unavailable","message":"too many connections are waiting; retry shortly","retry_after_ms":1000}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 /// The TCP peer of a request's connection, in the request's extensions
 /// (`warp::ext::optional::<Peer>()`), for the per-address limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-/// A service that tells every request which peer it came from.
+/// A service that tells every request which peer it came from, and gives
+/// back the connection's waiting place when its first request arrives.
 #[derive(Clone)]
 struct WithPeer<S> {
     inner: S,
     peer: Peer,
+    waiting: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
 }
 
 impl<S> tower_service::Service<Request<Incoming>> for WithPeer<S>
@@ -133,6 +167,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        self.waiting.lock().unwrap().take();
         request.extensions_mut().insert(self.peer);
         self.inner.call(request)
     }
