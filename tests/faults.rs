@@ -1,0 +1,134 @@
+//! Broker faults on a private RabbitMQ cluster (`scripts/rabbit-cluster`, three
+//! nodes beside the machine's broker, never touching it). Each test starts its
+//! own cluster on its own ports and stops it, whatever happens.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// A private three-node cluster, stopped on drop.
+struct Cluster {
+    env: Vec<(&'static str, String)>,
+    urls: Vec<String>,
+}
+
+impl Cluster {
+    fn start(test: &str) -> Cluster {
+        // Ports away from the machine's broker and from other runs.
+        let base = 6000 + (rand::random::<u16>() % 300) * 3;
+        let env = vec![
+            (
+                "WARREN_RABBIT_DIR",
+                format!("/tmp/warren-rabbit-{test}-{base}"),
+            ),
+            ("WARREN_RABBIT_BASE_PORT", base.to_string()),
+            ("WARREN_RABBIT_NAME", format!("wf{base}-")),
+        ];
+        let out = Self::script(&env, &["start"]);
+        let urls = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split(',')
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        assert_eq!(urls.len(), 3, "{out:?}");
+        Cluster { env, urls }
+    }
+
+    fn script(env: &[(&'static str, String)], args: &[&str]) -> std::process::Output {
+        let out = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/rabbit-cluster"
+        ))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("scripts/rabbit-cluster runs");
+        assert!(out.status.success(), "rabbit-cluster {args:?}: {out:?}");
+        out
+    }
+
+    fn run(&self, args: &[&str]) {
+        Self::script(&self.env, args);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/rabbit-cluster"
+        ))
+        .arg("stop")
+        .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output();
+    }
+}
+
+/// Scenario 3 of issue 15: the broker freezes (SIGSTOP). Warren notices within
+/// two heartbeats, turns not ready, tells its clients (1013), refuses new ones
+/// without hanging, and serves again as soon as the broker thaws.
+#[tokio::test]
+async fn a_frozen_broker_is_noticed_and_service_returns_after_it_thaws() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start("freeze"))
+        .await
+        .unwrap();
+    let mut cfg = config(BusKind::Amqp, &unique_prefix("freeze"));
+    cfg.amqp_url = Some(format!("{}?heartbeat=5", cluster.urls[0]));
+    cfg.amqp_connections = 1;
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let mut before = connect(addr, "cold", "before").await;
+    assert_eq!(get(addr, "/readyz").await.0, 200);
+
+    cluster.run(&["freeze", "1"]);
+    let frozen_at = Instant::now();
+    while get(addr, "/readyz").await.0 != 503 {
+        assert!(
+            frozen_at.elapsed() < Duration::from_secs(15),
+            "not noticed in 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let noticed = frozen_at.elapsed();
+    println!("frozen broker noticed after {noticed:?} (heartbeat 5 s)");
+    assert!(
+        noticed <= Duration::from_secs(11),
+        "{noticed:?}: more than two heartbeats"
+    );
+    // The open session is told, and ends with 1013 (try again later).
+    assert_eq!(close_code(&mut before.socket).await, Some(1013));
+    // A new one is refused at once, not left hanging.
+    let asked = Instant::now();
+    let (status, body) = refused(addr, "room=cold&user=during", None).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")));
+    assert!(
+        asked.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    cluster.run(&["thaw", "1"]);
+    let thawed_at = Instant::now();
+    while get(addr, "/readyz").await.0 != 200 {
+        assert!(
+            thawed_at.elapsed() < Duration::from_secs(30),
+            "not ready 30 s after the thaw"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("ready again {:?} after the thaw", thawed_at.elapsed());
+    let mut after = connect(addr, "cold", "after").await;
+    send_json(
+        &mut after.socket,
+        json!({"type":"message","text":"warm again","ref":"w"}),
+    )
+    .await;
+    let ack = next_matching(&mut after.socket, |f| f["ref"] == "w").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    server.shutdown().await;
+    drop(cluster);
+}
