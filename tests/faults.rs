@@ -132,3 +132,64 @@ async fn a_frozen_broker_is_noticed_and_service_returns_after_it_thaws() {
     server.shutdown().await;
     drop(cluster);
 }
+
+/// Scenario 2 of issue 15: the cluster node Warren is connected to is killed
+/// (SIGKILL). Its sessions are told (1013), reconnect at once and land on the
+/// surviving nodes (Warren fails over along its URL list); chat goes on.
+#[tokio::test]
+async fn a_killed_cluster_node_moves_its_sessions_to_the_survivors() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start("kill"))
+        .await
+        .unwrap();
+    let mut cfg = config(BusKind::Amqp, &unique_prefix("kill"));
+    cfg.amqp_url = Some(cluster.urls.join(","));
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let users: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let mut clients = Vec::new();
+    for user in &users {
+        clients.push(connect(addr, "kill", user).await);
+    }
+
+    cluster.run(&["kill", "1"]);
+    let killed_at = Instant::now();
+    // Every session is told to come back later...
+    for client in &mut clients {
+        assert_eq!(close_code(&mut client.socket).await, Some(1013));
+    }
+    let told = killed_at.elapsed();
+    // ...and comes back as soon as the node takes it again.
+    let mut back = Vec::new();
+    for user in &users {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let attempt =
+                tokio_tungstenite::connect_async(ws_url(addr, &format!("room=kill&user={user}")))
+                    .await;
+            if let Ok((mut socket, _)) = attempt {
+                let welcome = next_json(&mut socket).await;
+                back.push(Client { socket, welcome });
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user} never got back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let all_back = killed_at.elapsed();
+    println!("node killed: all 20 told after {told:?}, all back after {all_back:?}");
+    // The room works again, for everyone.
+    send_json(
+        &mut back[0].socket,
+        json!({"type":"message","text":"survived"}),
+    )
+    .await;
+    for client in &mut back {
+        let got = next_matching(&mut client.socket, |f| f["type"] == "message").await;
+        assert_eq!(got["text"], "survived");
+    }
+    server.shutdown().await;
+    drop(cluster);
+}
