@@ -193,3 +193,72 @@ async fn a_killed_cluster_node_moves_its_sessions_to_the_survivors() {
     server.shutdown().await;
     drop(cluster);
 }
+
+/// Scenario 4 of issue 15: a memory alarm (the watermark set absurdly low).
+/// The broker blocks publishers: Warren reports itself not ready, a message
+/// sent meanwhile is refused explicitly (`unavailable`, never silently
+/// dropped), and service returns when the watermark is restored.
+#[tokio::test]
+async fn a_memory_alarm_refuses_publishes_explicitly_and_passes() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start("alarm"))
+        .await
+        .unwrap();
+    let mut cfg = config(BusKind::Amqp, &unique_prefix("alarm"));
+    cfg.amqp_url = Some(cluster.urls[0].clone());
+    cfg.amqp_connections = 1;
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let mut client = connect(addr, "alarm", "a").await;
+
+    cluster.run(&["ctl", "1", "set_vm_memory_high_watermark", "0.0001"]);
+    let alarmed_at = Instant::now();
+    while get(addr, "/readyz").await.0 != 503 {
+        assert!(
+            alarmed_at.elapsed() < Duration::from_secs(15),
+            "the alarm never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("memory alarm seen after {:?}", alarmed_at.elapsed());
+    let sent_at = Instant::now();
+    send_json(
+        &mut client.socket,
+        json!({"type":"message","text":"blocked?","ref":"b"}),
+    )
+    .await;
+    let answer = next_matching(&mut client.socket, |f| f["ref"] == "b").await;
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    assert!(
+        sent_at.elapsed() < Duration::from_secs(7),
+        "refused after {:?}",
+        sent_at.elapsed()
+    );
+    println!(
+        "a message during the alarm refused after {:?}",
+        sent_at.elapsed()
+    );
+
+    cluster.run(&["ctl", "1", "set_vm_memory_high_watermark", "0.4"]);
+    let restored_at = Instant::now();
+    while get(addr, "/readyz").await.0 != 200 {
+        assert!(
+            restored_at.elapsed() < Duration::from_secs(30),
+            "never ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "ready again {:?} after the watermark was restored",
+        restored_at.elapsed()
+    );
+    let mut after = connect(addr, "alarm", "b").await;
+    send_json(
+        &mut after.socket,
+        json!({"type":"message","text":"flowing","ref":"f"}),
+    )
+    .await;
+    let ack = next_matching(&mut after.socket, |f| f["ref"] == "f").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    server.shutdown().await;
+    drop(cluster);
+}
