@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
+/// One private cluster at a time: three at once would starve a small
+/// machine, and the tests measure timing.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A private three-node cluster, stopped on drop.
 struct Cluster {
     env: Vec<(&'static str, String)>,
@@ -73,6 +77,7 @@ impl Drop for Cluster {
 /// without hanging, and serves again as soon as the broker thaws.
 #[tokio::test]
 async fn a_frozen_broker_is_noticed_and_service_returns_after_it_thaws() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = tokio::task::spawn_blocking(|| Cluster::start("freeze"))
         .await
         .unwrap();
@@ -138,6 +143,7 @@ async fn a_frozen_broker_is_noticed_and_service_returns_after_it_thaws() {
 /// surviving nodes (Warren fails over along its URL list); chat goes on.
 #[tokio::test]
 async fn a_killed_cluster_node_moves_its_sessions_to_the_survivors() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = tokio::task::spawn_blocking(|| Cluster::start("kill"))
         .await
         .unwrap();
@@ -200,6 +206,7 @@ async fn a_killed_cluster_node_moves_its_sessions_to_the_survivors() {
 /// dropped), and service returns when the watermark is restored.
 #[tokio::test]
 async fn a_memory_alarm_refuses_publishes_explicitly_and_passes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = tokio::task::spawn_blocking(|| Cluster::start("alarm"))
         .await
         .unwrap();
