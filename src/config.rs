@@ -146,8 +146,13 @@ pub struct Config {
 
     /// Rooms a user may read and write when its token has no `rooms` claim (and
     /// every user's, anonymous): comma-separated patterns, `*` for any run.
-    #[arg(long, env = "WARREN_DEFAULT_ROOMS", default_value = "*")]
-    pub default_rooms: String,
+    #[arg(
+        long,
+        env = "WARREN_DEFAULT_ROOMS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub default_rooms: Vec<String>,
 
     /// Keys of the server-side publish API (`POST /api/rooms/<room>/messages`
     /// with `Authorization: Bearer <key>`); several, comma-separated, for
@@ -210,11 +215,11 @@ pub enum Tool {
         #[arg(long)]
         sub: String,
         /// Rooms the user may read and write, comma-separated patterns.
-        #[arg(long)]
-        rooms: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        rooms: Option<Vec<String>>,
         /// Rooms the user may only read, comma-separated patterns.
-        #[arg(long)]
-        rooms_read: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        rooms_read: Option<Vec<String>>,
         /// Lifetime: a number with s, m, h or d (e.g. 90s, 1h).
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,

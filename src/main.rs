@@ -61,15 +61,6 @@ fn run_tool(tool: &Tool, config: &Config) -> anyhow::Result<()> {
                 anyhow::anyhow!("warren token needs --jwt-secret (or WARREN_JWT_SECRET)")
             })?;
             warren::names::UserId::parse(sub)?;
-            let list = |patterns: &Option<String>| {
-                patterns.as_ref().map(|p| {
-                    p.split(',')
-                        .map(str::trim)
-                        .filter(|r| !r.is_empty())
-                        .map(str::to_owned)
-                        .collect::<Vec<_>>()
-                })
-            };
             let exp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_secs()
@@ -77,8 +68,8 @@ fn run_tool(tool: &Tool, config: &Config) -> anyhow::Result<()> {
             let claims = warren::auth::Claims {
                 sub: sub.clone(),
                 exp,
-                rooms: list(rooms),
-                rooms_read: list(rooms_read),
+                rooms: rooms.clone(),
+                rooms_read: rooms_read.clone(),
             };
             println!("{}", warren::auth::mint(secret, &claims));
             Ok(())

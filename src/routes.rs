@@ -72,6 +72,18 @@ fn client_ip(
         })
 }
 
+/// A publishing route: the path names the target, the body the message.
+fn post_to(
+    path: impl Filter<Extract = (String,), Error = Rejection> + Clone,
+    target: fn(String) -> publish::Target,
+    node: Arc<Node>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    path.map(target)
+        .and(posted_body())
+        .and(warp::any().map(move || node.clone()))
+        .then(publish::handle)
+}
+
 /// All routes of a node.
 pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let with_node = {
@@ -151,23 +163,21 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(client_ip(node.clone()))
         .then(sse::handle);
 
-    let room_post = warp::path!("rooms" / String / "messages")
-        .map(publish::Target::Room)
-        .and(posted_body())
-        .and(with_node.clone())
-        .then(publish::handle);
-
-    let direct_post = warp::path!("users" / String / "messages")
-        .map(publish::Target::User)
-        .and(posted_body())
-        .and(with_node.clone())
-        .then(publish::handle);
-
-    let api_post = warp::path!("api" / "rooms" / String / "messages")
-        .map(publish::Target::Api)
-        .and(posted_body())
-        .and(with_node.clone())
-        .then(publish::handle);
+    let room_post = post_to(
+        warp::path!("rooms" / String / "messages"),
+        publish::Target::Room,
+        node.clone(),
+    );
+    let direct_post = post_to(
+        warp::path!("users" / String / "messages"),
+        publish::Target::User,
+        node.clone(),
+    );
+    let api_post = post_to(
+        warp::path!("api" / "rooms" / String / "messages"),
+        publish::Target::Api,
+        node.clone(),
+    );
 
     let metrics = warp::path!("metrics")
         .and(warp::get())

@@ -10,35 +10,45 @@ use std::process::Command;
 
 use common::*;
 
-#[tokio::test]
-async fn two_users_chat_in_headless_chromium() {
+/// Run `tests/browser/<script>` with node and `args`; its stdout, after
+/// asserting it exited 0.
+async fn run_script(script: &str, args: Vec<String>) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("tests/browser/chat.mjs");
     assert!(
         root.join("tests/browser/node_modules/playwright-core")
             .exists(),
         "playwright-core is not installed: run scripts/test, which installs it"
     );
-    let server = start(config(BusKind::Amqp, &unique_prefix("browser"))).await;
-    let url = format!("http://{}", server.local_addr());
-    let artifacts = root.join("artifacts/browser");
+    let script = root.join("tests/browser").join(script);
     let output = tokio::task::spawn_blocking(move || {
         Command::new("node")
             .arg(script)
-            .arg(url)
-            .arg(&artifacts)
+            .args(args)
             .output()
             .expect("node runs")
     })
     .await
     .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
     assert!(
         output.status.success(),
         "browser test failed:\n{stdout}\n{stderr}"
     );
+    stdout
+}
+
+fn artifacts() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/artifacts/browser").to_owned()
+}
+
+#[tokio::test]
+async fn two_users_chat_in_headless_chromium() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let server = start(config(BusKind::Amqp, &unique_prefix("browser"))).await;
+    let url = format!("http://{}", server.local_addr());
+    run_script("chat.mjs", vec![url, artifacts()]).await;
     assert!(root.join("artifacts/browser/chat-a.png").exists());
     assert!(root.join("artifacts/browser/chat-b.png").exists());
     server.shutdown().await;
@@ -47,7 +57,6 @@ async fn two_users_chat_in_headless_chromium() {
 /// The page on a Warren that requires tokens (`--jwt-secret`).
 #[tokio::test]
 async fn the_page_signs_in_with_a_token() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let secret = "browser-test-secret";
     let mut cfg = config(BusKind::Memory, &unique_prefix("browsertok"));
     cfg.jwt_secret = Some(secret.into());
@@ -67,25 +76,6 @@ async fn the_page_signs_in_with_a_token() {
             rooms_read: None,
         },
     );
-    let script = root.join("tests/browser/token.mjs");
-    let artifacts = root.join("artifacts/browser");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(script)
-            .arg(url)
-            .arg(token)
-            .arg(&artifacts)
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}");
-    assert!(
-        output.status.success(),
-        "token page test failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_script("token.mjs", vec![url, token, artifacts()]).await;
     server.shutdown().await;
 }

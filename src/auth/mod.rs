@@ -131,7 +131,7 @@ impl Auth {
             return Err(AuthConfigError::AnonymousWithoutKey);
         }
         let default_rooms =
-            RoomPatterns::parse(&config.default_rooms).map_err(AuthConfigError::BadPattern)?;
+            RoomPatterns::parse_list(&config.default_rooms).map_err(AuthConfigError::BadPattern)?;
         Ok(Self {
             keys,
             issuer: config.jwt_issuer.clone(),

@@ -11,18 +11,8 @@ use crate::names::RoomName;
 pub struct RoomPatterns(Vec<String>);
 
 impl RoomPatterns {
-    /// Patterns from a flag value: comma-separated.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let list: Vec<String> = text
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(str::to_owned)
-            .collect();
-        Self::parse_list(&list)
-    }
-
-    /// Patterns from a claim's list. Each is a room name with `*` allowed.
+    /// Patterns from a claim's or a flag's list. Each is a room name with `*`
+    /// allowed.
     pub fn parse_list(list: &[String]) -> Result<Self, String> {
         for pattern in list {
             let literal = pattern.replace('*', "x");
@@ -99,25 +89,29 @@ mod tests {
         RoomName::parse(name).unwrap()
     }
 
+    fn patterns(list: &[&str]) -> Result<RoomPatterns, String> {
+        RoomPatterns::parse_list(&list.iter().map(|p| p.to_string()).collect::<Vec<_>>())
+    }
+
     #[test]
     fn patterns_match_whole_names_with_stars() {
-        let p = RoomPatterns::parse("lobby, team-*,*-news").unwrap();
+        let p = patterns(&["lobby", "team-*", "*-news"]).unwrap();
         for yes in ["lobby", "team-", "team-red", "daily-news"] {
             assert!(p.matches(&room(yes)), "{yes}");
         }
         for no in ["lobby2", "xteam-red", "team", "news"] {
             assert!(!p.matches(&room(no)), "{no}");
         }
-        assert!(RoomPatterns::parse("*").unwrap().matches(&room("anything")));
+        assert!(patterns(&["*"]).unwrap().matches(&room("anything")));
         assert!(!RoomPatterns::default().matches(&room("lobby")));
-        assert!(RoomPatterns::parse("bad room").is_err());
+        assert!(patterns(&["bad room"]).is_err());
     }
 
     #[test]
     fn read_only_rooms_are_readable_not_writable() {
         let p = Permissions::new(
-            RoomPatterns::parse("team-*").unwrap(),
-            RoomPatterns::parse("announce").unwrap(),
+            patterns(&["team-*"]).unwrap(),
+            patterns(&["announce"]).unwrap(),
         );
         assert!(p.may_read(&room("announce")) && !p.may_write(&room("announce")));
         assert!(p.may_read(&room("team-a")) && p.may_write(&room("team-a")));

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::debug;
 use tungstenite::Utf8Bytes;
 
-use super::rooms::{Rooms, on_broker};
+use super::rooms::Rooms;
 use super::{Inbound, SessionEnd, Transport};
 use crate::auth::Grant;
 use crate::bus::{BusError, Inbox, SessionLink};
@@ -385,6 +385,20 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
     }
 }
 
+/// Run one broker operation for the client, bounded by
+/// [`crate::bus::BROKER_TIMEOUT`] (a stuck broker answers
+/// [`BusError::TimedOut`]) and cut short by shutdown (`Break`).
+pub(super) async fn on_broker<R>(
+    node: &Node,
+    operation: impl Future<Output = Result<R, BusError>>,
+) -> ControlFlow<SessionEnd, Result<R, BusError>> {
+    let bounded = tokio::time::timeout(crate::bus::BROKER_TIMEOUT, operation);
+    tokio::select! {
+        result = bounded => Continue(result.unwrap_or(Err(BusError::TimedOut))),
+        _ = node.lifecycle.shutdown.cancelled() => Break(SessionEnd::Shutdown),
+    }
+}
+
 /// A connection's publish limit: `--publish-rate` per second on average, up to
 /// `--publish-burst` at once.
 fn publish_limiter(config: &crate::config::Config) -> governor::DefaultDirectRateLimiter {
@@ -649,6 +663,16 @@ mod tests {
     }
 
     impl Harness {
+        /// Publish `frame` to `to` on the node's bus, as bob.
+        async fn publish_as_bob(&self, to: &Destination, frame: &str) {
+            let bob = UserId::parse("bob").unwrap();
+            self.node
+                .bus
+                .publish(to, &bob, Bytes::from(frame.to_owned()))
+                .await
+                .unwrap();
+        }
+
         async fn next(&mut self) -> Out {
             tokio::time::timeout(Duration::from_secs(3600), self.out.recv())
                 .await
@@ -696,12 +720,8 @@ mod tests {
         let mut h = start(Gate::default(), quiet_presence).await;
         let room = Destination::Room(RoomName::parse(ROOM).unwrap());
         for i in 0..600 {
-            let frame = format!(r#"{{"type":"message","n":{i}}}"#);
-            h.node
-                .bus
-                .publish(&room, &UserId::parse("bob").unwrap(), Bytes::from(frame))
-                .await
-                .unwrap();
+            h.publish_as_bob(&room, &format!(r#"{{"type":"message","n":{i}}}"#))
+                .await;
         }
         for i in 0..600 {
             assert_eq!(h.next_frame().await["n"], i);
@@ -715,27 +735,11 @@ mod tests {
     async fn a_delivery_the_transport_refused_is_not_counted() {
         let mut h = start(Gate::default(), quiet_presence).await;
         let room = Destination::Room(RoomName::parse(ROOM).unwrap());
-        h.node
-            .bus
-            .publish(
-                &room,
-                &UserId::parse("bob").unwrap(),
-                Bytes::from_static(br#"{"type":"message","n":0}"#),
-            )
-            .await
-            .unwrap();
+        h.publish_as_bob(&room, r#"{"type":"message","n":0}"#).await;
         assert_eq!(h.next_frame().await["n"], 0);
         // The client goes away: the next write fails.
         h.out.close();
-        h.node
-            .bus
-            .publish(
-                &room,
-                &UserId::parse("bob").unwrap(),
-                Bytes::from_static(br#"{"type":"message","n":1}"#),
-            )
-            .await
-            .unwrap();
+        h.publish_as_bob(&room, r#"{"type":"message","n":1}"#).await;
         let node = h.node.clone();
         assert!(matches!(h.end().await, SessionEnd::ClientGone(_)));
         assert_eq!(delivered(&node), 1);

@@ -9,8 +9,7 @@
 //! already queued.
 
 use std::collections::BTreeSet;
-use std::future::Future;
-use std::ops::ControlFlow::{self, Break, Continue};
+use std::ops::ControlFlow;
 
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
@@ -20,12 +19,11 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tracing::{debug, warn};
 use tungstenite::Utf8Bytes;
 
-use super::events::Session;
+use super::events::{Session, on_broker};
 use super::{SessionEnd, Transport};
 use crate::bus::{BusError, SessionLink};
 use crate::error::{ClientError, ErrorCode};
 use crate::names::RoomName;
-use crate::node::Node;
 use crate::protocol::ServerFrame;
 use crate::protocol::client::Rejected;
 
@@ -214,19 +212,5 @@ impl<T: Transport, P: SessionLink> Session<'_, T, P> {
         );
         self.write_frame(&ServerFrame::error(&error, reference))
             .await
-    }
-}
-
-/// Run one broker operation for the client, bounded by
-/// [`crate::bus::BROKER_TIMEOUT`] (a stuck broker answers
-/// [`BusError::TimedOut`]) and cut short by shutdown (`Break`).
-pub(super) async fn on_broker<R>(
-    node: &Node,
-    operation: impl Future<Output = Result<R, BusError>>,
-) -> ControlFlow<SessionEnd, Result<R, BusError>> {
-    let bounded = tokio::time::timeout(crate::bus::BROKER_TIMEOUT, operation);
-    tokio::select! {
-        result = bounded => Continue(result.unwrap_or(Err(BusError::TimedOut))),
-        _ = node.lifecycle.shutdown.cancelled() => Break(SessionEnd::Shutdown),
     }
 }

@@ -150,19 +150,14 @@ fn bearer(header: Option<&str>) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Is `header` one of the server API's keys? Constant-time per key.
+/// Is `header` one of the server API's keys? Compared in constant time.
 fn api_key_ok(node: &Node, header: Option<&str>) -> bool {
+    use subtle::ConstantTimeEq;
     let Some(given) = bearer(header) else {
         return false;
     };
     node.config.api_keys.iter().fold(false, |found, key| {
-        found
-            | (key.len() == given.len()
-                && key
-                    .bytes()
-                    .zip(given.bytes())
-                    .fold(0u8, |d, (a, b)| d | (a ^ b))
-                    == 0)
+        found | bool::from(key.as_bytes().ct_eq(given.as_bytes()))
     })
 }
 

@@ -225,6 +225,7 @@ impl AmqpBus {
                         user: user.clone(),
                         session: session.clone(),
                         names: self.names.clone(),
+                        direct_exchange: self.names.direct_exchange(),
                     }),
                     inbox: Inbox::Amqp(Box::new(AmqpInbox::new(
                         consumer,

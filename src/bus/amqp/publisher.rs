@@ -29,6 +29,8 @@ pub struct AmqpLink {
     pub(super) user: UserId,
     pub(super) session: SessionId,
     pub(super) names: Names,
+    /// `names.direct_exchange()`, built once rather than per direct message.
+    pub(super) direct_exchange: String,
 }
 
 impl AmqpLink {
@@ -49,10 +51,10 @@ impl AmqpLink {
         to: &UserId,
         payload: Bytes,
     ) -> Result<AmqpConfirm, BusError> {
-        let exchange = self.names.direct_exchange();
+        let exchange = &self.direct_exchange;
         let confirm = publish_direct(
             &self.channel,
-            &exchange,
+            exchange,
             to,
             &payload,
             DirectCopy::Recipient,
@@ -63,7 +65,7 @@ impl AmqpLink {
         if *to != self.user {
             publish_direct(
                 &self.channel,
-                &exchange,
+                exchange,
                 &self.user,
                 &payload,
                 DirectCopy::Sender,
