@@ -66,6 +66,27 @@ pub struct Config {
     #[arg(long, env = "WARREN_QUEUE_MAX_LENGTH", default_value_t = 10_000)]
     pub queue_max_length: u32,
 
+    /// Seconds a connection's queue outlives its socket, so the client can
+    /// reconnect (to any node) with `?resume=<session>` and get what it missed.
+    /// 0: the queue is exclusive and goes with the socket, and nothing resumes.
+    #[arg(long, env = "WARREN_RESUME_GRACE_SECS", default_value_t = 30)]
+    pub resume_grace_secs: u64,
+
+    /// Messages of each room kept for history (`subscribe` with `history`,
+    /// `GET /rooms/<room>/messages`); 0 keeps none.
+    #[arg(long, env = "WARREN_HISTORY_PER_ROOM", default_value_t = 100)]
+    pub history_per_room: usize,
+
+    /// How long the broker keeps history (the stream's `x-max-age`): `90s`,
+    /// `15m`, `1h`, `7d`.
+    #[arg(long, env = "WARREN_HISTORY_MAX_AGE", default_value = "7d", value_parser = parse_ttl)]
+    pub history_max_age: Duration,
+
+    /// How many bytes of history the broker keeps at most (the stream's
+    /// `x-max-length-bytes`).
+    #[arg(long, env = "WARREN_HISTORY_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub history_max_bytes: u64,
+
     /// Seconds between WebSocket pings; a client silent for two intervals is dropped.
     #[arg(long, env = "WARREN_PING_INTERVAL_SECS", default_value_t = 30)]
     pub ping_interval_secs: u64,
@@ -259,6 +280,11 @@ impl Config {
         // `AMQP_URL=…` (as scripts/test exports) must still get the defaults.
         let command = Self::command().mut_args(|arg| arg.env(None));
         Self::from_arg_matches(&command.get_matches_from(["warren"])).expect("the defaults parse")
+    }
+
+    /// How long a dropped session stays resumable; `None` when resume is off.
+    pub fn resume_grace(&self) -> Option<Duration> {
+        (self.resume_grace_secs > 0).then(|| Duration::from_secs(self.resume_grace_secs))
     }
 
     pub fn ping_interval(&self) -> Duration {

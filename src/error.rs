@@ -43,6 +43,7 @@ macro_rules! error_codes {
 error_codes! {
     InvalidRoom => "invalid_room", BAD_REQUEST;
     InvalidUser => "invalid_user", BAD_REQUEST;
+    InvalidSession => "invalid_session", BAD_REQUEST;
     OriginNotAllowed => "origin_not_allowed", FORBIDDEN;
     TokenRequired => "token_required", UNAUTHORIZED;
     InvalidToken => "invalid_token", UNAUTHORIZED;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tracing::warn;
 
 use crate::auth::Grant;
-use crate::bus::{BusError, SessionLink, Subscription};
+use crate::bus::{AckMode, BusError, Opening, Release, SessionLink, Subscription};
 use crate::claims::{Claim, RECONNECT_GRACE};
 use crate::error::{ClientError, ErrorCode};
 use crate::limits::OpenConnection;
@@ -40,17 +40,49 @@ pub struct Handshake {
     pub token: Option<String>,
     /// The client's address, when known, for the per-address limits.
     pub client: Option<std::net::IpAddr>,
+    /// `acks=client`: the client acknowledges deliveries with `ack_upto`.
+    pub acks: AckMode,
+    /// `resume=<session>&rooms=a,b&last_id=<id>`: the session to resume.
+    pub resume: Option<ResumeRequest>,
 }
 
+/// A client reconnecting to a session whose socket dropped.
+pub struct ResumeRequest {
+    pub session: SessionId,
+    /// The rooms it was subscribed to, to subscribe again (a queue kept for
+    /// resume is still bound to them; a new one is not).
+    pub rooms: Vec<RoomName>,
+    /// The id of the last message it processed.
+    pub last_id: Option<String>,
+}
+
+/// Longest `last_id` a resume may name (message ids are far shorter).
+const MAX_LAST_ID: usize = 128;
+
 impl Handshake {
-    /// From `?room=&user=&token=`; all optional (no room; a `guest-<random>`
-    /// id when anonymous).
+    /// From `?room=&user=&token=&acks=&resume=&rooms=&last_id=`; all optional
+    /// (no room; a `guest-<random>` id when anonymous).
     pub fn from_query(query: &HashMap<String, String>) -> Result<Self, ClientError> {
-        Self::new(
+        let mut handshake = Self::new(
             query.get("room").map(String::as_str),
             query.get("user").map(String::as_str),
             query.get("token").cloned(),
-        )
+        )?;
+        handshake.acks = match query.get("acks").map(String::as_str) {
+            None | Some("server") => AckMode::Server,
+            Some("client") => AckMode::Client,
+            Some(other) => {
+                return Err(ClientError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("acks must be client or server, not {other:?}"),
+                ));
+            }
+        };
+        handshake.resume = query
+            .get("resume")
+            .map(|session| ResumeRequest::parse(session, query))
+            .transpose()?;
+        Ok(handshake)
     }
 
     pub fn new(
@@ -65,6 +97,38 @@ impl Handshake {
             user,
             token,
             client: None,
+            acks: AckMode::Server,
+            resume: None,
+        })
+    }
+}
+
+impl ResumeRequest {
+    fn parse(session: &str, query: &HashMap<String, String>) -> Result<Self, ClientError> {
+        let session = SessionId::parse(session).ok_or_else(|| {
+            ClientError::new(
+                ErrorCode::InvalidSession,
+                "resume must be the session of an earlier welcome",
+            )
+        })?;
+        let rooms = match query.get("rooms").map(String::as_str) {
+            None | Some("") => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(RoomName::parse)
+                .collect::<Result<_, _>>()?,
+        };
+        let last_id = query.get("last_id").cloned();
+        if last_id.as_ref().is_some_and(|id| id.len() > MAX_LAST_ID) {
+            return Err(ClientError::new(
+                ErrorCode::InvalidRequest,
+                format!("last_id is at most {MAX_LAST_ID} bytes"),
+            ));
+        }
+        Ok(ResumeRequest {
+            session,
+            rooms,
+            last_id,
         })
     }
 }
@@ -104,7 +168,7 @@ pub struct Identity {
 }
 
 /// A session that may start: its slot is held, its queue declared, and bound
-/// to `room` when the URL named one.
+/// to `room` when the URL named one (and to the rooms a resume restores).
 pub struct Admitted {
     pub identity: Identity,
     /// What its token allows, until when.
@@ -114,13 +178,27 @@ pub struct Admitted {
     pub room: Option<RoomName>,
     pub claim: Claim,
     pub subscription: Subscription,
+    pub acks: AckMode,
+    /// The answer to a `?resume=`.
+    pub resumed: Option<Resumed>,
+}
+
+/// What came of a resume: the rooms subscribed again (bound and followed,
+/// not yet joined) and whether the old queue was recovered.
+pub struct Resumed {
+    pub recovered: bool,
+    pub rooms: Vec<RoomName>,
 }
 
 impl Admitted {
     /// Give the place back when the session never started (the client left
     /// between the 101 and the upgrade): delete the queue, free the slot.
     pub async fn abandon(self) {
-        self.subscription.into_lease().release().await;
+        // A resumed queue goes too: its client is gone again before it began.
+        self.subscription
+            .into_lease()
+            .release(Release::Delete)
+            .await;
         drop(self.claim);
     }
 }
@@ -165,24 +243,76 @@ pub fn precheck(node: &Node, origin: Option<&str>, host: Option<&str>) -> Result
     })
 }
 
-/// Claim a session slot, open the session's queue, and bind it to the URL's
-/// room. Call after [`precheck`].
+/// Claim a session slot, open the session's queue (or resume the old one), and
+/// bind it to the URL's room and the rooms a resume restores. Call after
+/// [`precheck`].
 pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, ClientError> {
     let address_slot = handshake
         .client
         .map(|ip| node.limits.admit(ip, &node.metrics))
         .transpose()?;
     let grant = authenticate(node, &handshake).await?;
-    let room = handshake.room;
+    let Handshake {
+        room, acks, resume, ..
+    } = handshake;
     let user = grant.user.clone();
-    let session = SessionId::random();
-    let (claim, mut subscription) = open(node, &user, &session).await?;
-    if let Some(room) = &room {
+    // Rooms the token no longer allows are not restored.
+    let mut restore: Vec<RoomName> = resume
+        .as_ref()
+        .map(|r| {
+            r.rooms
+                .iter()
+                .filter(|room| grant.permissions.may_read(room))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    restore.sort();
+    restore.dedup();
+    restore.retain(|r| Some(r) != room.as_ref());
+    let limit = node.config.max_rooms_per_connection;
+    if restore.len() + usize::from(room.is_some()) > limit {
+        return Err(ClientError::new(
+            ErrorCode::TooManyRooms,
+            format!("a connection may be in at most {limit} rooms"),
+        ));
+    }
+    let mut opened = None;
+    if let Some(request) = &resume {
+        let wanted = crate::bus::Resume {
+            last_id: request.last_id.as_deref(),
+        };
+        match open(node, &user, &request.session, acks, Some(wanted)).await {
+            Ok((claim, subscription)) => {
+                opened = Some((request.session.clone(), claim, subscription, true))
+            }
+            Err(Opened::Gone) => {}
+            Err(Opened::Refused(e)) => return Err(e),
+        }
+    }
+    let (session, claim, mut subscription, recovered) = match opened {
+        Some(opened) => opened,
+        None => {
+            let session = SessionId::random();
+            let (claim, subscription) = open(node, &user, &session, acks, None)
+                .await
+                .map_err(Opened::into_error)?;
+            (session, claim, subscription, false)
+        }
+    };
+    node.metrics.resumed(resume.as_ref().map(|_| recovered));
+    // A recovered queue is still bound to its rooms; a new one is bound now.
+    let to_bind = room
+        .iter()
+        .chain(if recovered { [].iter() } else { restore.iter() });
+    for room in to_bind {
         if let Err(e) = subscription.link.bind(room).await {
             warn!(error = %e, %user, %room, "binding the session's queue failed");
-            subscription.into_lease().release().await;
+            subscription.into_lease().release(Release::Delete).await;
             return Err(ClientError::unavailable());
         }
+    }
+    for room in room.iter().chain(&restore) {
         subscription.inbox.follow(room);
     }
     Ok(Admitted {
@@ -192,31 +322,65 @@ pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, C
         room,
         claim,
         subscription,
+        acks,
+        resumed: resume.map(|_| Resumed {
+            recovered,
+            rooms: restore,
+        }),
     })
 }
 
-/// Hold one of `user`'s session slots and open the session's queue. A slot
-/// this node does not hold may be held by another: the bus says so, and the
-/// next one is tried. When every slot is held, try again a few times (a
-/// reconnecting client races its old session's end) before refusing.
+/// Why [`open`] did not open.
+enum Opened {
+    /// The session to resume is gone: open a new one instead.
+    Gone,
+    Refused(ClientError),
+}
+
+impl Opened {
+    fn into_error(self) -> ClientError {
+        match self {
+            Opened::Gone => ClientError::unavailable(),
+            Opened::Refused(e) => e,
+        }
+    }
+}
+
+/// Hold one of `user`'s session slots and open the session's queue (or take
+/// over the old one, resuming). A slot this node does not hold may be held by
+/// another: the bus says so, and the next one is tried. When every slot is
+/// held, try again a few times (a reconnecting client races its old session's
+/// end) before refusing.
 async fn open(
     node: &Node,
     user: &UserId,
     session: &SessionId,
-) -> Result<(Claim, Subscription), ClientError> {
+    acks: AckMode,
+    resume: Option<crate::bus::Resume<'_>>,
+) -> Result<(Claim, Subscription), Opened> {
     let max = node.config.sessions_per_user;
     let mut retries = TAKEN_RETRIES.iter();
     loop {
         let Some(mut claim) = node.claims.claim(user, max, RECONNECT_GRACE).await else {
-            return Err(too_many_sessions(node));
+            return Err(Opened::Refused(too_many_sessions(node)));
         };
         loop {
-            match node.bus.open(session, user, claim.slot()).await {
+            let opening = Opening {
+                session,
+                user,
+                slot: claim.slot(),
+                acks,
+                resume: resume
+                    .as_ref()
+                    .map(|r| crate::bus::Resume { last_id: r.last_id }),
+            };
+            match node.bus.open(&opening).await {
                 Ok(subscription) => return Ok((claim, subscription)),
                 Err(BusError::SlotTaken) => {}
+                Err(BusError::SessionGone) => return Err(Opened::Gone),
                 Err(e) => {
                     warn!(error = %e, %user, "opening a session failed");
-                    return Err(ClientError::unavailable());
+                    return Err(Opened::Refused(ClientError::unavailable()));
                 }
             }
             match node.claims.claim_above(user, max, Some(claim.slot())) {
@@ -226,7 +390,7 @@ async fn open(
         }
         match retries.next() {
             Some(delay) => tokio::time::sleep(*delay).await,
-            None => return Err(too_many_sessions(node)),
+            None => return Err(Opened::Refused(too_many_sessions(node))),
         }
     }
 }
@@ -301,9 +465,39 @@ mod tests {
     fn handshake_defaults() {
         let h = Handshake::from_query(&HashMap::new()).unwrap();
         assert_eq!(
-            (h.room, h.user, h.token, h.client),
-            (None, None, None, None)
+            (h.room, h.user, h.token, h.client, h.acks),
+            (None, None, None, None, AckMode::Server)
         );
+        assert!(h.resume.is_none());
+        let query = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let session = "0123456789abcdef0123456789abcdef";
+        let h = Handshake::from_query(&query(&[
+            ("acks", "client"),
+            ("resume", session),
+            ("rooms", "a,b"),
+            ("last_id", "x-1"),
+        ]))
+        .unwrap();
+        assert_eq!(h.acks, AckMode::Client);
+        let resume = h.resume.unwrap();
+        assert_eq!(resume.session.as_str(), session);
+        assert_eq!(resume.rooms.len(), 2);
+        assert_eq!(resume.last_id.as_deref(), Some("x-1"));
+        for (bad, code) in [
+            (query(&[("resume", "nope")]), ErrorCode::InvalidSession),
+            (
+                query(&[("resume", session), ("rooms", "a,b c")]),
+                ErrorCode::InvalidRoom,
+            ),
+            (query(&[("acks", "sometimes")]), ErrorCode::InvalidRequest),
+        ] {
+            assert_eq!(Handshake::from_query(&bad).err().unwrap().code, code);
+        }
         let bad: HashMap<_, _> = [("room".to_string(), "a b".to_string())].into();
         assert_eq!(
             Handshake::from_query(&bad).err().unwrap().code,

@@ -22,6 +22,7 @@ pub struct Metrics {
     delivered: Family<Labels, Counter>,
     errors: Family<Labels, Counter>,
     limited: Family<Labels, Counter>,
+    resumes: Family<Labels, Counter>,
     /// Seconds from publish to the broker's confirm.
     pub confirm_seconds: Histogram,
     /// Publishes awaiting their confirm: the bus backlog this node is waiting on.
@@ -85,6 +86,12 @@ impl Metrics {
             "Requests refused by a limit, by limit (publish, connect_rate, open_per_ip)",
             limited.clone(),
         );
+        let resumes = Family::<Labels, Counter>::default();
+        registry.register(
+            "resumes",
+            "Sessions resumed after a dropped socket, by whether the old queue was recovered",
+            resumes.clone(),
+        );
         let confirm_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         registry.register(
             "publish_confirm_seconds",
@@ -118,6 +125,7 @@ impl Metrics {
             delivered,
             errors,
             limited,
+            resumes,
             confirm_seconds,
             publish_in_flight,
             broker_reconnects,
@@ -147,6 +155,16 @@ impl Metrics {
     /// A request refused by the limit named `limit`.
     pub fn rate_limited(&self, limit: &'static str) {
         self.limited.get_or_create(&vec![("limit", limit)]).inc();
+    }
+
+    /// A `?resume=`: `Some(recovered)`; `None` for a session that did not ask.
+    pub fn resumed(&self, recovered: Option<bool>) {
+        if let Some(recovered) = recovered {
+            let label = if recovered { "true" } else { "false" };
+            self.resumes
+                .get_or_create(&vec![("recovered", label)])
+                .inc();
+        }
     }
 
     pub fn error(&self, code: ErrorCode) {

@@ -4,6 +4,7 @@
 //! - `GET /rooms/<room>/events` → [`crate::transport::sse`] (Server-Sent Events)
 //! - `POST /rooms/<room>/messages`, `POST /users/<user>/messages`, and the
 //!   server API `POST /api/rooms/<room>/messages` → [`crate::transport::publish`]
+//! - `GET /rooms/<room>/messages` → [`crate::transport::history`]
 //! - `GET /rooms/<room>/members`, `GET /cluster` → [`crate::presence`]
 //! - `GET /metrics` Prometheus text → [`crate::metrics`]
 //! - `GET /echo`, only with `--echo-endpoint` → [`crate::transport::echo`]
@@ -24,7 +25,7 @@ use crate::listener::Peer;
 use crate::names::RoomName;
 use crate::node::{Node, NotReady};
 use crate::protocol::bodies::{ClusterBody, MembersBody, StatusBody};
-use crate::transport::{echo, publish, sse, websocket};
+use crate::transport::{echo, history, publish, sse, websocket};
 use warp::http::StatusCode;
 use warp::http::header::{HeaderMap, HeaderValue};
 use warp::reply::{Reply, Response};
@@ -145,6 +146,18 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
             }
         });
 
+    let history = warp::path!("rooms" / String / "messages")
+        .and(warp::get())
+        .and(with_node.clone())
+        .and(warp::query::<HashMap<String, String>>())
+        .and(warp::header::optional::<String>("authorization"))
+        .then(
+            |room: String,
+             node: Arc<Node>,
+             query: HashMap<String, String>,
+             auth: Option<String>| { history::serve(node, room, query, auth) },
+        );
+
     let cluster = warp::path!("cluster")
         .and(warp::get())
         .and(with_node.clone())
@@ -238,6 +251,8 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .or(readyz.boxed())
         .unify()
         .or(members.boxed())
+        .unify()
+        .or(history.boxed())
         .unify()
         .or(cluster.boxed())
         .unify()

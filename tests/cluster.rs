@@ -111,7 +111,7 @@ async fn no_queue_is_left_after_disconnects_or_shutdown() {
         .map(|(c, u)| {
             let session = c.welcome["session"].as_str().unwrap();
             (
-                format!("{prefix}.conn.{session}"),
+                format!("{prefix}.conn.{u}.{session}"),
                 format!("{prefix}.slot.{u}.0"),
             )
         })

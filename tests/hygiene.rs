@@ -280,7 +280,8 @@ async fn near_its_file_limit_a_node_still_answers() {
         .arg("-c")
         .arg(format!(
             "ulimit -n 256 && exec {} --listen 127.0.0.1:{port} --max-pending-connections 64 \
-             --max-connections-per-ip 100000 --connections-per-ip-per-sec 100000",
+             --max-connections-per-ip 100000 --connections-per-ip-per-sec 100000 \
+             --history-per-room 0",
             env!("CARGO_BIN_EXE_warren")
         ))
         .stdout(std::process::Stdio::piped())

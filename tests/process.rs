@@ -25,6 +25,9 @@ fn spawn(args: &[&str], amqp: Option<String>) -> Process {
     cmd.args([
         "--listen",
         "127.0.0.1:0",
+        // No durable history stream left on the shared broker.
+        "--history-per-room",
+        "0",
         "--static-dir",
         concat!(env!("CARGO_MANIFEST_DIR"), "/static"),
     ])
@@ -85,6 +88,10 @@ fn help_documents_every_flag() {
         "--node-id",
         "--static-dir",
         "--max-text-bytes",
+        "--resume-grace-secs",
+        "--history-per-room",
+        "--history-max-age",
+        "--history-max-bytes",
         "--max-frame-bytes",
         "--allowed-origins",
         "--log-format",
@@ -113,7 +120,10 @@ async fn sigterm_drains_then_closes_with_1012_deletes_queues_and_exits_0() {
     );
     let mut c = connect(p.addr, "sig", "ivan").await;
     assert_eq!(c.welcome["node"], "proc-1");
-    let queue = format!("{prefix}.conn.{}", c.welcome["session"].as_str().unwrap());
+    let queue = format!(
+        "{prefix}.conn.ivan.{}",
+        c.welcome["session"].as_str().unwrap()
+    );
     assert!(queue_exists(&queue).await);
     signal(&p, "-TERM");
     // Draining: not ready at once, no new sessions, but the open one still works.

@@ -509,7 +509,10 @@ async fn a_room_that_goes_quiet_acknowledges_what_it_delivered() {
         let m = next_matching(&mut c.socket, |f| f["type"] == "message").await;
         assert_eq!(m["text"], format!("m{i}"));
     }
-    let queue = format!("{prefix}.conn.{}", c.welcome["session"].as_str().unwrap());
+    let queue = format!(
+        "{prefix}.conn.hush.{}",
+        c.welcome["session"].as_str().unwrap()
+    );
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let q = queue.clone();

@@ -411,7 +411,7 @@ async fn the_topology_is_one_queue_per_connection_and_nothing_after() {
     for client in &clients {
         let user = client.welcome["user"].as_str().unwrap();
         let queue = format!(
-            "{prefix}.conn.{}",
+            "{prefix}.conn.{user}.{}",
             client.welcome["session"].as_str().unwrap()
         );
         // (source exchange, routing key) of each binding of this queue, but

@@ -21,7 +21,9 @@
 //! The file is a little over 400 lines because every operation dispatches to
 //! both buses here, in one place, rather than behind a trait object.
 
+pub mod acks;
 pub mod amqp;
+pub mod history;
 pub mod memory;
 pub mod pool;
 
@@ -41,8 +43,22 @@ use crate::protocol::Destination;
 /// may take before the broker is considered stuck.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often, and after how long, a resume looks again for the old
+/// connection to let go of its queue (once it notices its socket died); about
+/// three seconds in all, within [`BROKER_TIMEOUT`].
+const TAKEOVER_WAITS: [Duration; 6] = [
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+    Duration::from_millis(1600),
+];
+
 /// `operation`, bounded by [`BROKER_TIMEOUT`].
-async fn bounded<T>(operation: impl Future<Output = Result<T, BusError>>) -> Result<T, BusError> {
+pub(crate) async fn bounded<T>(
+    operation: impl Future<Output = Result<T, BusError>>,
+) -> Result<T, BusError> {
     tokio::time::timeout(BROKER_TIMEOUT, operation)
         .await
         .unwrap_or(Err(BusError::TimedOut))
@@ -65,6 +81,42 @@ pub enum BusError {
     /// link to it is half open.
     #[error("the broker did not answer in time")]
     TimedOut,
+    /// The session to resume has no queue any more (its grace ran out, it was
+    /// never this user's, or resume is off), or another connection still
+    /// holds it.
+    #[error("the session cannot be resumed")]
+    SessionGone,
+}
+
+/// Who acknowledges a session's deliveries to the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckMode {
+    /// The server, once a delivery is written to the socket: what the socket
+    /// had not yet sent when it dropped is lost.
+    #[default]
+    Server,
+    /// The client, with `ack_upto`: a delivery stays on the bus until the client
+    /// says it processed it, and a resumed session gets it again.
+    Client,
+}
+
+/// What a session asks of the bus when it opens.
+pub struct Opening<'a> {
+    pub session: &'a SessionId,
+    pub user: &'a UserId,
+    /// The user's session slot it holds (see [`crate::claims`]).
+    pub slot: u16,
+    pub acks: AckMode,
+    /// Take over this session's queue, which outlived its socket, instead of
+    /// declaring a new one ([`BusError::SessionGone`] when it is gone).
+    pub resume: Option<Resume<'a>>,
+}
+
+/// A dropped session's queue, taken over.
+pub struct Resume<'a> {
+    /// The id of the last delivery the client processed: that one and any
+    /// before it that come again are not delivered twice.
+    pub last_id: Option<&'a str>,
 }
 
 /// The bus a node runs on. Cheap to clone.
@@ -84,8 +136,12 @@ impl Bus {
         node_id: &str,
         reconnects: prometheus_client::metrics::counter::Counter,
     ) -> Result<Bus, BusError> {
+        let rings = history::Rings::new(config.history_per_room);
         let Some(urls) = &config.amqp_url else {
-            return Ok(Bus::Memory(memory::MemoryBus::new()));
+            return Ok(Bus::Memory(memory::MemoryBus::new(
+                config.resume_grace(),
+                rings,
+            )));
         };
         let urls: Vec<String> = urls
             .split(',')
@@ -103,33 +159,64 @@ impl Bus {
             reconnects,
         )
         .await;
-        Ok(Bus::Amqp(amqp::AmqpBus::new(
+        let bus = amqp::AmqpBus::new(
             pool,
             &config.prefix,
             config.queue_max_length,
-        )))
+            config.resume_grace(),
+            rings
+                .enabled()
+                .then_some((config.history_max_age, config.history_max_bytes)),
+            rings,
+        );
+        bus.start_history_reader();
+        Ok(Bus::Amqp(bus))
     }
 
-    /// Open a session's place on the bus, holding `user`'s session slot
-    /// `slot`: a queue that direct messages to `user` reach at once, and rooms
-    /// once bound. Bounded by [`BROKER_TIMEOUT`].
-    pub async fn open(
-        &self,
-        session: &SessionId,
-        user: &UserId,
-        slot: u16,
-    ) -> Result<Subscription, BusError> {
+    /// Room history, as this node has read it.
+    pub fn history(&self) -> std::sync::Arc<history::Rings> {
         match self {
-            Bus::Memory(bus) => Ok(bus.open(session, user)),
-            Bus::Amqp(bus) => bounded(bus.open(session, user, slot)).await,
+            Bus::Memory(bus) => bus.rings(),
+            Bus::Amqp(bus) => bus.rings(),
         }
     }
 
-    /// Whether `session` is alive anywhere the bus reaches (its queue exists).
-    pub async fn session_alive(&self, session: &SessionId) -> Result<bool, BusError> {
+    /// Resolves when [`Bus::history`] holds every room message published
+    /// before the call (at once on the embedded bus, which records as it
+    /// publishes). Bounded by [`BROKER_TIMEOUT`].
+    pub async fn history_caught_up(&self) -> Result<(), BusError> {
+        match self {
+            Bus::Memory(_) => Ok(()),
+            Bus::Amqp(bus) => {
+                bus.rings()
+                    .wait_for_marker(|id| async move { bus.put_marker(&id).await })
+                    .await
+            }
+        }
+    }
+
+    /// Open a session's place on the bus, holding the user's session slot: a
+    /// queue that direct messages to the user reach at once, and rooms once
+    /// bound; or, resuming, the old session's queue with everything still in
+    /// it. Bounded by [`BROKER_TIMEOUT`] (a resume that waits for the old
+    /// connection to let go of its queue gets most of it).
+    pub async fn open(&self, opening: &Opening<'_>) -> Result<Subscription, BusError> {
+        match self {
+            Bus::Memory(bus) => bus.open(opening).await,
+            Bus::Amqp(bus) => bounded(bus.open(opening)).await,
+        }
+    }
+
+    /// Whether `user`'s `session` is alive anywhere the bus reaches (its queue
+    /// exists).
+    pub async fn session_alive(
+        &self,
+        user: &UserId,
+        session: &SessionId,
+    ) -> Result<bool, BusError> {
         match self {
             Bus::Memory(bus) => Ok(bus.session_alive(session)),
-            Bus::Amqp(bus) => bounded(bus.session_alive(session)).await,
+            Bus::Amqp(bus) => bounded(bus.session_alive(user, session)).await,
         }
     }
 
@@ -398,11 +485,19 @@ impl Inbox {
 
     /// Tell the bus every frame received so far (`handed_over` since the last
     /// call) has been handed to the socket, so it may send more (the AMQP
-    /// prefetch window).
+    /// prefetch window). With [`AckMode::Client`] only the client settles.
     pub async fn settle(&mut self, handed_over: usize) {
         match self {
             Inbox::Memory(_) => {}
             Inbox::Amqp(i) => i.settle(handed_over).await,
+        }
+    }
+
+    /// The client processed every delivery up to `seq` ([`AckMode::Client`]).
+    pub async fn ack_upto(&mut self, seq: u64) -> Result<(), acks::AckError> {
+        match self {
+            Inbox::Memory(i) => i.ack_upto(seq),
+            Inbox::Amqp(i) => i.ack_upto(seq).await,
         }
     }
 }
@@ -413,13 +508,24 @@ pub enum Lease {
     Amqp(amqp::AmqpLease),
 }
 
+/// What becomes of a session's queue when the session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Deleted: the client left, or may not come back.
+    Delete,
+    /// Kept for the resume grace (when the bus offers one), with whatever the
+    /// client had not acknowledged back in it, for a `?resume=`.
+    KeepForResume,
+}
+
 impl Lease {
-    /// Delete the session's queue and free its slot. Every session calls this
-    /// when it ends; dropping a lease unreleased spawns the same cleanup.
-    pub async fn release(self) {
+    /// Free the session's slot and delete its queue or keep it for a resume.
+    /// Every session calls this when it ends; dropping a lease unreleased
+    /// spawns the deleting cleanup.
+    pub async fn release(self, queue: Release) {
         match self {
-            Lease::Memory(l) => l.release(),
-            Lease::Amqp(l) => l.release().await,
+            Lease::Memory(l) => l.release(queue),
+            Lease::Amqp(l) => l.release(queue).await,
         }
     }
 }

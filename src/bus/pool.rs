@@ -192,6 +192,11 @@ impl Pool {
     }
 
     /// Stop reconnecting and close every connection.
+    /// Cancelled when the pool closes.
+    pub fn stopping(&self) -> CancellationToken {
+        self.inner.stop.clone()
+    }
+
     pub async fn close(&self) {
         self.inner.stop.cancel();
         self.inner.supervisors.close();

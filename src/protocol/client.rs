@@ -19,10 +19,13 @@ pub enum ClientFrame {
         text: String,
         reference: Option<String>,
     },
-    /// `{"type":"subscribe","room":"lobby","ref":"c3"}`
+    /// `{"type":"subscribe","room":"lobby","ref":"c3"}`, optionally with
+    /// `"history":50` (the last 50 messages) or `"since":"<id>"` (those after
+    /// it) before live traffic.
     Subscribe {
         room: RoomName,
         reference: Option<String>,
+        history: Option<HistoryRequest>,
     },
     /// `{"type":"unsubscribe","room":"lobby","ref":"c4"}`
     Unsubscribe {
@@ -40,7 +43,22 @@ pub enum ClientFrame {
         text: String,
         reference: Option<String>,
     },
+    /// `{"type":"ack_upto","seq":42}`: every delivery up to `seq` is processed
+    /// (connections opened with `acks=client`); no answer unless refused.
+    AckUpto { seq: u64 },
 }
+
+/// The history a `subscribe` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryRequest {
+    /// The last `n` messages.
+    Last(usize),
+    /// The messages after this id.
+    Since(String),
+}
+
+/// Longest message id a client may name (ids are far shorter).
+pub const MAX_ID_LEN: usize = 128;
 
 /// What a client frame looks like on the wire, before validation.
 #[derive(Deserialize)]
@@ -49,6 +67,9 @@ struct RawMessage {
     to: Option<serde_json::Value>,
     room: Option<serde_json::Value>,
     token: Option<serde_json::Value>,
+    seq: Option<serde_json::Value>,
+    history: Option<serde_json::Value>,
+    since: Option<serde_json::Value>,
 }
 
 /// The kinds of frame a client may send.
@@ -59,6 +80,7 @@ enum Kind {
     Subscribe,
     Unsubscribe,
     Refresh,
+    AckUpto,
 }
 
 /// A frame that could not be accepted, with the `ref` to echo when one was readable.
@@ -119,6 +141,7 @@ impl ClientFrame {
             "subscribe" => Kind::Subscribe,
             "unsubscribe" => Kind::Unsubscribe,
             "refresh" => Kind::Refresh,
+            "ack_upto" => Kind::AckUpto,
             other => {
                 return Err(reject(
                     ErrorCode::UnknownType,
@@ -128,6 +151,15 @@ impl ClientFrame {
         };
         let raw: RawMessage = serde_json::from_value(value.clone())
             .map_err(|e| reject(ErrorCode::InvalidMessage, e.to_string()))?;
+        if kind == Kind::AckUpto {
+            return match raw.seq.as_ref().and_then(serde_json::Value::as_u64) {
+                Some(seq) => Ok(ClientFrame::AckUpto { seq }),
+                None => Err(reject(
+                    ErrorCode::InvalidMessage,
+                    "seq must be the seq of a delivery (a non-negative integer)".into(),
+                )),
+            };
+        }
         if kind == Kind::Refresh {
             return match raw.token {
                 Some(serde_json::Value::String(token)) => {
@@ -161,12 +193,52 @@ impl ClientFrame {
                     ));
                 };
                 return Ok(if kind == Kind::Subscribe {
-                    ClientFrame::Subscribe { room, reference }
+                    let history = match (raw.history, raw.since) {
+                        (
+                            None | Some(serde_json::Value::Null),
+                            None | Some(serde_json::Value::Null),
+                        ) => None,
+                        (Some(n), None | Some(serde_json::Value::Null)) => match n.as_u64() {
+                            Some(n) => Some(HistoryRequest::Last(
+                                usize::try_from(n).unwrap_or(usize::MAX),
+                            )),
+                            None => {
+                                return Err(reject(
+                                    ErrorCode::InvalidMessage,
+                                    "history must be how many messages (a non-negative integer)"
+                                        .into(),
+                                ));
+                            }
+                        },
+                        (
+                            None | Some(serde_json::Value::Null),
+                            Some(serde_json::Value::String(id)),
+                        ) if !id.is_empty() && id.len() <= MAX_ID_LEN => {
+                            Some(HistoryRequest::Since(id))
+                        }
+                        (None | Some(serde_json::Value::Null), Some(_)) => {
+                            return Err(reject(
+                                ErrorCode::InvalidMessage,
+                                format!("since must be a message id (at most {MAX_ID_LEN} bytes)"),
+                            ));
+                        }
+                        (Some(_), Some(_)) => {
+                            return Err(reject(
+                                ErrorCode::InvalidMessage,
+                                "ask for history or since, not both".into(),
+                            ));
+                        }
+                    };
+                    ClientFrame::Subscribe {
+                        room,
+                        reference,
+                        history,
+                    }
                 } else {
                     ClientFrame::Unsubscribe { room, reference }
                 });
             }
-            Kind::Message | Kind::Direct | Kind::Refresh => {}
+            Kind::Message | Kind::Direct | Kind::Refresh | Kind::AckUpto => {}
         }
         let to = if kind == Kind::Direct {
             match raw.to {
@@ -287,9 +359,35 @@ mod tests {
             ClientFrame::parse(r#"{"type":"subscribe","room":"r","ref":"c3"}"#, 10).unwrap(),
             ClientFrame::Subscribe {
                 room: RoomName::parse("r").unwrap(),
-                reference: Some("c3".into())
+                reference: Some("c3".into()),
+                history: None,
             }
         );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"subscribe","room":"r","history":50}"#, 10).unwrap(),
+            ClientFrame::Subscribe {
+                room: RoomName::parse("r").unwrap(),
+                reference: None,
+                history: Some(HistoryRequest::Last(50)),
+            }
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"subscribe","room":"r","since":"a-1"}"#, 10).unwrap(),
+            ClientFrame::Subscribe {
+                room: RoomName::parse("r").unwrap(),
+                reference: None,
+                history: Some(HistoryRequest::Since("a-1".into())),
+            }
+        );
+        for bad in [
+            r#"{"type":"subscribe","room":"r","history":-1}"#,
+            r#"{"type":"subscribe","room":"r","history":"5"}"#,
+            r#"{"type":"subscribe","room":"r","since":7}"#,
+            r#"{"type":"subscribe","room":"r","since":""}"#,
+            r#"{"type":"subscribe","room":"r","history":5,"since":"a"}"#,
+        ] {
+            assert_eq!(code(bad), ErrorCode::InvalidMessage, "{bad}");
+        }
         assert_eq!(
             ClientFrame::parse(r#"{"type":"unsubscribe","room":"r"}"#, 10).unwrap(),
             ClientFrame::Unsubscribe {
@@ -302,6 +400,22 @@ mod tests {
             code(r#"{"type":"unsubscribe","room":"no/slash"}"#),
             ErrorCode::InvalidRoom
         );
+    }
+
+    #[test]
+    fn acks() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"ack_upto","seq":42}"#, 10).unwrap(),
+            ClientFrame::AckUpto { seq: 42 }
+        );
+        for bad in [
+            r#"{"type":"ack_upto"}"#,
+            r#"{"type":"ack_upto","seq":-1}"#,
+            r#"{"type":"ack_upto","seq":"7"}"#,
+            r#"{"type":"ack_upto","seq":1.5}"#,
+        ] {
+            assert_eq!(code(bad), ErrorCode::InvalidMessage, "{bad}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod bodies;
 pub mod client;
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -39,10 +40,31 @@ pub enum ServerFrame {
         members: Option<Vec<String>>,
         #[serde(skip_serializing_if = "Option::is_none", default)]
         members_total: Option<usize>,
+        /// Seconds this connection's queue outlives a dropped socket: reconnect
+        /// within them with `?resume=<session>` to get what was missed. Absent
+        /// when the server does not offer resume.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        resume_grace_secs: Option<u64>,
+        /// Deliveries this connection may hold unacknowledged before the server
+        /// waits for an `ack_upto` (only with `acks=client`).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        ack_window: Option<u16>,
         /// Anonymous servers only: proof of this session for HTTP publishing
         /// as `user` (see `tokens`); it dies with the session.
         #[serde(skip_serializing_if = "Option::is_none", default)]
         token: Option<String>,
+    },
+    /// The answer to `?resume=`, right after `welcome` and the `subscribed` of
+    /// each room restored. `recovered: true`: the old queue was found and
+    /// `session` is the old session, whose undelivered and unacknowledged
+    /// messages follow, in order, before live traffic. `recovered: false`: the
+    /// queue was gone (the grace ran out, or it was never this user's); this
+    /// is a new session, subscribed to `rooms` afresh, and what was sent
+    /// meanwhile must come from history.
+    Resumed {
+        session: String,
+        recovered: bool,
+        rooms: Vec<String>,
     },
     /// The connection's queue is bound to `room`: every message published to it
     /// from here on reaches the connection.
@@ -203,6 +225,22 @@ impl MessageIds {
     }
 }
 
+/// A serialised server frame with a per-connection `seq` added as its last
+/// field, for clients that acknowledge deliveries. Frames are JSON objects
+/// written by serde_json, so the closing brace is the last byte; appending
+/// keeps `type` and `id` first, where [`frame_head`] reads them.
+pub fn with_seq(frame: &str, seq: u64) -> String {
+    let body = frame.strip_suffix('}').unwrap_or(frame);
+    let mut out = String::with_capacity(body.len() + 32);
+    out.push_str(body);
+    if !body.ends_with('{') {
+        out.push(',');
+    }
+    // Writing to a String cannot fail.
+    let _ = write!(out, "\"seq\":{seq}}}");
+    out
+}
+
 /// The `type` and, when it has one, the `id` of a serialised server frame,
 /// read without parsing the rest: Server-Sent Events name each event by type
 /// and id, and the frames arrive as the bytes every receiver shares. Relies on
@@ -216,6 +254,15 @@ pub fn frame_head(frame: &str) -> Option<(&str, Option<&str>)> {
         .and_then(|r| r.split_once('"'))
         .map(|(id, _)| id);
     Some((kind, id))
+}
+
+/// The `room` of a serialised `message` frame, read without parsing it, like
+/// [`frame_head`]: `room` follows `id` in a `message`.
+pub fn frame_room(frame: &str) -> Option<&str> {
+    let rest = frame.strip_prefix(r#"{"type":"message","id":""#)?;
+    let (_, rest) = rest.split_once('"')?;
+    let rest = rest.strip_prefix(r#","room":""#)?;
+    rest.split_once('"').map(|(room, _)| room)
 }
 
 #[cfg(test)]
@@ -251,6 +298,15 @@ mod tests {
         };
         assert_eq!(frame_head(&presence.to_json()), Some(("presence", None)));
         assert_eq!(frame_head("nonsense"), None);
+        assert_eq!(frame_room(&message.to_json()), Some("r"));
+        assert_eq!(frame_room(&direct.to_json()), None);
+        assert_eq!(frame_room(&presence.to_json()), None);
+        assert_eq!(
+            with_seq(&message.to_json(), 7),
+            message
+                .to_json()
+                .replace(",\"ts\":1}", ",\"ts\":1,\"seq\":7}")
+        );
     }
 
     #[test]

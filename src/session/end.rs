@@ -46,6 +46,26 @@ pub enum SessionEnd {
 }
 
 impl SessionEnd {
+    /// Whether the session's queue waits for a resume: when the client may
+    /// come back for it (its socket dropped, the node or the broker went, its
+    /// token ran out), not when it left or was sent away.
+    pub fn release(&self) -> crate::bus::Release {
+        use crate::bus::Release::{Delete, KeepForResume};
+        match self {
+            SessionEnd::ClientGone(_)
+            | SessionEnd::Shutdown
+            | SessionEnd::Restart
+            | SessionEnd::BrokerLost
+            | SessionEnd::Silent
+            | SessionEnd::TokenExpired => KeepForResume,
+            SessionEnd::ClientClosed
+            | SessionEnd::TooLarge
+            | SessionEnd::Abusive
+            | SessionEnd::InvalidUtf8
+            | SessionEnd::ProtocolError(_) => Delete,
+        }
+    }
+
     /// The close frame that tells the client why, where the session ends it.
     pub fn close_frame(&self) -> Option<(u16, &'static str)> {
         match self {

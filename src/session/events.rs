@@ -72,6 +72,9 @@ pub struct Session<'a, T, P: SessionLink> {
     confirms: FuturesOrdered<Pending<P::Confirm>>,
     /// When the client last sent anything, pongs included.
     last_heard: Instant,
+    /// Ids of the messages a history page gave: their live copies, if they
+    /// come too, are dropped.
+    pub(super) replayed: std::collections::HashSet<Box<str>>,
     /// Refused frames in the current [`ERROR_WINDOW`], and when it began.
     refused: u32,
     window_start: Instant,
@@ -99,6 +102,7 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
             rooms: Rooms::default(),
             confirms: FuturesOrdered::new(),
             last_heard: Instant::now(),
+            replayed: std::collections::HashSet::new(),
             refused: 0,
             window_start: Instant::now(),
         }
@@ -174,6 +178,12 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                 _ => break,
             }
         }
+        if !self.replayed.is_empty() {
+            self.drop_replayed(&mut batch);
+            if batch.is_empty() {
+                return Continue(());
+            }
+        }
         let count = batch.len();
         self.write(batch).await?;
         self.metrics().delivered(T::KIND, count as u64);
@@ -225,8 +235,12 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                 match ClientFrame::parse(&text, self.node.config.max_text_bytes) {
                     // Boxed: binding runs lapin's channel futures, large and
                     // rare; inline, they would grow every idle session's task.
-                    Ok(ClientFrame::Subscribe { room, reference }) => {
-                        return Box::pin(self.subscribe(room, reference)).await;
+                    Ok(ClientFrame::Subscribe {
+                        room,
+                        reference,
+                        history,
+                    }) => {
+                        return Box::pin(self.subscribe(room, reference, history)).await;
                     }
                     Ok(ClientFrame::Unsubscribe { room, reference }) => {
                         return Box::pin(self.unsubscribe(room, reference)).await;
@@ -234,6 +248,13 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                     Ok(ClientFrame::Refresh { token, reference }) => {
                         return Box::pin(self.refresh(token, reference)).await;
                     }
+                    Ok(ClientFrame::AckUpto { seq }) => match self.inbox.ack_upto(seq).await {
+                        Ok(()) => return Continue(()),
+                        Err(e) => Rejected {
+                            error: ClientError::new(ErrorCode::InvalidMessage, e.to_string()),
+                            reference: None,
+                        },
+                    },
                     Ok(ClientFrame::Message {
                         room,
                         text,
@@ -611,7 +632,13 @@ mod tests {
         };
         let mut subscription = node
             .bus
-            .open(&identity.session, &identity.user, 0)
+            .open(&crate::bus::Opening {
+                session: &identity.session,
+                user: &identity.user,
+                slot: 0,
+                acks: crate::bus::AckMode::Server,
+                resume: None,
+            })
             .await
             .unwrap();
         subscription.link.bind(&room).await.unwrap();

@@ -25,7 +25,7 @@ use crate::bus::{BusError, SessionLink};
 use crate::error::{ClientError, ErrorCode};
 use crate::names::RoomName;
 use crate::protocol::ServerFrame;
-use crate::protocol::client::Rejected;
+use crate::protocol::client::{HistoryRequest, Rejected};
 
 /// What a client is told when the broker stops answering mid-session.
 pub(super) const STUCK: &str = "the message broker is not answering; reconnect shortly";
@@ -99,11 +99,13 @@ impl Rooms {
 }
 
 impl<T: Transport, P: SessionLink> Session<'_, T, P> {
-    /// `{"type":"subscribe"}`: bind, follow, join presence, answer.
+    /// `{"type":"subscribe"}`: bind, follow, join presence, answer; then the
+    /// history asked for, if any.
     pub(super) async fn subscribe(
         &mut self,
         room: RoomName,
         reference: Option<String>,
+        history: Option<HistoryRequest>,
     ) -> ControlFlow<SessionEnd> {
         if !self.grant.permissions.may_read(&room) {
             let error = crate::handshake::forbidden_room(&room);
@@ -127,29 +129,55 @@ impl<T: Transport, P: SessionLink> Session<'_, T, P> {
                 }
             }
             self.inbox.follow(&room);
-            let joined = self
-                .node
-                .presence
-                .join(room.as_str(), self.identity.user.as_str())
-                .await;
+            self.join(room.clone(), reference.clone()).await?;
+        } else {
+            // Subscribing twice changes nothing, and answers the same way.
+            let members = self.node.presence.members(room.as_str()).await;
             let frame = ServerFrame::Subscribed {
                 room: room.to_string(),
-                members: joined.members,
-                members_total: joined.total,
-                reference,
+                members_total: members.len(),
+                members,
+                reference: reference.clone(),
             };
-            self.rooms.add(room, joined.updates);
-            return self.write_frame(&frame).await;
+            self.write_frame(&frame).await?;
         }
-        // Subscribing twice changes nothing, and answers the same way.
-        let members = self.node.presence.members(room.as_str()).await;
+        match history {
+            Some(request) => self.send_history(&room, request, reference).await,
+            None => ControlFlow::Continue(()),
+        }
+    }
+
+    /// Join `room`'s presence (the queue is bound and followed) and answer
+    /// `subscribed` with its members.
+    async fn join(&mut self, room: RoomName, reference: Option<String>) -> ControlFlow<SessionEnd> {
+        let joined = self
+            .node
+            .presence
+            .join(room.as_str(), self.identity.user.as_str())
+            .await;
         let frame = ServerFrame::Subscribed {
             room: room.to_string(),
-            members_total: members.len(),
-            members,
+            members: joined.members,
+            members_total: joined.total,
             reference,
         };
+        self.rooms.add(room, joined.updates);
         self.write_frame(&frame).await
+    }
+
+    /// A resumed session's start: join the restored rooms (already bound and
+    /// followed) with a `subscribed` each, then say what came of the resume.
+    pub async fn resumed(&mut self, resumed: crate::handshake::Resumed) -> ControlFlow<SessionEnd> {
+        let rooms: Vec<String> = resumed.rooms.iter().map(ToString::to_string).collect();
+        for room in resumed.rooms {
+            self.join(room, None).await?;
+        }
+        self.write_frame(&ServerFrame::Resumed {
+            session: self.identity.session.to_string(),
+            recovered: resumed.recovered,
+            rooms,
+        })
+        .await
     }
 
     /// `{"type":"unsubscribe"}`: stop following, leave presence, unbind, answer.

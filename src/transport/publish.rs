@@ -63,9 +63,10 @@ fn bus_refusal(error: BusError) -> ClientError {
         BusError::NoRecipient => {
             client_error(ErrorCode::UserNotFound, "no user by that id is connected")
         }
-        BusError::SlotTaken | BusError::Unavailable(_) | BusError::TimedOut => {
-            ClientError::unavailable()
-        }
+        BusError::SlotTaken
+        | BusError::SessionGone
+        | BusError::Unavailable(_)
+        | BusError::TimedOut => ClientError::unavailable(),
     }
 }
 
@@ -127,7 +128,7 @@ async fn speaker(
     let alive = match node.tokens.session_of(&user, token) {
         Some(session) => node
             .bus
-            .session_alive(&session)
+            .session_alive(&user, &session)
             .await
             .map_err(|_| ClientError::unavailable())?,
         None => false,
@@ -145,7 +146,7 @@ async fn speaker(
 }
 
 /// `Authorization: Bearer <token>`, if the header says so.
-fn bearer(header: Option<&str>) -> Option<&str> {
+pub fn bearer(header: Option<&str>) -> Option<&str> {
     let (scheme, token) = header?.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }

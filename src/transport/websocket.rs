@@ -211,6 +211,12 @@ fn to_inbound(item: Result<Message, tungstenite::Error>) -> Inbound {
         Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Inbound::Control,
         Err(tungstenite::Error::Capacity(_)) => Inbound::TooLarge,
         Err(tungstenite::Error::Utf8(_)) => Inbound::InvalidUtf8,
+        // The connection ended without a close frame (a proxy in front passes
+        // a client's reset on as an EOF): the network's doing, not the
+        // client's, and the session may be resumed.
+        Err(tungstenite::Error::Protocol(
+            e @ tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        )) => Inbound::Failed(e.to_string()),
         Err(tungstenite::Error::Protocol(e)) => Inbound::ProtocolError(e.to_string()),
         Err(e) => Inbound::Failed(e.to_string()),
     }

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod resume;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -67,7 +69,7 @@ macro_rules! on_both_buses {
 }
 
 /// Which bus a test runs against.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BusKind {
     Memory,
     Amqp,
@@ -94,6 +96,13 @@ pub fn config(bus: BusKind, prefix: &str) -> Config {
     c.max_connections_per_ip = 1_000_000;
     c.connections_per_ip_per_sec = 1_000_000;
     c.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").into();
+    // A dropped socket ends its session at once (its queue goes, its user
+    // leaves), as these tests of everything else expect; tests/resume.rs
+    // runs with a grace, as a default server does.
+    c.resume_grace_secs = 0;
+    // History is a durable stream on the shared broker: only tests/history.rs
+    // keeps it, and deletes it after.
+    c.history_per_room = 0;
     c
 }
 
@@ -307,6 +316,33 @@ pub async fn wait_queue_gone(name: &str) {
             "queue {name} leaked"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait until `name`, a queue kept for a resume, has expired (`x-expires`).
+/// Asks `rabbitmqctl`, because a passive declare counts as using the queue
+/// and would put its expiry off. Fails after three [`WAIT`]s.
+pub async fn wait_queue_expired(name: &str) {
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
+    loop {
+        let listed = tokio::task::spawn_blocking(|| {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "list_queues", "name", "--no-table-headers"])
+                .output()
+                .expect("rabbitmqctl runs (scripts/test installs RabbitMQ)");
+            assert!(out.status.success(), "rabbitmqctl failed: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .await
+        .unwrap();
+        if !listed.lines().any(|line| line.trim() == name) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue {name} never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

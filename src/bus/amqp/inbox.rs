@@ -1,7 +1,13 @@
-//! A session's consumer: deliveries in order, acknowledged in batches, and
-//! only from what the session follows.
+//! A session's consumer: deliveries in order, only from what the session
+//! follows, acknowledged in batches by the server once written to the socket
+//! or, with client acks, when the client says so (`ack_upto`).
+//!
+//! A resumed session's queue first gives again what the old connection had
+//! received but not acknowledged (RabbitMQ marks them `redelivered`). Those
+//! up to the client's `last_id` were processed already: they are held back
+//! until that id shows up and then dropped, or let through when it does not.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -12,13 +18,16 @@ use tracing::debug;
 use tungstenite::Utf8Bytes;
 
 use super::{Names, PREFETCH, unavailable};
-use crate::bus::BusError;
+use crate::bus::acks::{AckError, ClientAcks};
+use crate::bus::{AckMode, BusError};
 use crate::names::{RoomName, SessionId};
+use crate::protocol::frame_head;
 
-/// Deliveries acknowledged with one `basic.ack` (`multiple`) at most.
+/// Deliveries acknowledged with one `basic.ack` (`multiple`) at most, when the
+/// server acknowledges.
 ///
-/// A session's queue is exclusive and deleted with the session, so an ack never
-/// guards against loss here: it only hands prefetch credit back to the broker.
+/// A server ack never guards against loss beyond the socket: it only hands
+/// prefetch credit back to the broker.
 /// Acking every delivery of a steady room cost the broker a frame per delivery
 /// and lapin a wake-up of its I/O thread; a quarter of the window keeps credit
 /// flowing while sending one ack where there were up to 64.
@@ -27,9 +36,22 @@ const ACK_EVERY: u32 = PREFETCH as u32 / 4;
 /// room going quiet still returns its credit, and far below RabbitMQ's consumer
 /// timeout (30 minutes by default), past which it closes the channel.
 const ACK_DELAY: Duration = Duration::from_millis(250);
+/// How long redelivered messages are held back looking for the resuming
+/// client's `last_id` once no more arrive: they come in one burst, so a pause
+/// means the id is not among them.
+const REPLAY_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct AmqpInbox {
     consumer: Consumer,
+    /// Who acknowledges: with client acks, each frame gets a seq and its acker
+    /// waits here for the client's `ack_upto`.
+    client_acks: Option<ClientAcks<Acker>>,
+    /// A resumed session's redelivered messages, held back until `last_id`.
+    replay: Option<Replay>,
+    /// Frames ready to hand out before the consumer's next.
+    ready: VecDeque<Utf8Bytes>,
+    /// With client acks: skipped deliveries, to ack at the next await.
+    skipped: Vec<Acker>,
     /// The newest delivery handed to the socket but not yet acknowledged; acking
     /// it with `multiple` settles everything before it too.
     unsettled: Option<Acker>,
@@ -48,6 +70,12 @@ pub struct AmqpInbox {
     names: Names,
 }
 
+/// Redelivered messages held back while looking for the client's last id.
+struct Replay {
+    last_id: String,
+    held: Vec<(String, Acker)>,
+}
+
 /// What one delivery turned out to be.
 enum Taken {
     Frame(Utf8Bytes),
@@ -60,9 +88,14 @@ impl AmqpInbox {
         lost: tokio_util::sync::CancellationToken,
         names: &Names,
         session: &SessionId,
+        acks: AckMode,
     ) -> Self {
         Self {
             consumer,
+            client_acks: (acks == AckMode::Client).then(ClientAcks::default),
+            replay: None,
+            ready: VecDeque::new(),
+            skipped: Vec::new(),
             unsettled: None,
             unsettled_count: 0,
             unsettled_since: None,
@@ -72,6 +105,14 @@ impl AmqpInbox {
             session: session.clone(),
             names: names.clone(),
         }
+    }
+
+    /// A resumed session: what comes again up to `last_id` was processed.
+    pub(super) fn skip_through(&mut self, last_id: &str) {
+        self.replay = Some(Replay {
+            last_id: last_id.to_owned(),
+            held: Vec::new(),
+        });
     }
 
     /// Deliver `room`'s messages from now on.
@@ -88,6 +129,10 @@ impl AmqpInbox {
     /// [`ACK_DELAY`] has passed, so a quiet room does not sit on its credit.
     pub async fn recv(&mut self) -> Result<Utf8Bytes, BusError> {
         loop {
+            if let Some(frame) = self.ready.pop_front() {
+                return Ok(frame);
+            }
+            self.ack_skipped().await;
             let since = self.unsettled_since;
             let ack_due = async move {
                 match since {
@@ -95,6 +140,7 @@ impl AmqpInbox {
                     None => std::future::pending().await,
                 }
             };
+            let holding = self.replay.as_ref().is_some_and(|r| !r.held.is_empty());
             tokio::select! {
                 next = self.consumer.next() => match self.take(next)? {
                     Taken::Frame(frame) => return Ok(frame),
@@ -104,12 +150,16 @@ impl AmqpInbox {
                     return Err(BusError::Unavailable("the broker connection was lost".into()));
                 }
                 () = ack_due => self.ack().await,
+                () = tokio::time::sleep(REPLAY_PAUSE), if holding => self.end_replay(),
             }
         }
     }
 
     pub fn try_recv(&mut self) -> Option<Result<Utf8Bytes, BusError>> {
         loop {
+            if let Some(frame) = self.ready.pop_front() {
+                return Some(Ok(frame));
+            }
             let next = self.consumer.next().now_or_never()?;
             match self.take(next) {
                 Ok(Taken::Frame(frame)) => return Some(Ok(frame)),
@@ -123,26 +173,110 @@ impl AmqpInbox {
         &mut self,
         next: Option<lapin::Result<lapin::message::Delivery>>,
     ) -> Result<Taken, BusError> {
-        match next {
-            Some(Ok(delivery)) => {
-                self.unsettled = Some(delivery.acker);
-                if !self.wanted(&delivery.exchange, &delivery.properties) {
-                    // Settled like a delivered one: it holds prefetch credit too.
-                    self.count_unsettled(1);
-                    return Ok(Taken::Skipped);
-                }
-                // Only Warren publishes to these exchanges, and only serde_json
-                // output; a foreign non-UTF-8 message is replaced, not trusted.
-                Ok(Taken::Frame(Utf8Bytes::from(
-                    String::from_utf8(delivery.data)
-                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-                )))
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) => return Err(unavailable(e)),
+            None => {
+                return Err(BusError::Unavailable(
+                    "the broker cancelled the subscription".into(),
+                ));
             }
-            Some(Err(e)) => Err(unavailable(e)),
-            None => Err(BusError::Unavailable(
-                "the broker cancelled the subscription".into(),
-            )),
+        };
+        if !self.wanted(&delivery.exchange, &delivery.properties) {
+            self.skip(delivery.acker);
+            return Ok(Taken::Skipped);
         }
+        // Only Warren publishes to these exchanges, and only serde_json
+        // output; a foreign non-UTF-8 message is replaced, not trusted.
+        let text = String::from_utf8(delivery.data)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        if let Some(replay) = &mut self.replay {
+            if delivery.redelivered {
+                let last =
+                    frame_head(&text).and_then(|(_, id)| id) == Some(replay.last_id.as_str());
+                replay.held.push((text, delivery.acker));
+                if last {
+                    // Everything held was processed before the socket dropped.
+                    let processed = std::mem::take(&mut replay.held);
+                    self.replay = None;
+                    for (_, acker) in processed {
+                        self.skip(acker);
+                    }
+                } else if replay.held.len() >= usize::from(PREFETCH) {
+                    self.end_replay();
+                }
+                return Ok(Taken::Skipped);
+            }
+            self.end_replay();
+            let frame = self.hand_out(text, delivery.acker);
+            self.ready.push_back(frame);
+            return Ok(Taken::Skipped);
+        }
+        Ok(Taken::Frame(self.hand_out(text, delivery.acker)))
+    }
+
+    /// `last_id` was not among the redelivered messages: they are all new to
+    /// the client, in their order.
+    fn end_replay(&mut self) {
+        if let Some(replay) = self.replay.take() {
+            for (text, acker) in replay.held {
+                let frame = self.hand_out(text, acker);
+                self.ready.push_back(frame);
+            }
+        }
+    }
+
+    /// A delivery on its way to the client: stamped with its seq when the
+    /// client acknowledges, else remembered for the server's next ack.
+    fn hand_out(&mut self, text: String, acker: Acker) -> Utf8Bytes {
+        match &mut self.client_acks {
+            Some(acks) => acks.stamp(&text, acker),
+            None => {
+                self.unsettled = Some(acker);
+                Utf8Bytes::from(text)
+            }
+        }
+    }
+
+    /// A delivery the client never sees still holds prefetch credit: settle it.
+    fn skip(&mut self, acker: Acker) {
+        match &self.client_acks {
+            // Nothing the client has yet to acknowledge comes before it, so
+            // acking it with `multiple` (at the next ack) settles only skips.
+            None => {
+                self.unsettled = Some(acker);
+                self.count_unsettled(1);
+            }
+            // Acked alone, soon: the client may never send an `ack_upto` that
+            // would cover it (it sees nothing to ack), and it must not hold
+            // the window shut.
+            Some(_) => self.skipped.push(acker),
+        }
+    }
+
+    /// Ack the skipped deliveries one by one, in order, and always before an
+    /// `ack_upto`'s `multiple` ack: a tag acked twice closes the channel.
+    async fn ack_skipped(&mut self) {
+        for acker in self.skipped.drain(..) {
+            if let Err(e) = acker.ack(BasicAckOptions { multiple: false }).await {
+                debug!(error = %e, "ack failed; the channel is gone");
+            }
+        }
+    }
+
+    /// The client processed every delivery up to `seq`.
+    pub async fn ack_upto(&mut self, seq: u64) -> Result<(), AckError> {
+        let Some(acks) = &mut self.client_acks else {
+            return Err(AckError::NotAcking);
+        };
+        let settled = acks.ack_upto(seq)?.pop();
+        self.ack_skipped().await;
+        if let Some(acker) = settled
+            && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
+        {
+            debug!(error = %e, "ack failed; the channel is gone");
+        }
+        Ok(())
     }
 
     fn wanted(&self, exchange: &ShortString, properties: &BasicProperties) -> bool {
@@ -168,7 +302,7 @@ impl AmqpInbox {
     /// Everything taken so far is on the socket. Ack it once [`ACK_EVERY`]
     /// deliveries wait; fewer are acked by [`Self::recv`] after [`ACK_DELAY`].
     pub async fn settle(&mut self, handed_over: usize) {
-        if self.unsettled.is_none() {
+        if self.client_acks.is_some() || self.unsettled.is_none() {
             return;
         }
         self.count_unsettled(handed_over);

@@ -1,5 +1,8 @@
 //! A session's hold on its queues (its slot and its connection queue) and its
-//! channel, and their release.
+//! channel, and their release: the slot always goes; the connection queue
+//! goes too, or, when it is resumable and the session may come back, stays
+//! for the grace (`x-expires` deletes it after), with everything the client
+//! had not acknowledged back in it.
 
 use std::sync::Arc;
 
@@ -8,6 +11,7 @@ use lapin::options::QueueDeleteOptions;
 use tracing::{debug, warn};
 
 use super::RELEASE_TIMEOUT;
+use crate::bus::Release;
 use crate::bus::pool::PooledConnection;
 
 pub(super) struct LeaseState {
@@ -16,6 +20,9 @@ pub(super) struct LeaseState {
     /// What to delete, in the order declared: the slot first, then the
     /// connection's queue. Deleted in reverse, so the slot frees last.
     pub(super) queues: Vec<String>,
+    /// Whether the connection's queue outlives its channel (`x-expires`), so
+    /// it may be kept for a resume.
+    pub(super) resumable: bool,
 }
 
 pub struct AmqpLease {
@@ -33,6 +40,14 @@ impl AmqpLease {
         }
     }
 
+    /// A resume that did not get the old queue must not delete it: only the
+    /// slot is this lease's.
+    pub(super) fn truncate_to_slot(&mut self) {
+        if let Some(state) = &mut self.state {
+            state.queues.truncate(1);
+        }
+    }
+
     /// The broker closed the channel before anything was declared: nothing
     /// is left to delete, only the channel to uncount.
     pub(super) fn forget_channel(&mut self) {
@@ -41,8 +56,13 @@ impl AmqpLease {
         }
     }
 
-    pub async fn release(mut self) {
-        if let Some(state) = self.state.take() {
+    pub async fn release(mut self, queue: Release) {
+        if let Some(mut state) = self.state.take() {
+            if queue == Release::KeepForResume && state.resumable {
+                // Only the slot goes; closing the channel puts what the client
+                // had not acknowledged back in the queue, in order.
+                state.queues.truncate(1);
+            }
             // A broker that stopped answering must not hold the session (and
             // shutdown) forever; the exclusive queue dies with its connection,
             // which shutdown closes anyway.
@@ -75,6 +95,7 @@ pub(super) async fn release(state: LeaseState) {
         conn,
         channel,
         queues,
+        resumable: _,
     } = state;
     let mut channel = Some(channel);
     for queue in queues.iter().rev() {

@@ -3,10 +3,14 @@
 //! exchange for direct messages.
 //!
 //! Topology, with `<prefix>` from `--prefix`:
-//! - `<prefix>.conn.<session>`: the connection's queue; exclusive and deleted
-//!   with the session. It is bounded (`x-max-length`, `x-overflow: drop-head`):
-//!   a client too slow to keep up loses its oldest messages instead of growing
-//!   the broker's memory.
+//! - `<prefix>.conn.<user>.<session>`: the connection's queue, consumed by one
+//!   consumer at a time (an exclusive consumer). With `--resume-grace-secs`
+//!   above 0 it outlives a dropped socket by that long (`x-expires`), holding
+//!   what the client missed, until the client resumes it from any node (the
+//!   user in its name ties the resume handle to the user); at 0 it is an
+//!   exclusive queue deleted with the session. It is bounded (`x-max-length`,
+//!   `x-overflow: drop-head`): a client too slow to keep up loses its oldest
+//!   messages instead of growing the broker's memory.
 //! - `<prefix>.room.<room>`: a fanout exchange per room, auto-deleted when its
 //!   last queue unbinds, so empty rooms leave nothing behind. Subscribing binds
 //!   the connection's queue to it; unsubscribing unbinds it.
@@ -43,6 +47,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer, ExchangeKind};
 use tracing::{debug, warn};
 
+pub mod history_link;
 pub mod inbox;
 pub mod lease;
 pub mod presence_link;
@@ -54,21 +59,24 @@ pub use lease::AmqpLease;
 pub use presence_link::AmqpPresenceLink;
 pub use publisher::{AmqpConfirm, AmqpLink};
 
+use super::history::Rings;
+use history_link::StreamSpec;
 use lease::LeaseState;
 
 use super::pool::{Pool, PooledConnection};
-use super::{BusError, Inbox, Lease, Link, Subscription};
+use super::{BusError, Inbox, Lease, Link, Opening, Release, Resume, Subscription, TAKEOVER_WAITS};
 use crate::names::{RoomName, SessionId, UserId};
 
 /// Deliveries the broker may push to a session before the session acknowledges
 /// them. Bounds what a slow socket can pile up in this process; the rest waits in
 /// the session's queue on the broker.
-pub const PREFETCH: u16 = 256;
+pub const PREFETCH: u16 = super::acks::ACK_WINDOW;
 
 /// How long deleting a session's queue may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// AMQP reply codes we act on.
+const ACCESS_REFUSED: u16 = 403;
 const NOT_FOUND: u16 = 404;
 const RESOURCE_LOCKED: u16 = 405;
 
@@ -95,8 +103,8 @@ impl Names {
     }
 
     /// A connection's queue.
-    pub fn connection_queue(&self, session: &SessionId) -> String {
-        format!("{}.conn.{session}", self.prefix)
+    pub fn connection_queue(&self, user: &UserId, session: &SessionId) -> String {
+        format!("{}.conn.{user}.{session}", self.prefix)
     }
 
     /// The direct exchange every connection's queue is bound to by user id.
@@ -107,6 +115,11 @@ impl Names {
     /// One of a user's session slots.
     pub fn slot_queue(&self, user: &UserId, slot: u16) -> String {
         format!("{}.slot.{user}.{slot}", self.prefix)
+    }
+
+    /// The stream every room's messages are kept in, for history.
+    pub fn history_stream(&self) -> String {
+        format!("{}.history", self.prefix)
     }
 
     /// The fanout exchange nodes gossip presence on.
@@ -136,6 +149,15 @@ fn bounded_queue(max_length: u32) -> FieldTable {
     args
 }
 
+/// A connection's queue that outlives its consumer by `grace` (`x-expires`
+/// counts from the moment its last consumer goes).
+fn resumable_queue(max_length: u32, grace: Duration) -> FieldTable {
+    let mut args = bounded_queue(max_length);
+    let millis = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
+    args
+}
+
 /// A node's presence queue holds this much gossip at most: if the presence task
 /// stalls, old gossip goes first (the next snapshot supersedes it anyway).
 const PRESENCE_QUEUE_LENGTH: u32 = 1000;
@@ -145,15 +167,42 @@ pub struct AmqpBus {
     pool: Pool,
     names: Names,
     queue_max_length: u32,
+    /// How long a connection's queue outlives its socket; `None`: exclusive.
+    resume_grace: Option<Duration>,
+    /// The history stream, when history is kept, and what its reader fills.
+    history: Option<Arc<StreamSpec>>,
+    rings: Arc<Rings>,
 }
 
 impl AmqpBus {
-    pub fn new(pool: Pool, prefix: &str, queue_max_length: u32) -> Self {
+    pub fn new(
+        pool: Pool,
+        prefix: &str,
+        queue_max_length: u32,
+        resume_grace: Option<Duration>,
+        history: Option<(Duration, u64)>,
+        rings: Arc<Rings>,
+    ) -> Self {
+        let names = Names::new(prefix);
         Self {
             pool,
-            names: Names::new(prefix),
             queue_max_length,
+            resume_grace,
+            history: history.map(|(max_age, max_bytes)| {
+                Arc::new(StreamSpec {
+                    name: names.history_stream(),
+                    max_age,
+                    max_bytes,
+                })
+            }),
+            names,
+            rings,
         }
+    }
+
+    /// The history this node has read.
+    pub fn rings(&self) -> Arc<Rings> {
+        self.rings.clone()
     }
 
     pub fn names(&self) -> &Names {
@@ -179,26 +228,36 @@ impl AmqpBus {
         self.pool.close().await;
     }
 
-    /// Open a session's place on the bus: hold `user`'s session slot `slot`,
-    /// declare the connection's queue bound to the direct exchange by user id,
-    /// and consume it. [`BusError::SlotTaken`] when another node holds the slot.
-    pub async fn open(
-        &self,
-        session: &SessionId,
-        user: &UserId,
-        slot: u16,
-    ) -> Result<Subscription, BusError> {
+    /// Open a session's place on the bus: hold the user's session slot,
+    /// declare the connection's queue bound to the direct exchange by user id
+    /// (or, resuming, find the old one), and consume it.
+    /// [`BusError::SlotTaken`] when another node holds the slot.
+    pub async fn open(&self, opening: &Opening<'_>) -> Result<Subscription, BusError> {
+        let Opening {
+            session,
+            user,
+            slot,
+            acks,
+            ref resume,
+        } = *opening;
+        let queue = self.names.connection_queue(user, session);
+        if resume.is_some() {
+            if self.resume_grace.is_none() {
+                return Err(BusError::SessionGone);
+            }
+            self.wait_until_unconsumed(&queue).await?;
+        }
         let conn = self.connection()?;
         let channel = conn.open_channel().await.map_err(unavailable)?;
         // From here the channel (and, once declared, the queues) is leased: if
         // the caller gives up (the open timed out), dropping the lease deletes
         // the queues and closes the channel.
-        let queue = self.names.connection_queue(session);
         let mut lease = AmqpLease {
             state: Some(LeaseState {
                 conn: conn.clone(),
                 channel: channel.clone(),
                 queues: vec![self.names.slot_queue(user, slot)],
+                resumable: self.resume_grace.is_some(),
             }),
         };
         match declare_exclusive(&channel, &lease.queues()[0], FieldTable::default()).await {
@@ -209,14 +268,25 @@ impl AmqpBus {
                 return Err(BusError::SlotTaken);
             }
             Err(e) => {
-                lease.release().await;
+                lease.release(Release::Delete).await;
                 return Err(unavailable(e));
             }
         }
         lease.add_queue(queue.clone());
-        match self.declare_connection(&channel, &queue, user).await {
+        match self
+            .declare_connection(&channel, &queue, user, resume.is_some())
+            .await
+        {
             Ok(consumer) => {
-                debug!(%queue, %user, slot, channel = channel.id(), "opened");
+                debug!(%queue, %user, slot, channel = channel.id(), resumed = resume.is_some(), "opened");
+                let mut inbox =
+                    AmqpInbox::new(consumer, conn.lost.clone(), &self.names, session, acks);
+                if let Some(Resume {
+                    last_id: Some(last_id),
+                }) = resume
+                {
+                    inbox.skip_through(last_id);
+                }
                 Ok(Subscription {
                     link: Link::Amqp(AmqpLink {
                         conn: conn.clone(),
@@ -226,20 +296,47 @@ impl AmqpBus {
                         session: session.clone(),
                         names: self.names.clone(),
                         direct_exchange: self.names.direct_exchange(),
+                        history: self.history.clone(),
                     }),
-                    inbox: Inbox::Amqp(Box::new(AmqpInbox::new(
-                        consumer,
-                        conn.lost.clone(),
-                        &self.names,
-                        session,
-                    ))),
+                    inbox: Inbox::Amqp(Box::new(inbox)),
                     lease: Lease::Amqp(lease),
                 })
             }
+            Err(e)
+                if resume.is_some()
+                    && matches!(reply_code(&e), Some(NOT_FOUND | ACCESS_REFUSED)) =>
+            {
+                // Expired, or taken by another resume, since we looked: keep
+                // nothing of it (the lease must not delete someone's queue).
+                lease.truncate_to_slot();
+                lease.release(Release::Delete).await;
+                Err(BusError::SessionGone)
+            }
             Err(e) => {
                 warn!(%queue, error = %e, "opening a session's queue failed");
-                lease.release().await;
+                if resume.is_some() {
+                    lease.truncate_to_slot();
+                }
+                lease.release(Release::Delete).await;
                 Err(unavailable(e))
+            }
+        }
+    }
+
+    /// Wait until no connection consumes `queue`: the old connection of a
+    /// session being resumed lets go of it when it notices its socket died.
+    /// [`BusError::SessionGone`] when there is no such queue, or it is still
+    /// held after [`TAKEOVER_WAITS`].
+    async fn wait_until_unconsumed(&self, queue: &str) -> Result<(), BusError> {
+        let mut waits = TAKEOVER_WAITS.iter();
+        loop {
+            match self.queue_consumers(queue).await? {
+                None => return Err(BusError::SessionGone),
+                Some(0) => return Ok(()),
+                Some(_) => match waits.next() {
+                    Some(wait) => tokio::time::sleep(*wait).await,
+                    None => return Err(BusError::SessionGone),
+                },
             }
         }
     }
@@ -249,6 +346,7 @@ impl AmqpBus {
         channel: &Channel,
         queue: &str,
         user: &UserId,
+        resuming: bool,
     ) -> lapin::Result<Consumer> {
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -256,6 +354,11 @@ impl AmqpBus {
         channel
             .basic_qos(PREFETCH, BasicQosOptions { global: false })
             .await?;
+        if resuming {
+            // The queue, its bindings to its rooms and to the direct exchange
+            // are all still there.
+            return consume(channel, queue, false, true).await;
+        }
         let direct = self.names.direct_exchange();
         channel
             .exchange_declare(
@@ -265,7 +368,18 @@ impl AmqpBus {
                 FieldTable::default(),
             )
             .await?;
-        declare_exclusive(channel, queue, bounded_queue(self.queue_max_length)).await?;
+        match self.resume_grace {
+            Some(grace) => {
+                declare_queue(
+                    channel,
+                    queue,
+                    false,
+                    resumable_queue(self.queue_max_length, grace),
+                )
+                .await?;
+            }
+            None => declare_exclusive(channel, queue, bounded_queue(self.queue_max_length)).await?,
+        }
         channel
             .queue_bind(
                 queue.into(),
@@ -275,7 +389,7 @@ impl AmqpBus {
                 FieldTable::default(),
             )
             .await?;
-        consume(channel, queue, false).await
+        consume(channel, queue, false, self.resume_grace.is_some()).await
     }
 
     /// Declare this node's presence queue, bound to `<prefix>.presence`.
@@ -290,7 +404,7 @@ impl AmqpBus {
             declare_fanout(&channel, &exchange).await?;
             declare_exclusive(&channel, &queue, args).await?;
             bind(&channel, &queue, &exchange, "").await?;
-            consume(&channel, &queue, true).await
+            consume(&channel, &queue, true, false).await
         }
         .await;
         match declared {
@@ -345,12 +459,23 @@ async fn declare_exclusive(
     queue: &str,
     arguments: FieldTable,
 ) -> lapin::Result<()> {
+    declare_queue(channel, queue, true, arguments).await
+}
+
+/// Declare a queue: exclusive (and auto-deleted), or shared and left to its
+/// arguments (`x-expires`) and its lease to delete.
+async fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    exclusive: bool,
+    arguments: FieldTable,
+) -> lapin::Result<()> {
     channel
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
+                exclusive,
+                auto_delete: exclusive,
                 ..Default::default()
             },
             arguments,
@@ -371,13 +496,21 @@ async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> lapi
         .await
 }
 
-async fn consume(channel: &Channel, queue: &str, no_ack: bool) -> lapin::Result<Consumer> {
+/// Consume `queue`; `exclusive`: as its only consumer, so two connections
+/// resuming one session cannot both read it.
+async fn consume(
+    channel: &Channel,
+    queue: &str,
+    no_ack: bool,
+    exclusive: bool,
+) -> lapin::Result<Consumer> {
     channel
         .basic_consume(
             queue.into(),
             queue.into(),
             BasicConsumeOptions {
                 no_ack,
+                exclusive,
                 ..Default::default()
             },
             FieldTable::default(),

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use tracing::debug;
 
+use super::history_link::StreamSpec;
 use super::{
     NOT_FOUND, Names, VANISHED_EXCHANGE_RETRIES, bind, declare_fanout, on_short_channel,
     reply_code, unavailable,
@@ -31,6 +33,8 @@ pub struct AmqpLink {
     pub(super) names: Names,
     /// `names.direct_exchange()`, built once rather than per direct message.
     pub(super) direct_exchange: String,
+    /// The history stream, bound to every room the session binds to.
+    pub(super) history: Option<Arc<StreamSpec>>,
 }
 
 impl AmqpLink {
@@ -78,7 +82,13 @@ impl AmqpLink {
     }
 
     pub async fn bind(&self, room: &RoomName) -> Result<(), BusError> {
-        bind_room(&self.conn, &self.queue, &self.names.room_exchange(room)).await
+        bind_room(
+            &self.conn,
+            &self.queue,
+            &self.names.room_exchange(room),
+            self.history.as_deref(),
+        )
+        .await
     }
 
     pub async fn unbind(&self, room: &RoomName) -> Result<(), BusError> {
@@ -96,6 +106,23 @@ pub(super) async fn publish_to_exchange(
         .basic_publish(
             exchange.into(),
             "".into(),
+            BasicPublishOptions::default(),
+            payload,
+            BasicProperties::default(),
+        )
+        .await
+}
+
+/// Publish straight into `queue` (through the default exchange).
+pub(super) async fn publish_to_queue(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+) -> lapin::Result<PublisherConfirm> {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
             BasicPublishOptions::default(),
             payload,
             BasicProperties::default(),
@@ -163,21 +190,42 @@ impl Future for AmqpConfirm {
     }
 }
 
-/// Bind `queue` to `room`'s fanout exchange (declaring it), on a short-lived
-/// channel of `conn` (the queue is exclusive to that connection): an exchange
+/// Bind `queue` (and the history stream, when there is one) to `room`'s fanout
+/// exchange, declaring it, on a short-lived channel of `conn`: an exchange
 /// auto-deleted between declare and bind closes the channel it happens on,
-/// which must not be the session's.
-async fn bind_room(conn: &PooledConnection, queue: &str, exchange: &str) -> Result<(), BusError> {
+/// which must not be the session's. A missing stream (the node's reader has
+/// not declared it yet) is declared before the next attempt.
+async fn bind_room(
+    conn: &PooledConnection,
+    queue: &str,
+    exchange: &str,
+    history: Option<&StreamSpec>,
+) -> Result<(), BusError> {
     let mut attempts = 0;
     loop {
         attempts += 1;
         let result = on_short_channel(conn, |channel| async move {
             declare_fanout(&channel, exchange).await?;
-            bind(&channel, queue, exchange, "").await
+            bind(&channel, queue, exchange, "").await?;
+            if let Some(stream) = history {
+                bind(&channel, &stream.name, exchange, "").await?;
+            }
+            Ok(())
         })
         .await;
         match result {
             Err(e) if reply_code(&e) == Some(NOT_FOUND) && attempts < VANISHED_EXCHANGE_RETRIES => {
+                if let Some(stream) = history {
+                    let declared =
+                        on_short_channel(
+                            conn,
+                            |channel| async move { stream.declare(&channel).await },
+                        )
+                        .await;
+                    if let Err(e) = declared {
+                        debug!(error = %e, "declaring the history stream failed");
+                    }
+                }
             }
             other => return other.map_err(unavailable),
         }

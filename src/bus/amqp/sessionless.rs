@@ -79,7 +79,7 @@ impl AmqpBus {
         .await
     }
 
-    async fn publish_alone<F, Fut>(&self, publish: F) -> Result<(), BusError>
+    pub(super) async fn publish_alone<F, Fut>(&self, publish: F) -> Result<(), BusError>
     where
         F: FnOnce(Channel) -> Fut,
         Fut: Future<Output = lapin::Result<Option<PublisherConfirm>>>,
@@ -116,9 +116,22 @@ impl AmqpBus {
     }
 
     /// Whether a session's queue exists (on any node).
-    pub async fn session_alive(&self, session: &SessionId) -> Result<bool, BusError> {
-        self.queue_exists(self.names.connection_queue(session))
+    pub async fn session_alive(
+        &self,
+        user: &UserId,
+        session: &SessionId,
+    ) -> Result<bool, BusError> {
+        self.queue_exists(self.names.connection_queue(user, session))
             .await
+    }
+
+    /// How many consumers `queue` has, or `None` when there is no such queue
+    /// (or only an exclusive one: resume is off on the node that declared it).
+    pub(super) async fn queue_consumers(&self, queue: &str) -> Result<Option<u32>, BusError> {
+        Ok(match self.queue_state(queue.to_owned()).await? {
+            QueueState::Open { consumers } => Some(consumers),
+            QueueState::Missing | QueueState::Exclusive => None,
+        })
     }
 
     /// A passive declare of one slot's queue, on a channel of its own.
@@ -126,9 +139,13 @@ impl AmqpBus {
         self.queue_exists(self.names.slot_queue(user, slot)).await
     }
 
-    /// A passive declare of `queue`, on a channel of its own: an exclusive
-    /// queue of another connection exists too (`405`).
+    /// Whether `queue` exists, another connection's exclusive one included.
     async fn queue_exists(&self, queue: String) -> Result<bool, BusError> {
+        Ok(self.queue_state(queue).await? != QueueState::Missing)
+    }
+
+    /// A passive declare of `queue`, on a channel of its own.
+    async fn queue_state(&self, queue: String) -> Result<QueueState, BusError> {
         let conn = self.connection()?;
         let declared = on_short_channel(&conn, |channel| async move {
             channel
@@ -144,12 +161,25 @@ impl AmqpBus {
         })
         .await;
         match declared {
-            Ok(_) => Ok(true),
+            Ok(found) => Ok(QueueState::Open {
+                consumers: found.consumer_count(),
+            }),
             // A passive declare of a missing queue closes the channel with 404.
-            Err(e) if reply_code(&e) == Some(NOT_FOUND) => Ok(false),
-            // Another connection's exclusive queue: someone holds the slot.
-            Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => Ok(true),
+            Err(e) if reply_code(&e) == Some(NOT_FOUND) => Ok(QueueState::Missing),
+            // Another connection's exclusive queue (a held slot, say).
+            Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => Ok(QueueState::Exclusive),
             Err(e) => Err(unavailable(e)),
         }
     }
+}
+
+/// What a passive declare found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueueState {
+    Missing,
+    /// Exclusive to another connection: it exists, but nothing more is told.
+    Exclusive,
+    Open {
+        consumers: u32,
+    },
 }

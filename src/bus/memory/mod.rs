@@ -12,27 +12,51 @@
 //! (RabbitMQ's bounded queues drop the oldest instead; either way a receiver
 //! that cannot keep up loses, and nobody else waits for it).
 //!
-//! A quarter of this file is its unit tests.
+//! With a resume grace, a session whose socket dropped leaves its queue
+//! [`parked`]: still bound, still filling, with what the client had not
+//! acknowledged put back in front, until the client resumes it or the grace
+//! runs out. A session's consumer is in [`inbox`].
+//!
+//! A third of this file is its unit tests.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+mod inbox;
+mod parked;
+
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::warn;
 use tungstenite::Utf8Bytes;
 
-use super::{BusError, Inbox, Lease, Link, Subscription};
+pub use inbox::MemoryInbox;
+
+use super::history::Rings;
+use super::{
+    AckMode, BusError, Inbox, Lease, Link, Opening, Release, Subscription, TAKEOVER_WAITS,
+};
 use crate::names::{RoomName, SessionId, UserId};
+use parked::{Parked, Parking};
 
 /// Frames a session's queue holds for a slow reader.
 pub const QUEUE_LENGTH: usize = 1024;
 
 /// One queued delivery, with where it came from so the inbox can filter.
+#[derive(Clone)]
 enum Item {
     Room(Arc<str>, Utf8Bytes),
     /// `origin`: the sending session, on the sender's own copy.
     Direct(Option<SessionId>, Utf8Bytes),
+}
+
+impl Item {
+    fn frame(&self) -> &str {
+        match self {
+            Item::Room(_, frame) | Item::Direct(_, frame) => frame.as_str(),
+        }
+    }
 }
 
 type Queue = mpsc::Sender<Item>;
@@ -54,16 +78,45 @@ struct Inner {
     rooms: Mutex<HashMap<RoomName, Room>>,
     /// Users with at least one session, and their sessions' queues.
     users: Mutex<HashMap<UserId, HashMap<SessionId, Queue>>>,
+    /// Sessions whose socket dropped, waiting to be resumed.
+    parked: Mutex<HashMap<SessionId, parked::Entry>>,
+    /// How long a parked session waits; `None`: sessions are never parked.
+    resume_grace: Option<Duration>,
+    /// Each room's last messages, recorded as they are published.
+    rings: Option<Arc<Rings>>,
 }
 
 impl MemoryBus {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(resume_grace: Option<Duration>, rings: Arc<Rings>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                resume_grace,
+                rings: Some(rings),
+                ..Inner::default()
+            }),
+        }
     }
 
-    /// A session's queue, reachable by direct messages to `user`. The slot
-    /// limit is the node's claims' to keep: this bus serves one node.
-    pub fn open(&self, session: &SessionId, user: &UserId) -> Subscription {
+    /// The history this bus has recorded.
+    pub fn rings(&self) -> Arc<Rings> {
+        self.inner.rings.clone().unwrap_or_else(|| Rings::new(0))
+    }
+
+    /// A session's queue, reachable by direct messages to the user, or the
+    /// parked queue of the session it resumes. The slot limit is the node's
+    /// claims' to keep: this bus serves one node.
+    pub async fn open(&self, opening: &Opening<'_>) -> Result<Subscription, BusError> {
+        let Opening {
+            session,
+            user,
+            acks,
+            ref resume,
+            ..
+        } = *opening;
+        if let Some(resume) = resume {
+            let parked = self.unpark(session, user).await?;
+            return Ok(self.subscription(session, user, acks, parked.resumed(resume.last_id)));
+        }
         let (queue, receiver) = mpsc::channel(QUEUE_LENGTH);
         self.inner
             .users
@@ -72,26 +125,70 @@ impl MemoryBus {
             .entry(user.clone())
             .or_default()
             .insert(session.clone(), queue.clone());
-        let rooms = Arc::new(Mutex::new(BTreeSet::new()));
+        let parked = Parked::fresh(user.clone(), queue, receiver);
+        Ok(self.subscription(session, user, acks, parked))
+    }
+
+    fn subscription(
+        &self,
+        session: &SessionId,
+        user: &UserId,
+        acks: AckMode,
+        parked: Parked,
+    ) -> Subscription {
+        let Parked {
+            queue,
+            rooms,
+            inbox,
+            ..
+        } = parked;
+        let parking = self.inner.resume_grace.map(|_| Parking::default());
         Subscription {
             link: Link::Memory(MemoryLink {
                 bus: self.clone(),
                 session: session.clone(),
                 user: user.clone(),
-                queue,
+                queue: queue.clone(),
                 rooms: rooms.clone(),
             }),
-            inbox: Inbox::Memory(MemoryInbox {
-                receiver,
-                following: HashSet::new(),
-                session: session.clone(),
-            }),
+            inbox: Inbox::Memory(MemoryInbox::new(inbox, session, acks, parking.clone())),
             lease: Lease::Memory(MemoryLease {
                 bus: self.clone(),
                 session: session.clone(),
                 user: Some(user.clone()),
                 rooms,
+                queue,
+                parking,
             }),
+        }
+    }
+
+    /// Take `user`'s parked `session`, waiting a little for a session whose
+    /// socket died unnoticed to end and park.
+    async fn unpark(&self, session: &SessionId, user: &UserId) -> Result<Parked, BusError> {
+        let mut waits = TAKEOVER_WAITS.iter();
+        loop {
+            {
+                let mut parked = self.inner.parked.lock().unwrap();
+                match parked.get(session) {
+                    Some(entry) if entry.parked.user == *user => {
+                        return Ok(parked.remove(session).expect("just seen").parked);
+                    }
+                    Some(_) => return Err(BusError::SessionGone),
+                    None => {}
+                }
+            }
+            let live = self
+                .inner
+                .users
+                .lock()
+                .unwrap()
+                .get(user)
+                .is_some_and(|sessions| sessions.contains_key(session));
+            match waits.next() {
+                Some(wait) if live => tokio::time::sleep(*wait).await,
+                _ => return Err(BusError::SessionGone),
+            }
         }
     }
 
@@ -104,6 +201,9 @@ impl MemoryBus {
 
     pub fn publish_room(&self, room: &RoomName, payload: Bytes) {
         let frame = to_text(payload);
+        if let Some(rings) = &self.inner.rings {
+            rings.record(&frame);
+        }
         if let Some(room) = self.inner.rooms.lock().unwrap().get(room) {
             for queue in room.members.values() {
                 deliver(queue, Item::Room(room.name.clone(), frame.clone()));
@@ -219,86 +319,58 @@ impl MemoryLink {
     }
 }
 
-pub struct MemoryInbox {
-    receiver: mpsc::Receiver<Item>,
-    following: HashSet<Arc<str>>,
-    session: SessionId,
-}
-
-impl MemoryInbox {
-    pub fn follow(&mut self, room: &RoomName) {
-        self.following.insert(room.as_str().into());
-    }
-
-    pub fn unfollow(&mut self, room: &RoomName) {
-        self.following.remove(room.as_str());
-    }
-
-    pub async fn recv(&mut self) -> Result<Utf8Bytes, BusError> {
-        loop {
-            let Some(item) = self.receiver.recv().await else {
-                return Err(BusError::Unavailable("the session's queue is gone".into()));
-            };
-            if let Some(frame) = self.wanted(item) {
-                return Ok(frame);
-            }
-        }
-    }
-
-    pub fn try_recv(&mut self) -> Option<Result<Utf8Bytes, BusError>> {
-        loop {
-            match self.receiver.try_recv() {
-                Ok(item) => {
-                    if let Some(frame) = self.wanted(item) {
-                        return Some(Ok(frame));
-                    }
-                }
-                Err(mpsc::error::TryRecvError::Empty) => return None,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    return Some(Err(BusError::Unavailable(
-                        "the session's queue is gone".into(),
-                    )));
-                }
-            }
-        }
-    }
-
-    fn wanted(&self, item: Item) -> Option<Utf8Bytes> {
-        match item {
-            Item::Room(room, frame) => self.following.contains(&room).then_some(frame),
-            Item::Direct(origin, frame) => {
-                (origin.as_ref() != Some(&self.session)).then_some(frame)
-            }
-        }
-    }
-}
-
 pub struct MemoryLease {
     bus: MemoryBus,
     session: SessionId,
     user: Option<UserId>,
     rooms: Arc<Mutex<BTreeSet<RoomName>>>,
+    queue: Queue,
+    /// Where the session's inbox leaves its receiver when it is dropped, when
+    /// the bus parks sessions.
+    parking: Option<Parking>,
 }
 
 impl MemoryLease {
-    pub fn release(mut self) {
-        self.free();
+    pub fn release(mut self, queue: Release) {
+        let left = self.parking.as_ref().and_then(Parking::take);
+        match (queue, left, self.bus.inner.resume_grace, self.user.take()) {
+            (Release::KeepForResume, Some(inbox), Some(grace), Some(user)) => {
+                let parked = Parked {
+                    user,
+                    queue: self.queue.clone(),
+                    rooms: self.rooms.clone(),
+                    inbox,
+                };
+                parked::park(&self.bus, self.session.clone(), parked, grace);
+            }
+            (_, _, _, user) => {
+                self.user = user;
+                self.free();
+            }
+        }
     }
 
     fn free(&mut self) {
         let Some(user) = self.user.take() else { return };
+        self.bus.forget(&self.session, &user, &self.rooms);
+    }
+}
+
+impl MemoryBus {
+    /// Remove a session's queue from its user and its rooms.
+    fn forget(&self, session: &SessionId, user: &UserId, rooms: &Mutex<BTreeSet<RoomName>>) {
         {
-            let mut users = self.bus.inner.users.lock().unwrap();
-            if let Some(sessions) = users.get_mut(&user) {
-                sessions.remove(&self.session);
+            let mut users = self.inner.users.lock().unwrap();
+            if let Some(sessions) = users.get_mut(user) {
+                sessions.remove(session);
                 if sessions.is_empty() {
-                    users.remove(&user);
+                    users.remove(user);
                 }
             }
         }
-        let rooms = std::mem::take(&mut *self.rooms.lock().unwrap());
+        let rooms = std::mem::take(&mut *rooms.lock().unwrap());
         for room in rooms {
-            self.bus.unbind(&room, &self.session);
+            self.unbind(&room, session);
         }
     }
 }
@@ -324,7 +396,18 @@ mod tests {
     }
 
     async fn open(bus: &MemoryBus, name: &str, rooms: &[&str]) -> Subscription {
-        let mut s = bus.open(&SessionId::random(), &user(name));
+        let session = SessionId::random();
+        let user = user(name);
+        let mut s = bus
+            .open(&Opening {
+                session: &session,
+                user: &user,
+                slot: 0,
+                acks: AckMode::Server,
+                resume: None,
+            })
+            .await
+            .unwrap();
         for r in rooms {
             s.link.bind(&room(r)).await.unwrap();
             s.inbox.follow(&room(r));
@@ -341,7 +424,7 @@ mod tests {
 
     #[tokio::test]
     async fn fans_out_in_order_and_isolates_rooms() {
-        let bus = MemoryBus::new();
+        let bus = MemoryBus::new(None, Rings::new(0));
         let a = open(&bus, "alice", &["lobby"]).await;
         let mut b = open(&bus, "bob", &["lobby", "other"]).await;
         let mut c = open(&bus, "carol", &["other"]).await;
@@ -367,7 +450,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unfollowed_room_delivers_nothing_even_if_queued() {
-        let bus = MemoryBus::new();
+        let bus = MemoryBus::new(None, Rings::new(0));
         let a = open(&bus, "alice", &["lobby"]).await;
         let mut b = open(&bus, "bob", &["lobby", "other"]).await;
         send(&a, Destination::Room(room("lobby")), "queued")
@@ -387,7 +470,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_direct_message_reaches_every_session_of_both_users_but_its_own() {
-        let bus = MemoryBus::new();
+        let bus = MemoryBus::new(None, Rings::new(0));
         let a1 = open(&bus, "alice", &[]).await;
         let mut a2 = open(&bus, "alice", &[]).await;
         let mut b1 = open(&bus, "bob", &[]).await;
@@ -407,13 +490,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_released_session_leaves_nothing_behind() {
-        let bus = MemoryBus::new();
+        let bus = MemoryBus::new(None, Rings::new(0));
         let a = open(&bus, "alice", &["lobby", "other"]).await;
         let b = open(&bus, "alice", &["lobby"]).await;
         assert_eq!((bus.room_count(), bus.user_count()), (2, 1));
-        a.into_lease().release().await;
+        a.into_lease().release(Release::Delete).await;
         assert_eq!((bus.room_count(), bus.user_count()), (1, 1));
-        b.into_lease().release().await;
+        b.into_lease().release(Release::Delete).await;
         assert_eq!((bus.room_count(), bus.user_count()), (0, 0));
     }
 }

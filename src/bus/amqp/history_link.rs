@@ -1,0 +1,207 @@
+//! The history stream on RabbitMQ: declaring `<prefix>.history` and binding it
+//! to room exchanges, this node's reader of it (which fills the history
+//! rings), and the markers a session puts into it to learn that the reader
+//! has caught up.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use tungstenite::Utf8Bytes;
+
+use super::publisher::publish_to_queue;
+use super::{AmqpBus, unavailable};
+use crate::bus::BusError;
+use crate::bus::history::Rings;
+use crate::protocol::frame_head;
+
+/// The history stream's name and its retention.
+#[derive(Clone, Debug)]
+pub struct StreamSpec {
+    pub name: String,
+    pub max_age: Duration,
+    pub max_bytes: u64,
+}
+
+/// Stream deliveries the reader may hold unacknowledged (streams need acks
+/// for credit, nothing else).
+const READ_AHEAD: u16 = 1000;
+/// How long the reader waits before trying again after losing the stream.
+const RETRY: Duration = Duration::from_secs(1);
+
+impl StreamSpec {
+    /// Declare the stream (durable, as streams must be) with its retention.
+    pub(super) async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        args.insert(
+            "x-max-age".into(),
+            AMQPValue::LongString(format!("{}s", self.max_age.as_secs().max(1)).into()),
+        );
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(i64::try_from(self.max_bytes).unwrap_or(i64::MAX)),
+        );
+        channel
+            .queue_declare(
+                self.name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .map(drop)
+    }
+}
+
+impl AmqpBus {
+    /// Put the marker `id` into the history stream, past everything published
+    /// before it.
+    pub(crate) async fn put_marker(&self, id: &str) -> Result<(), BusError> {
+        let Some(stream) = &self.history else {
+            return Ok(());
+        };
+        let payload = format!(r#"{{"type":"marker","id":"{id}"}}"#);
+        let queue = stream.name.clone();
+        self.publish_alone(|channel| async move {
+            publish_to_queue(&channel, &queue, payload.as_bytes())
+                .await
+                .map(Some)
+        })
+        .await
+    }
+
+    /// Read the history stream into the rings until the pool closes: from its
+    /// first offset, and after losing the broker from where the reader was.
+    pub(crate) fn start_history_reader(&self) {
+        let Some(stream) = self.history.clone() else {
+            return;
+        };
+        let bus = self.clone();
+        let rings = self.rings.clone();
+        let stop = self.pool.stopping();
+        tokio::spawn(async move {
+            let mut next: Option<i64> = None;
+            loop {
+                match bus.open_reader(&stream, next).await {
+                    Ok((channel, consumer)) => {
+                        debug!(stream = %stream.name, ?next, "reading history");
+                        next = read(consumer, &rings, &stop, next).await;
+                        if channel.status().connected() {
+                            let _ = channel.close(200, "history reader done".into()).await;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot read the history stream; will retry"),
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        });
+    }
+
+    async fn open_reader(
+        &self,
+        stream: &StreamSpec,
+        from: Option<i64>,
+    ) -> Result<(Channel, Consumer), BusError> {
+        let conn = self.connection()?;
+        let channel = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        let opened = async {
+            stream.declare(&channel).await?;
+            channel
+                .basic_qos(READ_AHEAD, BasicQosOptions { global: false })
+                .await?;
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-stream-offset".into(),
+                match from {
+                    Some(offset) => AMQPValue::LongLongInt(offset),
+                    None => AMQPValue::LongString("first".into()),
+                },
+            );
+            channel
+                .basic_consume(
+                    stream.name.as_str().into(),
+                    "history".into(),
+                    BasicConsumeOptions::default(),
+                    args,
+                )
+                .await
+        }
+        .await;
+        match opened {
+            Ok(consumer) => Ok((channel, consumer)),
+            Err(e) => {
+                let _ = channel.close(200, "history reader failed".into()).await;
+                Err(unavailable(e))
+            }
+        }
+    }
+}
+
+/// Record every delivery into `rings` until the stream or `stop` ends it; the
+/// offset to read from next time.
+async fn read(
+    mut consumer: Consumer,
+    rings: &Rings,
+    stop: &CancellationToken,
+    mut next: Option<i64>,
+) -> Option<i64> {
+    loop {
+        let delivery = tokio::select! {
+            () = stop.cancelled() => return next,
+            delivery = consumer.next() => delivery,
+        };
+        let delivery = match delivery {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) => {
+                warn!(error = %e, "lost the history stream; will read on from where it was");
+                return next;
+            }
+            None => return next,
+        };
+        if let Some(offset) = stream_offset(&delivery.properties) {
+            next = Some(offset + 1);
+        }
+        let Ok(text) = String::from_utf8(delivery.data) else {
+            continue;
+        };
+        let frame = Utf8Bytes::from(text);
+        match frame_head(&frame) {
+            Some(("marker", Some(id))) => rings.marker_seen(id),
+            _ => rings.record(&frame),
+        }
+        // Streams need acks only for credit; one per message is cheap next to
+        // the fanout that delivered it to every session.
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+    }
+}
+
+/// The `x-stream-offset` RabbitMQ puts on every stream delivery.
+fn stream_offset(properties: &lapin::BasicProperties) -> Option<i64> {
+    match properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-stream-offset")?
+    {
+        AMQPValue::LongLongInt(offset) => Some(*offset),
+        AMQPValue::LongInt(offset) => Some(i64::from(*offset)),
+        _ => None,
+    }
+}
