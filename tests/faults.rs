@@ -895,10 +895,12 @@ async fn a_client_that_stops_reading_is_dropped_and_the_room_keeps_its_pace() {
         rss(with),
     );
     assert!(dropped_after < Duration::from_secs(40), "{dropped_after:?}");
-    // Generous on a noisy 2-core machine; a room held up by the slow client
-    // would lag by seconds.
+    // Generous: the two phases run one after the other on a shared 2-core
+    // machine, where other builds come and go (2× + 50 ms failed once so, at
+    // a load average of 6). A room held up by the slow client would wait for
+    // its 10 s write timeout. scripts/faults judges the 2× itself.
     assert!(
-        p99(with) <= p99(without) * 2 + Duration::from_millis(50),
+        p99(with) <= p99(without) * 2 + Duration::from_millis(500),
         "p99 {:?} without, {:?} with",
         p99(without),
         p99(with)
