@@ -9,12 +9,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use common::fault::{env_count, percentile, reconnect_like_the_page, report, secs};
+use common::process::{Node, log_file, raise_fd_limit};
 use common::resume::*;
 use common::*;
 use futures_util::StreamExt;
@@ -29,11 +30,6 @@ const COMPOSE_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.
 const CHECK_INTER: &str = "500ms";
 const CHECK_FALL: &str = "2";
 const CHECK_RISE: &str = "1";
-
-/// Where the processes' logs go, for reading after a failure.
-fn log_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.log"))
-}
 
 /// Every variable `deploy/haproxy.cfg` reads; unset unless a test sets it, so
 /// the caller's environment cannot change what is tested.
@@ -78,89 +74,26 @@ fn haproxy_program() -> &'static str {
 // ---------------------------------------------------------------------------
 // Processes
 
-/// A `warren` process; killed when dropped.
-struct Node {
-    child: Child,
-    addr: SocketAddr,
-    id: String,
+/// A free port: bind, read it back, release it for a process to take.
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
-impl Node {
-    /// Start `warren` on a free port, on the test broker, with a one-second drain.
-    fn spawn(prefix: &str, id: &str) -> Node {
-        let log = std::fs::File::create(log_file(&format!("{prefix}.{id}"))).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args([
-                "--static-dir",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/static"),
-            ])
-            .args(["--prefix", prefix, "--node-id", id])
-            .args(["--amqp-connections", "2"])
-            .args(["--drain-secs", "1", "--drain-jitter-secs", "1"])
-            // Queues of a killed node's sessions wait this long for a resume.
-            .args(["--resume-grace-secs", "5"])
-            // HAProxy is local and sends X-Forwarded-For, but every test client
-            // is 127.0.0.1 too: the per-address limits must not count them as one.
-            .args(["--trusted-proxies", "127.0.0.1"])
-            .args(["--publish-rate", "1000000", "--publish-burst", "1000000"])
-            // No durable history stream left on the shared broker.
-            .args(["--history-per-room", "0"])
-            .args(["--max-connections-per-ip", "100000"])
-            .args(["--connections-per-ip-per-sec", "100000"])
-            .env("AMQP_URL", amqp_url())
-            .env("WARREN_SESSION_SECRET", format!("secret-{prefix}"))
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("warren starts");
-        // The first line on stdout is `warren listening on http://ADDR`.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("warren listening on http://")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?} from {id}"));
-        Node {
-            child,
-            addr,
-            id: id.to_owned(),
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal} {}", self.id);
-    }
-
-    /// Wait for the process to exit; its exit code.
-    async fn exit_code(&mut self) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} did not exit",
-                self.id
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A node as the tests here run it, with a one-second drain, trusting
+/// HAProxy's `X-Forwarded-For`.
+fn spawn_node(prefix: &str, id: &str, listen: &str) -> Node {
+    let args = ["--drain-secs", "1", "--drain-jitter-secs", "1"];
+    // Queues of a killed node's sessions wait this long for a resume.
+    let grace = ["--resume-grace-secs", "5"];
+    Node::spawn(
+        prefix,
+        id,
+        listen,
+        &[&args[..], &grace, &["--trusted-proxies", "127.0.0.1"]].concat(),
+    )
 }
 
 /// HAProxy running `deploy/haproxy.cfg` in the foreground; killed when dropped.
@@ -172,11 +105,7 @@ struct Haproxy {
 
 impl Haproxy {
     fn spawn(name: &str, nodes: &[SocketAddr]) -> Haproxy {
-        // A free port: bind, read it back, release it for HAProxy.
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = free_addr();
         let log = log_file(&format!("{name}.haproxy"));
         let mut command = Command::new(haproxy_program());
         for var in haproxy_vars() {
@@ -252,7 +181,7 @@ impl Cluster {
     async fn start(test: &str) -> Cluster {
         let prefix = unique_prefix(test);
         let nodes: Vec<Node> = (1..=3)
-            .map(|k| Node::spawn(&prefix, &format!("{test}-{k}")))
+            .map(|k| spawn_node(&prefix, &format!("{test}-{k}"), "127.0.0.1:0"))
             .collect();
         let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
         let mut haproxy = Haproxy::spawn(&prefix, &addrs);
@@ -582,6 +511,96 @@ async fn five_hundred_clients_of_a_killed_node_are_back_within_ten_seconds() {
         wait_queue_expired(queue).await;
     }
     drop(others);
+    report(json!({
+        "scenario": 5,
+        "title": "a Warren node SIGKILLed behind HAProxy",
+        "load": "500 clients on 3 nodes",
+        "recovery": format!("{} clients of the killed node all back {}", back.len(), secs(all_back)),
+        "notes": "their queues expired from the broker after the 5 s resume grace",
+        "pass": true,
+    }));
+}
+
+/// Scenario 6 of issue 15: a reconnect storm. Every client of a node (300
+/// here, 2,000 from scripts/faults) loses its socket at once — the node is
+/// killed behind HAProxy — and reconnects with the chat page's backoff onto the
+/// other node. All are back within 30 s, and the node that takes the storm
+/// stays up and ready.
+#[tokio::test]
+async fn a_reconnect_storm_lands_on_the_surviving_node() {
+    raise_fd_limit();
+    let count = env_count("WARREN_FAULTS_STORM", 300);
+    let prefix = unique_prefix("storm");
+    let mut first = spawn_node(&prefix, "storm-1", "127.0.0.1:0");
+    // HAProxy knows the second node's address from the start, but routes
+    // there only once a node answers on it: until then every client lands on
+    // the first.
+    let second_addr = free_addr();
+    let mut haproxy = Haproxy::spawn(&prefix, &[first.addr, second_addr]);
+    haproxy.wait_routing_to(&["storm-1"]).await;
+    let addr = haproxy.addr;
+    let clients: Vec<Client> = futures_util::stream::iter(0..count)
+        .map(|i| async move { connect(addr, "storm", &format!("s{i}")).await })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(clients.iter().all(|c| node_of(c) == "storm-1"));
+    let mut second = spawn_node(&prefix, "storm-2", &second_addr.to_string());
+    haproxy.wait_routing_to(&["storm-1", "storm-2"]).await;
+    let rss_before = second.rss_kib();
+
+    let killed_at = tokio::time::Instant::now();
+    first.child.kill().unwrap(); // SIGKILL: every socket ends at once
+    let deadline = killed_at + Duration::from_secs(60);
+    let mut back =
+        futures_util::future::join_all(clients.into_iter().map(|mut client| async move {
+            socket_ends(&mut client.socket).await;
+            let user = client.welcome["user"].as_str().unwrap().to_owned();
+            let url = ws_url(addr, &format!("room=storm&user={user}"));
+            let (client, attempts) = reconnect_like_the_page(&url, deadline).await;
+            (killed_at.elapsed(), attempts, client)
+        }))
+        .await;
+    back.sort_by_key(|(at, _, _)| *at);
+    let times: Vec<Duration> = back.iter().map(|(at, _, _)| *at).collect();
+    let all_back = *times.last().unwrap();
+    let mut sorted = times.clone();
+    let median = percentile(&mut sorted, 50.0);
+    // The most welcomes within any one second.
+    let peak = (0..times.len())
+        .map(|i| times[i..].partition_point(|t| *t < times[i] + Duration::from_secs(1)))
+        .max()
+        .unwrap_or(0);
+    let refused: u32 = back.iter().map(|(_, attempts, _)| attempts - 1).sum();
+
+    // The node that took the storm is up, ready, and its clients chat.
+    assert!(second.alive(), "the surviving node fell over");
+    assert!(
+        haproxy.child.try_wait().unwrap().is_none(),
+        "haproxy fell over"
+    );
+    assert_eq!(get(second.addr, "/readyz").await.0, 200);
+    assert!(back.iter().all(|(_, _, c)| node_of(c) == "storm-2"));
+    assert!(all_back < Duration::from_secs(30), "{all_back:?}");
+    let rss_after = second.rss_kib();
+    let [(_, _, a), (_, _, b)] = &mut back[..2] else {
+        unreachable!("at least two clients")
+    };
+    chat(a, &mut [b], "after the storm").await;
+    println!(
+        "storm: {count} clients back after {all_back:?} (median {median:?}), \
+         peak {peak} connects/s, {refused} refused attempts; surviving node \
+         RSS {rss_before} -> {rss_after} KiB"
+    );
+    report(json!({
+        "scenario": 6,
+        "title": "reconnect storm (node SIGKILLed behind HAProxy)",
+        "load": format!("{count} connections dropped at once, page backoff"),
+        "recovery": format!("all back {}, median {}", secs(all_back), secs(median)),
+        "rss": format!("surviving node {} → {} MiB", rss_before / 1024, rss_after / 1024),
+        "notes": format!("peak {peak} connects/s; {refused} attempts refused (503/409) or failed"),
+        "pass": true,
+    }));
 }
 
 // ---------------------------------------------------------------------------

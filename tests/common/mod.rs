@@ -3,9 +3,15 @@
 //!
 //! Every test gets its own exchange/queue prefix so tests sharing the broker never
 //! see each other's traffic.
+//!
+//! [`process`] runs `warren` as a separate process (its own memory, SIGKILL);
+//! [`fault`] is what the fault scenarios share (the page's reconnect backoff,
+//! percentiles, the figures line `scripts/faults` collects).
 
 #![allow(dead_code)]
 
+pub mod fault;
+pub mod process;
 pub mod resume;
 
 use std::collections::BTreeSet;
