@@ -667,25 +667,26 @@ export class WarrenClient {
     const reconnected = this.#everConnected;
     this.#everConnected = true;
     this.#setState('connected');
+    // Our rooms first, so that a listener subscribing on `connected` is not asked twice.
+    if (this.#kind === 'ws') {
+      // A WebSocket starts in no room: subscribe to every room we hold.
+      for (const room of this.#rooms.keys()) this.#sendSubscribe(room);
+    } else {
+      // An event stream is subscribed by its URL to its one room.
+      for (const room of [...this.#rooms.keys()]) {
+        if (room === f.room) {
+          this.#onSubscribed({ room, members: f.members, members_total: f.members_total });
+        } else {
+          this.#dropRoom(room, new WarrenError('sse_one_room', `an event stream carries one room (#${f.room}), not #${room}`));
+        }
+      }
+    }
     this.#emit('connected', {
       user: f.user, session: f.session, node: f.node, transport: this.#kind, reconnected, welcome: f,
     });
     const waiters = this.#connectWaiters;
     this.#connectWaiters = [];
     for (const w of waiters) w.resolve(f);
-    if (this.#kind === 'ws') {
-      // A WebSocket starts in no room: subscribe to every room we hold.
-      for (const room of this.#rooms.keys()) this.#sendSubscribe(room);
-      return;
-    }
-    // An event stream is subscribed by its URL to its one room.
-    for (const room of [...this.#rooms.keys()]) {
-      if (room === f.room) {
-        this.#onSubscribed({ room, members: f.members, members_total: f.members_total });
-      } else {
-        this.#dropRoom(room, new WarrenError('sse_one_room', `an event stream carries one room (#${f.room}), not #${room}`));
-      }
-    }
   }
 
   #onSubscribed(f) {

@@ -54,7 +54,7 @@ for (const bus of BUSES) {
       assert.equal(mallory.state, 'closed');
     });
 
-    test('token_expiring: getToken\'s token is taken by refresh; without getToken the session ends with 4001', async () => {
+    test('token_expiring: getToken\'s token is taken by refresh; without getToken the session ends with 4001; after a 4001 getToken is asked again', async () => {
       const carol = unique('carol');
       const fresh = mintToken(SECRET, { sub: carol, exp: inSeconds(600) });
       let asked = 0;
@@ -63,10 +63,19 @@ for (const bus of BUSES) {
         getToken: async () => { asked++; return fresh; },
       });
       const lapsing = client({ token: mintToken(SECRET, { sub: unique('dave'), exp: inSeconds(2) }) });
+      // getToken's first token is refused (another user's): the session runs
+      // out (4001), and the client asks again before it reconnects.
+      const erin = unique('erin');
+      const tokens = [mintToken(SECRET, { sub: unique('mallory'), exp: inSeconds(600) }),
+        mintToken(SECRET, { sub: erin, exp: inSeconds(600) })];
+      const late = client({ token: mintToken(SECRET, { sub: erin, exp: inSeconds(2) }), getToken: () => tokens.shift() });
       const refreshed = next(renewing, 'refreshed');
       const warned = next(lapsing, 'tokenExpiring');
       const closed = next(lapsing, 'closed');
-      await Promise.all([renewing.connect(), lapsing.connect()]);
+      const refused = next(late, 'error');
+      const expired = next(late, 'disconnected');
+      const back = next(late, 'connected', (c) => c.reconnected);
+      await Promise.all([renewing.connect(), lapsing.connect(), late.connect()]);
       assert.ok((await warned).expiresAt >= inSeconds(0));
       const { expiresAt } = await refreshed;
       assert.equal(asked, 1);
@@ -75,6 +84,12 @@ for (const bus of BUSES) {
       assert.equal(end.error.code, 'token_expired');
       assert.equal(end.error.closeCode, 4001);
       assert.equal(renewing.state, 'connected');
+      assert.equal((await refused).code, 'invalid_token');
+      const d = await expired;
+      assert.equal(d.code, 4001);
+      assert.equal(d.error.code, 'token_expired');
+      assert.equal((await back).user, erin);
+      assert.equal(tokens.length, 0, 'getToken was asked again before reconnecting');
     });
 
     test('over SSE with a token, POSTs carry it: allowed rooms are acked, read-only ones forbidden', async () => {
