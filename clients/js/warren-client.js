@@ -523,7 +523,16 @@ export class WarrenClient {
     let error = why.error || null;
     let retry = true;
     const refusal = why.body && typeof why.body.code === 'string' ? WarrenError.from(why.body, { status: why.status }) : null;
-    if (why.opened) {
+    if (why.kind === 'sse' && !why.opened && (why.status === 404 || why.status === 405)) {
+      // No event streams here (an older server, or a proxy that has no route for them).
+      error = new WarrenError('sse_unsupported', 'this server does not offer Server-Sent Events', { status: why.status });
+      if (this.#mode === 'auto') {
+        this.#sseUnsupported = true;
+        this.#switchTransport('ws', error);
+      } else {
+        retry = false;
+      }
+    } else if (why.opened) {
       if (why.kind === 'ws' && why.code === CLOSE_TOKEN_EXPIRED) {
         error = new WarrenError('token_expired', why.reason || 'token expired', { closeCode: why.code });
         this.#tokenStale = true;
@@ -547,14 +556,6 @@ export class WarrenClient {
         // something between us refuses upgrades.
         error = new WarrenError('connect_failed', 'the WebSocket did not open', { status: why.status });
         this.#countWsFailure();
-      }
-    } else if (why.kind === 'sse' && (why.status === 404 || why.status === 405)) {
-      error = new WarrenError('sse_unsupported', 'this server does not offer Server-Sent Events', { status: why.status });
-      if (this.#mode === 'auto') {
-        this.#sseUnsupported = true;
-        this.#switchTransport('ws', error);
-      } else {
-        retry = false;
       }
     } else if (why.unreachable) {
       error = error || new WarrenError('unreachable', 'cannot reach the server');

@@ -22,6 +22,15 @@ class NeverOpens {
   close() {}
 }
 
+/** `fetch`, but event streams are not found, as on a server without them. */
+async function noStreams(url, init) {
+  if (/\/events\?/.test(String(url))) {
+    return new Response(JSON.stringify({ code: 'not_found', message: 'no such resource' }),
+      { status: 404, headers: { 'content-type': 'application/json' } });
+  }
+  return fetch(url, init);
+}
+
 for (const bus of BUSES) {
   describe(`on the ${bus} bus`, () => {
     const suite = serverForSuite({ bus });
@@ -82,6 +91,23 @@ for (const bus of BUSES) {
       const heard = next(ws, 'message', (m) => m.text === 'fell back fine');
       await within(fallback.send(room, 'fell back fine'), 'the POST after the fallback');
       await heard;
+    });
+
+    test('no event streams on the server: "sse" stops with sse_unsupported, "auto" goes back to WebSocket', async () => {
+      const room = unique('r');
+      const sse = client({ user: unique('sue'), transport: 'sse', fetch: noStreams });
+      sse.subscribe(room).catch(() => {});
+      const e = await rejection(sse.connect(), 'an SSE connect with no streams');
+      assert.equal(e.code, 'sse_unsupported');
+      assert.equal(sse.state, 'closed');
+
+      const auto = client({ user: unique('al'), WebSocket: NeverOpens, wsFailuresBeforeSse: 1, fetch: noStreams });
+      auto.subscribe(room).catch(() => {});
+      const toSse = next(auto, 'transport', (t) => t.transport === 'sse');
+      const back = next(auto, 'transport', (t) => t.transport === 'ws');
+      auto.connect().catch(() => {});
+      await toSse;
+      assert.equal((await back).reason.code, 'sse_unsupported');
     });
   });
 }
