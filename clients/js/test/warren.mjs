@@ -18,6 +18,13 @@ const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../.
 const BIN = process.env.WARREN_BIN || path.join(ROOT, 'target/debug/warren');
 const AMQP_URL = process.env.AMQP_URL || 'amqp://guest:guest@127.0.0.1:5672/%2f';
 
+/** Every server started and not yet gone: none may outlive the test process. */
+const live = new Set();
+process.on('exit', () => { for (const child of live) child.kill('SIGKILL'); });
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.once(signal, () => process.exit(1)); // runs the 'exit' handler above
+}
+
 /** How long any awaited event may take before the test fails. */
 export const WAIT_MS = 10_000;
 
@@ -61,7 +68,11 @@ export async function startWarren({ bus = 'memory', port = 0, prefix = unique('j
   const log = [];
   child.stderr.setEncoding('utf8');
   child.stderr.on('data', (chunk) => { log.push(chunk); if (log.length > 50) log.shift(); });
-  const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+  live.add(child);
+  const exited = new Promise((resolve) => child.once('exit', (code, signal) => {
+    live.delete(child);
+    resolve({ code, signal });
+  }));
 
   const lines = readline.createInterface({ input: child.stdout });
   const first = await within(new Promise((resolve, reject) => {
