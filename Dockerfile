@@ -26,6 +26,8 @@ RUN mkdir -p src bench/src \
  && rm -rf src
 
 COPY src src
+# The JavaScript client library is built into the binary (served at /warren-client.js).
+COPY clients/js/warren-client.js clients/js/warren-client.js
 # COPY keeps the files' own timestamps, which can be older than the stub build:
 # touch them so cargo rebuilds warren itself.
 RUN touch src/main.rs src/lib.rs \

@@ -9,7 +9,8 @@
 //! - `GET /metrics` Prometheus text → [`crate::metrics`]
 //! - `GET /echo`, only with `--echo-endpoint` → [`crate::transport::echo`]
 //! - `GET /healthz` liveness, `GET /readyz` readiness ([`Node::readiness`])
-//! - `GET /` and static assets from `--static-dir`, with a Content-Security-Policy
+//! - `GET /` and static assets from `--static-dir`, with a Content-Security-Policy;
+//!   `GET /warren-client.js`, the JavaScript client library, from the binary
 //! - anything else → 404 with the JSON error body
 //!
 //! Every error response, from a handler or a rejection, is a
@@ -36,6 +37,11 @@ use warp::{Filter, Rejection};
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self' ws: wss:; \
      img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; \
      base-uri 'none'; frame-ancestors 'none'";
+
+/// The JavaScript client library (`clients/js`), which the chat page imports.
+/// It is built into the binary, so a page always gets the client of the server
+/// it talks to, whatever `--static-dir` holds.
+const CLIENT_JS: &str = include_str!("../clients/js/warren-client.js");
 
 /// The Origin header. One that is not valid text is kept as a value no allowed
 /// origin can match, so it is refused as `origin_not_allowed`, not as a 404.
@@ -224,8 +230,14 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(warp::get().or(warp::head()).unify())
         .and(warp::fs::file(static_dir.join("index.html")));
     let assets = warp::fs::dir(static_dir);
-    let page = index
-        .or(assets)
+    let client_js = warp::path!("warren-client.js")
+        .and(warp::get().or(warp::head()).unify())
+        .map(|| {
+            warp::reply::with_header(CLIENT_JS, "content-type", "text/javascript; charset=utf-8")
+                .into_response()
+        });
+    let page = client_js
+        .or(index.or(assets).unify().map(Reply::into_response))
         .unify()
         .with(warp::reply::with::headers(security))
         .map(Reply::into_response);

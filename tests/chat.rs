@@ -338,6 +338,16 @@ async fn http_endpoints(bus: BusKind) {
     let (status, headers, _) = get(addr, "/app.js").await;
     assert_eq!(status, 200);
     assert!(headers.contains_key("content-security-policy"));
+    // The client library the page imports comes from the binary.
+    let (status, headers, body) = get(addr, "/warren-client.js").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "text/javascript; charset=utf-8");
+    assert!(headers.contains_key("content-security-policy"));
+    assert_eq!(
+        body,
+        include_str!("../clients/js/warren-client.js"),
+        "the library as it is in clients/js"
+    );
     let (status, _, body) = get(addr, "/no/such/thing").await;
     assert_eq!(status, 404);
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
