@@ -11,8 +11,8 @@ use tokio_tungstenite::tungstenite;
 use super::{Client, next_json};
 
 /// The chat page's delay before reconnect attempt `attempt` (0-based), as
-/// `randomDelay` in static/app.js: full jitter under 500 ms × 2^attempt,
-/// capped at 15 s.
+/// `backoffDelay` in clients/js/warren-client.js with the page's settings:
+/// full jitter under 500 ms × 2^attempt, capped at 15 s.
 pub fn page_backoff(attempt: u32) -> Duration {
     let ceiling = 500u64.saturating_mul(1 << attempt.min(10)).min(15_000);
     Duration::from_millis(rand::random_range(0..ceiling))

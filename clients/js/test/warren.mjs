@@ -53,6 +53,8 @@ export async function startWarren({ bus = 'memory', port = 0, prefix = unique('j
     'connections-per-ip-per-sec': '1000000',
     'drain-secs': '0',
     'drain-jitter-secs': '0',
+    // No durable history stream left on the shared broker.
+    'history-per-room': '0',
     ...flags,
   };
   const args = ['--listen', `127.0.0.1:${port}`, '--static-dir', path.join(ROOT, 'static'), '--prefix', prefix];
