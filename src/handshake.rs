@@ -301,14 +301,19 @@ pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, C
         }
     };
     node.metrics.resumed(resume.as_ref().map(|_| recovered));
-    // A recovered queue is still bound to its rooms; a new one is bound now.
-    let to_bind = room
-        .iter()
-        .chain(if recovered { [].iter() } else { restore.iter() });
-    for room in to_bind {
+    // A recovered queue is still bound to the rooms its old session had
+    // subscribed; binding them again costs little and covers a client that
+    // lists one the old session never got to bind.
+    for room in room.iter().chain(&restore) {
         if let Err(e) = subscription.link.bind(room).await {
             warn!(error = %e, %user, %room, "binding the session's queue failed");
-            subscription.into_lease().release(Release::Delete).await;
+            // A recovered queue still holds what its client missed: keep it.
+            let queue = if recovered {
+                Release::KeepForResume
+            } else {
+                Release::Delete
+            };
+            subscription.into_lease().release(queue).await;
             return Err(ClientError::unavailable());
         }
     }

@@ -5,6 +5,8 @@
 // textContent / createTextNode. Never use innerHTML here.
 import { WarrenClient } from '/warren-client.js';
 
+/** Messages of a room's history shown when joining it. */
+const HISTORY = 50;
 const ROOM_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const USER_RE = /^[A-Za-z0-9_-]{1,32}$/;
 const DEFAULT_ROOM = 'lobby';
@@ -699,6 +701,16 @@ function onSubscribed(s) {
   appendSystem(conv, 'In #' + s.room + ' as ' + state.user);
 }
 
+// After a lost connection the client resumed its session: what was sent
+// meanwhile follows (each message shown once: the page keeps ids). When the
+// server could not keep it, the client asked each room's history since the
+// last message shown.
+function onResumed(r) {
+  appendSystemRoom(r.recovered
+    ? 'Back, with everything sent while you were away.'
+    : 'Back. The server could not keep your session: messages sent while you were away are shown as far as its history goes.');
+}
+
 // A room the server would not let us into (now, or again after a reconnect).
 function onSubscribeError(s) {
   const code = s.error.code;
@@ -781,7 +793,8 @@ function connect() {
   on('error', onServerError);
   on('tokenExpiring', () => appendSystemRoom('Your sign-in expires soon: get a fresh token to stay connected.'));
   // Outcomes arrive as the events above; the promises are not needed here.
-  for (const room of state.rooms) client.subscribe(room).catch(() => {});
+  on('resumed', onResumed);
+  for (const room of state.rooms) client.subscribe(room, { history: HISTORY }).catch(() => {});
   client.connect().catch(() => {});
 }
 
@@ -879,7 +892,7 @@ function onAddRoom(ev) {
   state.rooms.push(room);
   saveRooms();
   switchConv(roomKey(room));
-  if (state.client) state.client.subscribe(room).catch(() => {}); // answered by events
+  if (state.client) state.client.subscribe(room, { history: HISTORY }).catch(() => {}); // answered by events
 }
 
 function leaveRoom(room) {

@@ -262,3 +262,22 @@ async fn on_rabbitmq_history_outlives_the_node() {
     assert_eq!(status, 200, "{page}");
     assert_eq!(texts(&page["messages"]), numbered(0..30));
 }
+
+#[tokio::test]
+async fn with_history_off_a_subscribe_asking_for_it_gets_an_empty_incomplete_page() {
+    // On RabbitMQ with no stream to wait for: answered at once, never a stuck broker.
+    let prefix = unique_prefix("histoff");
+    let server = start(config(BusKind::Amqp, &prefix)).await;
+    let mut carol = connect_user(server.local_addr(), "carol").await;
+    send_json(
+        &mut carol.socket,
+        json!({"type":"subscribe","room":"off","history":10}),
+    )
+    .await;
+    next_matching(&mut carol.socket, |f| f["type"] == "subscribed").await;
+    let history = next_matching(&mut carol.socket, |f| f["type"] != "subscribed").await;
+    assert_eq!(
+        history,
+        json!({"type":"history","room":"off","complete":false,"messages":[]})
+    );
+}

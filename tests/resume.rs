@@ -26,6 +26,7 @@ on_both_buses!(
     another_user_cannot_resume_a_session,
     a_user_who_resumes_in_time_never_appears_to_leave,
     acknowledgements_are_checked,
+    an_event_stream_is_not_kept_for_a_resume,
 );
 
 /// A server config that keeps dropped sessions for `grace_secs`.
@@ -311,4 +312,30 @@ async fn with_no_grace_a_dropped_session_leaves_nothing_to_resume() {
     let mut alice = connect_with(addr, &resume_query("alice", &session, "gone", None)).await;
     let (_, resumed) = until_resumed(&mut alice).await;
     assert_eq!(resumed["recovered"], false);
+}
+
+async fn an_event_stream_is_not_kept_for_a_resume(bus: BusKind) {
+    // An event stream's URL names no session to resume: when it ends, its
+    // user leaves at once, grace or not.
+    let prefix = unique_prefix("resumesse");
+    let servers = nodes(bus, &prefix, 30).await;
+    let addr = servers[0].local_addr();
+    let mut watcher = connect(addr, "sse", "watcher").await;
+    let stream = reqwest::get(format!("http://{addr}/rooms/sse/events?user=sam"))
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    presence_naming(&mut watcher, "joins", "sam").await;
+    drop(stream);
+    presence_naming(&mut watcher, "leaves", "sam").await;
+}
+
+/// Read `client`'s frames until a presence frame lists `user` in `field`.
+async fn presence_naming(client: &mut Client, field: &str, user: &str) {
+    loop {
+        let frame = next_frame(&mut client.socket).await;
+        if frame["type"] == "presence" && frame[field].as_array().unwrap().contains(&json!(user)) {
+            return;
+        }
+    }
 }

@@ -59,6 +59,19 @@ export interface WarrenClientOptions {
   backoff?: { baseMs?: number; capMs?: number };
   /** In 'auto', WebSockets that never open (while the server would take them) before SSE. Default 3. */
   wsFailuresBeforeSse?: number;
+  /**
+   * Over a WebSocket: acknowledge what the listeners processed (`acks=client`)
+   * and resume the session after a lost connection, so nothing sent meanwhile
+   * is lost or delivered twice. Default true.
+   */
+  resume?: boolean;
+  /** How long an acknowledgement may wait to cover more deliveries. Default 100 ms. */
+  ackDelayMs?: number;
+}
+
+export interface SubscribeOptions {
+  /** The room's last messages to get first (as `message` events with `history: true`). */
+  history?: number;
 }
 
 export interface Welcome {
@@ -82,6 +95,10 @@ export interface ChatMessage {
   from: string;
   text: string;
   ts: number;
+  /** The delivery's number on this connection (with acknowledgements on). */
+  seq?: number;
+  /** From the room's history (on subscribe, or after a resume that could not recover). */
+  history?: boolean;
   [field: string]: unknown;
 }
 
@@ -133,6 +150,10 @@ export interface WarrenClientEvents {
   /** A room's member set changed; `joins`/`leaves` are what changed for us. */
   presence: { room: string; joins: string[]; leaves: string[]; members: Set<string>; resync: boolean };
   message: ChatMessage;
+  /** After a lost connection: the session was resumed (`recovered`: nothing was lost) or not. */
+  resumed: { session: string; recovered: boolean; rooms: string[] };
+  /** A page of a room's history (its messages also come as `message` events). */
+  history: { room: string; messages: ChatMessage[]; complete: boolean };
   direct: DirectMessage;
   /** An `error` frame answering nothing we wait for (e.g. `unavailable` before a 1013 close). */
   error: WarrenError;
@@ -166,7 +187,7 @@ export class WarrenClient {
   reconnectNow(): void;
 
   /** Subscribes now and after every reconnect; rejects with the server's refusal. */
-  subscribe(room: string): Promise<Subscription>;
+  subscribe(room: string, options?: SubscribeOptions): Promise<Subscription>;
   unsubscribe(room: string): Promise<void>;
 
   /** Resolves on the server's ack (over SSE: the POST's 202). */

@@ -6,7 +6,11 @@
 // sending, the same API), reconnects with exponential backoff and full jitter
 // as the close codes allow, subscribes its rooms again after a reconnect,
 // keeps each room's member set live from `presence` frames, and refreshes the
-// application's token before it runs out.
+// application's token before it runs out. Over a WebSocket it acknowledges
+// what its listeners processed (`acks=client`, `ack_upto`) and, after a lost
+// connection, resumes its session (`?resume=`) so that nothing sent meanwhile
+// is lost or shown twice; when the server could not keep the session, it asks
+// each room's history since the last message it saw.
 //
 // Layout, top to bottom:
 //   WarrenError       every failure the client reports: a code and fields
@@ -272,6 +276,8 @@ export class WarrenClient {
   #baseMs;
   #capMs;
   #wsFailuresBeforeSse;
+  #resume;
+  #ackDelayMs;
 
   /** The application's token (JWT), if any; replaced by refresh(). */
   #token;
@@ -299,6 +305,16 @@ export class WarrenClient {
   // The session.
   #welcome = null;
 
+  // Acknowledgements and resume (WebSocket only).
+  /** The highest `seq` delivered to our listeners on this connection, and the highest acknowledged. */
+  #seq = 0;
+  #ackedSeq = 0;
+  #ackTimer = null;
+  /** The id of the last message or direct message our listeners processed. */
+  #lastId;
+  /** The session to resume on the next connection, and its rooms. */
+  #resumeFrom = null;
+
   /** room -> { state: 'pending'|'subscribed', members: Set, total, everSubscribed, waiters } */
   #rooms = new Map();
   /** ref -> a request awaiting its answer: { kind, room?, resolve, reject } */
@@ -325,6 +341,8 @@ export class WarrenClient {
     this.#baseMs = backoff.baseMs ?? 500;
     this.#capMs = backoff.capMs ?? 15000;
     this.#wsFailuresBeforeSse = options.wsFailuresBeforeSse ?? 3;
+    this.#resume = options.resume !== false;
+    this.#ackDelayMs = options.ackDelayMs ?? 100;
     this.#kind = this.#mode === 'sse' ? 'sse' : 'ws';
   }
 
@@ -514,6 +532,9 @@ export class WarrenClient {
    */
   #ended(why) {
     this.#transport = null;
+    if (this.#ackTimer) clearTimeout(this.#ackTimer);
+    this.#ackTimer = null;
+    this.#rememberResume(why);
     const lost = new WarrenError('connection_lost', why.code
       ? `the connection closed (${why.code}${why.reason ? ' ' + why.reason : ''}) before the server answered`
       : 'the connection ended before the server answered', { closeCode: why.code, closeReason: why.reason });
@@ -587,6 +608,19 @@ export class WarrenClient {
     });
   }
 
+  /**
+   * A WebSocket session the server offered to keep can be resumed on the next
+   * connection, with the rooms it was in. Not after a close that ends the
+   * session on the server (ours, or one for a fault of ours).
+   */
+  #rememberResume(why) {
+    const w = this.#welcome;
+    if (!this.#resume || why.kind !== 'ws' || !why.opened || !w || !w.resume_grace_secs) return;
+    if (FINAL_CLOSE_CODES.has(why.code) || why.code === 1009) return;
+    const rooms = [...this.#rooms].filter(([, s]) => s.state === 'subscribed').map(([room]) => room);
+    this.#resumeFrom = { session: w.session, user: w.user, rooms, lastId: this.#lastId };
+  }
+
   /** In "auto", enough WebSockets that never opened move us to an event stream. */
   #countWsFailure() {
     if (this.#mode !== 'auto' || this.#sseUnsupported || this.#rooms.size === 0) return;
@@ -635,13 +669,19 @@ export class WarrenClient {
       case 'welcome': return this.#onWelcome(f);
       case 'subscribed': return this.#onSubscribed(f);
       case 'unsubscribed': return this.#onUnsubscribed(f);
-      case 'message':
-        if (typeof f.room !== 'string' || !this.#rooms.has(f.room)) return; // left already
-        this.#delivered(f);
-        return this.#emit('message', f);
+      case 'message': {
+        const sub = typeof f.room === 'string' ? this.#rooms.get(f.room) : undefined;
+        if (sub) {
+          this.#emit('message', f);
+          if (typeof f.id === 'string') sub.lastId = f.id;
+        }
+        return this.#delivered(f); // acknowledged even if we left the room
+      }
       case 'direct':
-        this.#delivered(f);
-        return this.#emit('direct', f);
+        this.#emit('direct', f);
+        return this.#delivered(f);
+      case 'resumed': return this.#onResumed(f);
+      case 'history': return this.#onHistory(f);
       case 'presence': return this.#onPresence(f);
       case 'ack': return this.#answer(f.ref, (req) => req.resolve({ id: String(f.id) }));
       case 'refreshed': return this.#onRefreshed(f);
@@ -652,26 +692,79 @@ export class WarrenClient {
   }
 
   /**
-   * Every delivered chat frame passes here.
-   * TODO(issue 13): deliveries will carry a per-session `seq`: remember the
-   * highest seen here, send `ack_upto` from here, and offer it to `resume`
-   * when reconnecting (see README, "Not yet").
+   * Every delivered chat frame passes here once its listeners have run: it is
+   * processed. Acknowledge it (soon, in batches) and remember its id for a
+   * resume.
    */
   #delivered(frame) {
-    void frame;
+    if (typeof frame.id === 'string') this.#lastId = frame.id;
+    if (typeof frame.seq !== 'number' || frame.seq <= this.#seq) return;
+    this.#seq = frame.seq;
+    const window = this.#welcome && this.#welcome.ack_window ? this.#welcome.ack_window : 256;
+    if (this.#seq - this.#ackedSeq >= window / 4) {
+      this.#sendAck();
+    } else if (!this.#ackTimer) {
+      this.#ackTimer = setTimeout(() => { this.#ackTimer = null; this.#sendAck(); }, this.#ackDelayMs);
+    }
+  }
+
+  #sendAck() {
+    if (this.#ackTimer) clearTimeout(this.#ackTimer);
+    this.#ackTimer = null;
+    if (this.#seq <= this.#ackedSeq || !this.#transport) return;
+    if (this.#transport.send({ type: 'ack_upto', seq: this.#seq })) this.#ackedSeq = this.#seq;
+  }
+
+  /**
+   * The answer to our `?resume=`. Recovered: what we missed follows. Not: the
+   * server subscribed our rooms afresh; ask each for what came after the last
+   * message we saw (as far as the server's history goes).
+   */
+  #onResumed(f) {
+    const recovered = f.recovered === true;
+    const rooms = Array.isArray(f.rooms) ? f.rooms : [];
+    if (!recovered) {
+      for (const room of rooms) {
+        const sub = this.#rooms.get(room);
+        if (sub && sub.lastId) this.#sendSubscribe(room, { since: sub.lastId });
+      }
+    }
+    this.#emit('resumed', { session: f.session, recovered, rooms });
+  }
+
+  /** A page of a room's history: each message to the listeners, as if live, flagged. */
+  #onHistory(f) {
+    const sub = this.#rooms.get(f.room);
+    if (!sub) return;
+    const messages = Array.isArray(f.messages) ? f.messages : [];
+    this.#emit('history', { room: f.room, messages, complete: f.complete === true });
+    for (const m of messages) {
+      if (!m || m.type !== 'message') continue;
+      this.#emit('message', { ...m, history: true });
+      if (typeof m.id === 'string') { sub.lastId = m.id; this.#lastId = m.id; }
+    }
   }
 
   #onWelcome(f) {
     this.#welcome = f;
     this.#attempt = 0;
+    // A new connection counts its deliveries from 1.
+    this.#seq = 0;
+    this.#ackedSeq = 0;
+    const resumed = this.#resumeFrom;
+    this.#resumeFrom = null;
     if (this.#kind === 'ws') this.#wsFailures = 0;
     const reconnected = this.#everConnected;
     this.#everConnected = true;
     this.#setState('connected');
     // Our rooms first, so that a listener subscribing on `connected` is not asked twice.
     if (this.#kind === 'ws') {
-      // A WebSocket starts in no room: subscribe to every room we hold.
-      for (const room of this.#rooms.keys()) this.#sendSubscribe(room);
+      // A WebSocket starts in no room: subscribe to every room we hold, but
+      // those a resume restores (the server sends their `subscribed`).
+      const restored = new Set(resumed ? resumed.rooms : []);
+      for (const room of this.#rooms.keys()) {
+        if (!restored.has(room)) this.#sendSubscribe(room);
+      }
     } else {
       // An event stream is subscribed by its URL to its one room.
       for (const room of [...this.#rooms.keys()]) {
@@ -797,7 +890,7 @@ export class WarrenClient {
    * room's members once subscribed; rejects with the server's refusal
    * (`forbidden`, `too_many_rooms`, ...), after which the room is dropped.
    */
-  subscribe(room) {
+  subscribe(room, options = {}) {
     if (typeof room !== 'string' || !ROOM_RE.test(room)) {
       return Promise.reject(new WarrenError('invalid_room', `not a room name: ${room}`));
     }
@@ -809,7 +902,8 @@ export class WarrenClient {
       return Promise.reject(new WarrenError('sse_one_room', 'an event stream carries one room: use a WebSocket for more'));
     }
     if (!sub) {
-      sub = { state: 'pending', members: new Set(), total: 0, everSubscribed: false, waiters: [] };
+      const history = Number.isInteger(options.history) && options.history > 0 ? options.history : undefined;
+      sub = { state: 'pending', members: new Set(), total: 0, everSubscribed: false, waiters: [], history, lastId: undefined };
       this.#rooms.set(room, sub);
       if (this.#state === 'connected') this.#sendSubscribe(room);
     }
@@ -817,10 +911,19 @@ export class WarrenClient {
     return new Promise((resolve, reject) => s.waiters.push({ resolve, reject }));
   }
 
-  #sendSubscribe(room) {
+  /**
+   * Asks for `room`: with the history its subscribe() asked for the first
+   * time, then (after a reconnect) what came after the last message seen.
+   */
+  #sendSubscribe(room, ask = {}) {
     const ref = 's' + ++this.#refs;
     this.#requests.set(ref, { kind: 'subscribe', room });
-    if (!this.#transport || !this.#transport.send({ type: 'subscribe', room, ref })) {
+    const sub = this.#rooms.get(room);
+    const frame = { type: 'subscribe', room, ref };
+    if (ask.since) frame.since = ask.since;
+    else if (sub && sub.lastId && this.#kind === 'ws') frame.since = sub.lastId;
+    else if (sub && sub.history && !sub.everSubscribed) frame.history = sub.history;
+    if (!this.#transport || !this.#transport.send(frame)) {
       this.#requests.delete(ref); // not open after all: asked again on reconnect
     }
   }
@@ -959,8 +1062,20 @@ export class WarrenClient {
     return q.join('&');
   }
 
+  /** A WebSocket's query: acknowledging, and resuming the last session if we can. */
   #wsUrl() {
-    return this.#base.replace(/^http/i, 'ws') + '/ws?' + this.#query();
+    let query = this.#query();
+    if (this.#resume) {
+      query += (query ? '&' : '') + 'acks=client';
+      const r = this.#resumeFrom;
+      if (r) {
+        // A guest resumes as the guest id the server gave it.
+        if (!this.#user && !this.#token) query += '&user=' + encodeURIComponent(r.user);
+        query += '&resume=' + encodeURIComponent(r.session) + '&rooms=' + r.rooms.map(encodeURIComponent).join(',');
+        if (r.lastId) query += '&last_id=' + encodeURIComponent(r.lastId);
+      }
+    }
+    return this.#base.replace(/^http/i, 'ws') + '/ws?' + query;
   }
 
   #fetchImpl() {

@@ -187,6 +187,8 @@ impl Bus {
     pub async fn history_caught_up(&self) -> Result<(), BusError> {
         match self {
             Bus::Memory(_) => Ok(()),
+            // No history kept: no stream, no reader, nothing to wait for.
+            Bus::Amqp(bus) if !bus.rings().enabled() => Ok(()),
             Bus::Amqp(bus) => {
                 bus.rings()
                     .wait_for_marker(|id| async move { bus.put_marker(&id).await })

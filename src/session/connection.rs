@@ -20,6 +20,10 @@ pub trait Transport: Send {
     /// A WebSocket answers pings; an event stream cannot, and its keep-alive
     /// comments are written by the HTTP layer.
     const PINGS: bool;
+    /// Whether a client of this transport can come back for its session
+    /// (`?resume=`), so its queue is kept when the connection drops. An event
+    /// stream's URL names no session to resume.
+    const RESUMABLE: bool;
 
     /// Write `frames` (serialised JSON, each one frame or event), in order, as
     /// one flush. The session bounds how long this may take.

@@ -519,6 +519,7 @@ mod tests {
     impl Transport for Recorder {
         const KIND: Kind = Kind::WebSocket;
         const PINGS: bool = true;
+        const RESUMABLE: bool = true;
 
         async fn send(&mut self, frames: Vec<Utf8Bytes>) -> Result<(), TransportError> {
             for frame in frames {

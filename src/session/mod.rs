@@ -93,7 +93,11 @@ where
             room.into_iter().collect(),
         ),
     };
-    let release = end.release();
+    let release = if T::RESUMABLE {
+        end.release()
+    } else {
+        Release::Delete
+    };
     leave_rooms(&node, &identity, rooms, release).await;
     lease.release(release).await;
     drop(claim);

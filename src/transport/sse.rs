@@ -128,6 +128,7 @@ pub struct EventStream {
 impl Transport for EventStream {
     const KIND: metrics::Transport = metrics::Transport::Sse;
     const PINGS: bool = false;
+    const RESUMABLE: bool = false;
 
     async fn send(&mut self, frames: Vec<Utf8Bytes>) -> Result<(), TransportError> {
         for frame in frames {

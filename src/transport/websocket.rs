@@ -239,6 +239,7 @@ fn failed(e: tungstenite::Error) -> TransportError {
 impl Transport for WebSocket {
     const KIND: metrics::Transport = metrics::Transport::WebSocket;
     const PINGS: bool = true;
+    const RESUMABLE: bool = true;
 
     async fn send(&mut self, frames: Vec<Utf8Bytes>) -> Result<(), TransportError> {
         let mut messages =

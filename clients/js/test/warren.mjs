@@ -98,6 +98,11 @@ export async function startWarren({ bus = 'memory', port = 0, prefix = unique('j
     url,
     port: Number(new URL(url).port),
     prefix,
+    /** Deletes the server's history stream from the shared broker. */
+    async deleteHistory() {
+      const ctl = spawn('rabbitmqctl', ['-q', 'delete_queue', `${prefix}.history`], { stdio: 'ignore' });
+      await within(new Promise((resolve) => ctl.on('exit', resolve).on('error', resolve)), 'rabbitmqctl delete_queue');
+    },
     /** Ends the process with `signal` and waits until it is gone. */
     async stop(signal = 'SIGKILL') {
       if (child.exitCode === null && child.signalCode === null) child.kill(signal);
