@@ -150,6 +150,8 @@ export interface WarrenClientEvents {
   /** A room's member set changed; `joins`/`leaves` are what changed for us. */
   presence: { room: string; joins: string[]; leaves: string[]; members: Set<string>; resync: boolean };
   message: ChatMessage;
+  /** A connection of `to` acknowledged the direct message `id` sent with `receipt: true`. */
+  delivered: { id: string; to: string };
   /** After a lost connection: the session was resumed (`recovered`: nothing was lost) or not. */
   resumed: { session: string; recovered: boolean; rooms: string[] };
   /** A page of a room's history (its messages also come as `message` events). */
@@ -192,7 +194,7 @@ export class WarrenClient {
 
   /** Resolves on the server's ack (over SSE: the POST's 202). */
   send(room: string, text: string): Promise<{ id: string }>;
-  sendDirect(to: string, text: string): Promise<{ id: string }>;
+  sendDirect(to: string, text: string, options?: { receipt?: boolean }): Promise<{ id: string }>;
 
   /** Replaces the session's token (same user). */
   refresh(token: string): Promise<{ expiresAt: number | undefined }>;

@@ -681,6 +681,7 @@ export class WarrenClient {
         this.#emit('direct', f);
         return this.#delivered(f);
       case 'resumed': return this.#onResumed(f);
+      case 'delivered': return this.#emit('delivered', { id: f.id, to: f.to });
       case 'history': return this.#onHistory(f);
       case 'presence': return this.#onPresence(f);
       case 'ack': return this.#answer(f.ref, (req) => req.resolve({ id: String(f.id) }));
@@ -968,9 +969,15 @@ export class WarrenClient {
     return this.#publish({ type: 'message', room, text });
   }
 
-  /** Sends `text` to user `to` (every connection of theirs); as send(). */
-  sendDirect(to, text) {
-    return this.#publish({ type: 'direct', to, text });
+  /**
+   * Sends `text` to user `to` (every connection of theirs); as send(). With
+   * `{ receipt: true }` (over a WebSocket), a `delivered` event follows when
+   * a connection of theirs has acknowledged it.
+   */
+  sendDirect(to, text, options = {}) {
+    const frame = { type: 'direct', to, text };
+    if (options.receipt === true) frame.receipt = true;
+    return this.#publish(frame);
   }
 
   #publish(frame) {

@@ -339,6 +339,14 @@ pub trait SessionLink {
         payload: Bytes,
     ) -> impl Future<Output = Result<Self::Confirm, BusError>> + Send;
 
+    /// A `delivered` receipt to every connection of `to` (no copy anywhere
+    /// else, no confirm awaited; nobody connected is no error).
+    fn publish_receipt(
+        &self,
+        to: &UserId,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
     /// Bind the session's queue to `room`: when this returns, everything
     /// published to the room afterwards reaches the queue.
     fn bind(&self, room: &RoomName) -> impl Future<Output = Result<(), BusError>> + Send;
@@ -372,6 +380,16 @@ impl SessionLink for Link {
             (Link::Amqp(l), Destination::User(user)) => Box::pin(l.publish_direct(user, payload))
                 .await
                 .map(Confirm::Amqp),
+        }
+    }
+
+    async fn publish_receipt(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
+        match self {
+            Link::Memory(l) => {
+                l.publish_receipt(to, payload);
+                Ok(())
+            }
+            Link::Amqp(l) => l.publish_receipt(to, payload).await,
         }
     }
 
@@ -495,8 +513,9 @@ impl Inbox {
         }
     }
 
-    /// The client processed every delivery up to `seq` ([`AckMode::Client`]).
-    pub async fn ack_upto(&mut self, seq: u64) -> Result<(), acks::AckError> {
+    /// The client processed every delivery up to `seq` ([`AckMode::Client`]):
+    /// the receipts that owes.
+    pub async fn ack_upto(&mut self, seq: u64) -> Result<Vec<acks::Receipt>, acks::AckError> {
         match self {
             Inbox::Memory(i) => i.ack_upto(seq),
             Inbox::Amqp(i) => i.ack_upto(seq).await,

@@ -37,11 +37,14 @@ pub enum ClientFrame {
         token: String,
         reference: Option<String>,
     },
-    /// `{"type":"direct","to":"bob","text":"hi","ref":"c2"}`
+    /// `{"type":"direct","to":"bob","text":"hi","ref":"c2"}`; with
+    /// `"receipt":true` the sender is told when a connection of `bob` has
+    /// acknowledged it (`delivered`).
     Direct {
         to: UserId,
         text: String,
         reference: Option<String>,
+        receipt: bool,
     },
     /// `{"type":"ack_upto","seq":42}`: every delivery up to `seq` is processed
     /// (connections opened with `acks=client`); no answer unless refused.
@@ -70,6 +73,7 @@ struct RawMessage {
     seq: Option<serde_json::Value>,
     history: Option<serde_json::Value>,
     since: Option<serde_json::Value>,
+    receipt: Option<serde_json::Value>,
 }
 
 /// The kinds of frame a client may send.
@@ -260,11 +264,22 @@ impl ClientFrame {
             error,
             reference: reference.clone(),
         })?;
+        let receipt = match raw.receipt {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+            Some(serde_json::Value::Bool(true)) if to.is_some() => true,
+            Some(_) => {
+                return Err(reject(
+                    ErrorCode::InvalidMessage,
+                    "receipt is true or false, on a direct message".into(),
+                ));
+            }
+        };
         Ok(match to {
             Some(to) => ClientFrame::Direct {
                 to,
                 text,
                 reference,
+                receipt,
             },
             None => ClientFrame::Message {
                 room,
@@ -459,8 +474,24 @@ mod tests {
             ClientFrame::Direct {
                 to: UserId::parse("bob").unwrap(),
                 text: "hi".into(),
-                reference: Some("c2".into())
+                reference: Some("c2".into()),
+                receipt: false,
             }
+        );
+        assert!(matches!(
+            ClientFrame::parse(
+                r#"{"type":"direct","to":"bob","text":"hi","receipt":true}"#,
+                10
+            ),
+            Ok(ClientFrame::Direct { receipt: true, .. })
+        ));
+        assert_eq!(
+            code(r#"{"type":"direct","to":"bob","text":"hi","receipt":"yes"}"#),
+            ErrorCode::InvalidMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"message","text":"hi","receipt":true}"#),
+            ErrorCode::InvalidMessage
         );
         assert_eq!(
             code(r#"{"type":"direct","text":"hi"}"#),

@@ -108,7 +108,14 @@ pub enum ServerFrame {
         to: String,
         text: String,
         ts: u64,
+        /// The sender asked to be told when the recipient has it: a connection
+        /// of `to` that acknowledges it (`ack_upto`) sends `delivered`.
+        #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+        receipt: bool,
     },
+    /// A connection of `to` acknowledged the direct message `id` the sender
+    /// asked a receipt for. One per acknowledging connection.
+    Delivered { id: String, to: String },
     /// Who joined and left the room since the last presence frame (batched).
     Presence {
         room: String,
@@ -183,8 +190,17 @@ impl ServerFrame {
                 to: to.to_string(),
                 text,
                 ts: now_ms(),
+                receipt: false,
             },
         }
+    }
+
+    /// A direct message whose sender asks to be told it was delivered.
+    pub fn asking_receipt(mut self, asked: bool) -> Self {
+        if let ServerFrame::Direct { receipt, .. } = &mut self {
+            *receipt = asked;
+        }
+        self
     }
 
     /// The frame as JSON text. Serialising these types cannot fail (no maps with
@@ -288,6 +304,7 @@ mod tests {
             to: "b".into(),
             text: "t".into(),
             ts: 1,
+            receipt: false,
         };
         assert_eq!(frame_head(&direct.to_json()), Some(("direct", Some("d-1"))));
         let presence = ServerFrame::Presence {

@@ -27,6 +27,7 @@ use tungstenite::Utf8Bytes;
 use super::rooms::Rooms;
 use super::{Inbound, SessionEnd, Transport};
 use crate::auth::Grant;
+use crate::bus::acks::Receipt;
 use crate::bus::{BusError, Inbox, SessionLink};
 use crate::error::{ClientError, ErrorCode};
 use crate::handshake::Identity;
@@ -249,7 +250,8 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                         return Box::pin(self.refresh(token, reference)).await;
                     }
                     Ok(ClientFrame::AckUpto { seq }) => match self.inbox.ack_upto(seq).await {
-                        Ok(()) => return Continue(()),
+                        Ok(receipts) if receipts.is_empty() => return Continue(()),
+                        Ok(receipts) => return Box::pin(self.send_receipts(receipts)).await,
                         Err(e) => Rejected {
                             error: ClientError::new(ErrorCode::InvalidMessage, e.to_string()),
                             reference: None,
@@ -261,7 +263,9 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                         reference,
                     }) => match self.rooms.target(room) {
                         Ok(room) if self.grant.permissions.may_write(&room) => {
-                            return self.publish(Destination::Room(room), text, reference).await;
+                            return self
+                                .publish(Destination::Room(room), text, reference, false)
+                                .await;
                         }
                         Ok(room) => Rejected {
                             error: crate::handshake::forbidden_room(&room),
@@ -284,12 +288,37 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                         to,
                         text,
                         reference,
-                    }) => return self.publish(Destination::User(to), text, reference).await,
+                        receipt,
+                    }) => {
+                        return self
+                            .publish(Destination::User(to), text, reference, receipt)
+                            .await;
+                    }
                     Err(rejected) => rejected,
                 }
             }
         };
         self.refuse(refused).await
+    }
+
+    /// Tell the senders of acknowledged direct messages that asked for it
+    /// (`delivered`), wherever they are connected. A receipt that cannot be
+    /// sent is lost, not retried: it is a courtesy, and the message itself
+    /// was delivered.
+    async fn send_receipts(&mut self, receipts: Vec<Receipt>) -> ControlFlow<SessionEnd> {
+        for receipt in receipts {
+            let frame = ServerFrame::Delivered {
+                id: receipt.id,
+                to: self.identity.user.to_string(),
+            };
+            let payload = Bytes::from(frame.to_json());
+            if let Err(e) =
+                on_broker(self.node, self.link.publish_receipt(&receipt.from, payload)).await?
+            {
+                debug!(error = %e, "a receipt was not sent");
+            }
+        }
+        Continue(())
     }
 
     /// The keep-alive timer: ping the client, or drop it if it went silent.
@@ -313,6 +342,7 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
         to: Destination,
         text: String,
         reference: Option<String>,
+        receipt: bool,
     ) -> ControlFlow<SessionEnd> {
         if let Err(not_until) = self.limiter.check() {
             use governor::clock::Clock;
@@ -322,8 +352,8 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
             return self.refuse(Rejected { error, reference }).await;
         }
         let id = self.node.ids.next_id();
-        let payload =
-            Bytes::from(ServerFrame::chat(id.clone(), &self.identity.user, &to, text).to_json());
+        let frame = ServerFrame::chat(id.clone(), &self.identity.user, &to, text);
+        let payload = Bytes::from(frame.asking_receipt(receipt).to_json());
         let published_at = std::time::Instant::now();
         // A broker that stops reading (a memory alarm, a half-open link) must
         // not freeze the session: bound the publish, and let shutdown through.
@@ -575,6 +605,10 @@ mod tests {
         }
 
         async fn unbind(&self, _room: &RoomName) -> Result<(), BusError> {
+            Ok(())
+        }
+
+        async fn publish_receipt(&self, _to: &UserId, _payload: Bytes) -> Result<(), BusError> {
             Ok(())
         }
 

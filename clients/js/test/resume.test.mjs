@@ -119,3 +119,21 @@ for (const bus of BUSES) {
     });
   });
 }
+
+describe('receipts', () => {
+  test('a direct message sent with a receipt earns a delivered event once acknowledged', async () => {
+    const server = await startWarren({ bus: 'memory' });
+    const alice = new WarrenClient({ url: server.url, user: unique('alice') });
+    const bob = new WarrenClient({ url: server.url, user: unique('bob'), ackDelayMs: 10 });
+    try {
+      await Promise.all([alice.connect(), bob.connect()]);
+      const delivered = next(alice, 'delivered');
+      const { id } = await alice.sendDirect(bob.user, 'did you get this?', { receipt: true });
+      assert.deepEqual(await delivered, { id, to: bob.user });
+    } finally {
+      alice.close();
+      bob.close();
+      await server.stop();
+    }
+  });
+});

@@ -18,9 +18,9 @@ use tracing::debug;
 use tungstenite::Utf8Bytes;
 
 use super::{Names, PREFETCH, unavailable};
-use crate::bus::acks::{AckError, ClientAcks};
+use crate::bus::acks::{AckError, ClientAcks, Receipt, Settled};
 use crate::bus::{AckMode, BusError};
-use crate::names::{RoomName, SessionId};
+use crate::names::{RoomName, SessionId, UserId};
 use crate::protocol::frame_head;
 
 /// Deliveries acknowledged with one `basic.ack` (`multiple`) at most, when the
@@ -89,10 +89,11 @@ impl AmqpInbox {
         names: &Names,
         session: &SessionId,
         acks: AckMode,
+        user: &UserId,
     ) -> Self {
         Self {
             consumer,
-            client_acks: (acks == AckMode::Client).then(ClientAcks::default),
+            client_acks: (acks == AckMode::Client).then(|| ClientAcks::new(user)),
             replay: None,
             ready: VecDeque::new(),
             skipped: Vec::new(),
@@ -264,19 +265,19 @@ impl AmqpInbox {
         }
     }
 
-    /// The client processed every delivery up to `seq`.
-    pub async fn ack_upto(&mut self, seq: u64) -> Result<(), AckError> {
+    /// The client processed every delivery up to `seq`: the receipts owed.
+    pub async fn ack_upto(&mut self, seq: u64) -> Result<Vec<Receipt>, AckError> {
         let Some(acks) = &mut self.client_acks else {
             return Err(AckError::NotAcking);
         };
-        let settled = acks.ack_upto(seq)?.pop();
+        let Settled { mut kept, receipts } = acks.ack_upto(seq)?;
         self.ack_skipped().await;
-        if let Some(acker) = settled
+        if let Some(acker) = kept.pop()
             && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
         {
             debug!(error = %e, "ack failed; the channel is gone");
         }
-        Ok(())
+        Ok(receipts)
     }
 
     fn wanted(&self, exchange: &ShortString, properties: &BasicProperties) -> bool {

@@ -279,8 +279,14 @@ impl AmqpBus {
         {
             Ok(consumer) => {
                 debug!(%queue, %user, slot, channel = channel.id(), resumed = resume.is_some(), "opened");
-                let mut inbox =
-                    AmqpInbox::new(consumer, conn.lost.clone(), &self.names, session, acks);
+                let mut inbox = AmqpInbox::new(
+                    consumer,
+                    conn.lost.clone(),
+                    &self.names,
+                    session,
+                    acks,
+                    user,
+                );
                 if let Some(Resume {
                     last_id: Some(last_id),
                 }) = resume

@@ -81,6 +81,23 @@ impl AmqpLink {
         Ok(AmqpConfirm(confirm))
     }
 
+    /// A receipt to every connection of `to`: not mandatory (nobody there is
+    /// no error). Its confirm is awaited, because lapin keeps a confirm that
+    /// is dropped unread for the channel's lifetime.
+    pub async fn publish_receipt(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
+        let confirm = publish_direct(
+            &self.channel,
+            &self.direct_exchange,
+            to,
+            &payload,
+            DirectCopy::Sender,
+            None,
+        )
+        .await
+        .map_err(unavailable)?;
+        AmqpConfirm(confirm).await
+    }
+
     pub async fn bind(&self, room: &RoomName) -> Result<(), BusError> {
         bind_room(
             &self.conn,

@@ -10,9 +10,9 @@ use tungstenite::Utf8Bytes;
 
 use super::Item;
 use super::parked::{InboxState, Parking};
-use crate::bus::acks::{AckError, ClientAcks};
+use crate::bus::acks::{AckError, ClientAcks, Receipt};
 use crate::bus::{AckMode, BusError};
-use crate::names::{RoomName, SessionId};
+use crate::names::{RoomName, SessionId, UserId};
 
 pub struct MemoryInbox {
     receiver: mpsc::Receiver<Item>,
@@ -29,6 +29,7 @@ impl MemoryInbox {
     pub(super) fn new(
         state: InboxState,
         session: &SessionId,
+        user: &UserId,
         acks: AckMode,
         parking: Option<Parking>,
     ) -> Self {
@@ -37,7 +38,7 @@ impl MemoryInbox {
             frames: state.frames,
             following: HashSet::new(),
             session: session.clone(),
-            client_acks: (acks == AckMode::Client).then(ClientAcks::default),
+            client_acks: (acks == AckMode::Client).then(|| ClientAcks::new(user)),
             parking,
         }
     }
@@ -92,9 +93,10 @@ impl MemoryInbox {
         }
     }
 
-    pub fn ack_upto(&mut self, seq: u64) -> Result<(), AckError> {
+    /// The client processed every delivery up to `seq`: the receipts owed.
+    pub fn ack_upto(&mut self, seq: u64) -> Result<Vec<Receipt>, AckError> {
         let acks = self.client_acks.as_mut().ok_or(AckError::NotAcking)?;
-        acks.ack_upto(seq).map(drop)
+        acks.ack_upto(seq).map(|settled| settled.receipts)
     }
 
     /// With client acks, a full window sends nothing more until an ack.

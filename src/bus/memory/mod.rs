@@ -151,7 +151,13 @@ impl MemoryBus {
                 queue: queue.clone(),
                 rooms: rooms.clone(),
             }),
-            inbox: Inbox::Memory(MemoryInbox::new(inbox, session, acks, parking.clone())),
+            inbox: Inbox::Memory(MemoryInbox::new(
+                inbox,
+                session,
+                user,
+                acks,
+                parking.clone(),
+            )),
             lease: Lease::Memory(MemoryLease {
                 bus: self.clone(),
                 session: session.clone(),
@@ -306,6 +312,12 @@ impl MemoryLink {
     pub fn publish_direct(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
         self.bus
             .publish_direct(to, &self.user, Some(&self.session), payload)
+    }
+
+    /// A receipt to every session of `to`, and nowhere else.
+    pub fn publish_receipt(&self, to: &UserId, payload: Bytes) {
+        // From `to` to `to`: no sender's copy. Nobody connected: no one to tell.
+        let _ = self.bus.publish_direct(to, to, None, payload);
     }
 
     pub fn bind(&self, room: &RoomName) {
