@@ -422,18 +422,17 @@ impl AmqpBus {
     }
 }
 
-/// Run `operation` on a channel of its own, then close it.
-async fn on_short_channel<F, Fut, T>(conn: &PooledConnection, operation: F) -> lapin::Result<T>
+/// Run `operation` on a channel of its own, then close it. Cancel-safe: a
+/// caller that gives up (a `bounded` timeout) leaves the channel to be closed,
+/// and uncounted, in the background.
+async fn on_short_channel<F, Fut, T>(conn: &Arc<PooledConnection>, operation: F) -> lapin::Result<T>
 where
     F: FnOnce(Channel) -> Fut,
     Fut: Future<Output = lapin::Result<T>>,
 {
-    let channel = conn.open_channel().await?;
-    let result = operation(channel.clone()).await;
-    if channel.status().connected() {
-        let _ = channel.close(200, "done".into()).await;
-    }
-    conn.channel_closed();
+    let channel = conn.open_counted().await?;
+    let result = operation(channel.channel().clone()).await;
+    channel.close("done").await;
     result
 }
 
