@@ -49,8 +49,12 @@ pub fn backoff(attempt: u32) -> Duration {
 /// One live AMQP connection and how many session channels ride on it.
 pub struct PooledConnection {
     pub connection: Connection,
-    /// Session channels open on this connection; picks the least loaded one.
+    /// Channels counted on this connection, from the start of their open to
+    /// the end of their close; picks the least loaded one.
     channels: AtomicUsize,
+    /// Channels it may count: [`MAX_CHANNELS_PER_CONNECTION`], or fewer when
+    /// the broker allows fewer (`channel_max`).
+    capacity: usize,
     /// Cancelled when the supervisor sees this connection die, so every session
     /// on it learns at once even if its consumer stays silent.
     pub lost: CancellationToken,
@@ -59,21 +63,40 @@ pub struct PooledConnection {
 }
 
 impl PooledConnection {
-    /// Open a channel and count it. Pair with [`PooledConnection::channel_closed`].
-    pub async fn open_channel(&self) -> lapin::Result<Channel> {
-        /// Counts a channel being opened; uncounts it unless the open
-        /// succeeds, including when the caller gives up mid-open.
-        struct Opening<'a>(&'a PooledConnection);
-        impl Drop for Opening<'_> {
-            fn drop(&mut self) {
-                self.0.channel_closed();
-            }
-        }
+    /// Open a channel and count it. Pair with [`PooledConnection::channel_closed`],
+    /// called once the channel is closed.
+    pub async fn open_channel(self: &Arc<Self>) -> lapin::Result<Channel> {
+        self.open_counted().await.map(CountedChannel::into_inner)
+    }
+
+    /// Open a channel and count it until it is closed, whoever closes it.
+    ///
+    /// Cancel-safe: a caller that gives up mid-open (a `bounded` timeout)
+    /// does not stop lapin, which opens the channel anyway once the broker
+    /// answers. The open therefore runs in a task of its own, and a channel
+    /// nobody is left to take is closed there, and only then uncounted: the
+    /// count never falls below the channels really open on the connection
+    /// (it did, and a storm of abandoned opens ran into lapin's channel limit).
+    pub async fn open_counted(self: &Arc<Self>) -> lapin::Result<CountedChannel> {
         self.channels.fetch_add(1, Ordering::Relaxed);
-        let opening = Opening(self);
-        let channel = self.connection.create_channel().await?;
-        std::mem::forget(opening);
-        Ok(channel)
+        let conn = self.clone();
+        let opening = tokio::spawn(async move {
+            match conn.connection.create_channel().await {
+                Ok(channel) => Ok(CountedChannel {
+                    conn,
+                    channel: Some(channel),
+                }),
+                Err(e) => {
+                    conn.channel_closed();
+                    Err(e)
+                }
+            }
+        });
+        match opening.await {
+            Ok(opened) => opened,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(std::io::Error::other(e).into()),
+        }
     }
 
     pub fn channel_closed(&self) {
@@ -87,6 +110,65 @@ impl PooledConnection {
     fn load(&self) -> usize {
         self.channels.load(Ordering::Relaxed)
     }
+
+    fn has_room(&self) -> bool {
+        self.load() < self.capacity
+    }
+}
+
+/// A channel counted against its connection. Closing it, or dropping it
+/// (a holder that gave up), closes the channel and only then uncounts it.
+pub struct CountedChannel {
+    conn: Arc<PooledConnection>,
+    /// `None` once handed over or closed.
+    channel: Option<Channel>,
+}
+
+impl CountedChannel {
+    pub fn channel(&self) -> &Channel {
+        self.channel
+            .as_ref()
+            .expect("a counted channel is open until closed")
+    }
+
+    /// Hand the channel over: its new holder closes it and then calls
+    /// [`PooledConnection::channel_closed`].
+    pub fn into_inner(mut self) -> Channel {
+        self.channel
+            .take()
+            .expect("a counted channel is open until closed")
+    }
+
+    /// Close the channel, then uncount it.
+    pub async fn close(mut self, reason: &str) {
+        if let Some(channel) = self.channel.take() {
+            close_and_uncount(self.conn.clone(), channel, reason.to_owned()).await;
+        }
+    }
+}
+
+impl Drop for CountedChannel {
+    fn drop(&mut self) {
+        if let Some(channel) = self.channel.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(close_and_uncount(
+                self.conn.clone(),
+                channel,
+                "abandoned".to_owned(),
+            ));
+        }
+    }
+}
+
+/// Close `channel` (unless the broker or the connection already did), then
+/// uncount it: lapin keeps a channel on its connection until its close is
+/// answered.
+async fn close_and_uncount(conn: Arc<PooledConnection>, channel: Channel, reason: String) {
+    if channel.status().connected() {
+        let _ = channel.close(200, reason.as_str().into()).await;
+    }
+    conn.channel_closed();
 }
 
 #[derive(Clone)]
@@ -145,11 +227,7 @@ impl Pool {
             .slots
             .iter()
             .filter_map(|slot| slot.read().unwrap().clone())
-            .filter(|c| {
-                c.is_connected()
-                    && !c.blocked.load(Ordering::Relaxed)
-                    && c.load() < MAX_CHANNELS_PER_CONNECTION
-            })
+            .filter(|c| c.is_connected() && !c.blocked.load(Ordering::Relaxed) && c.has_room())
             .min_by_key(|c| c.load())
     }
 
@@ -181,10 +259,7 @@ impl Pool {
             Err(self.inner.last_error.lock().unwrap().clone())
         } else if connected.iter().all(|c| c.blocked.load(Ordering::Relaxed)) {
             Err("the broker is refusing messages (resource alarm)".into())
-        } else if connected
-            .iter()
-            .all(|c| c.load() >= MAX_CHANNELS_PER_CONNECTION)
-        {
+        } else if connected.iter().all(|c| !c.has_room()) {
             Err("at capacity: every broker connection carries its maximum of sessions".into())
         } else {
             Ok(())
@@ -215,9 +290,15 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
         match connected {
             Ok(conn) => {
                 attempt = 0;
+                // A channel_max of 0 would mean no limit but lapin's own.
+                let channel_max = match conn.configuration().channel_max() {
+                    0 => usize::from(u16::MAX),
+                    max => usize::from(max),
+                };
                 let conn = Arc::new(PooledConnection {
                     connection: conn,
                     channels: AtomicUsize::new(0),
+                    capacity: MAX_CHANNELS_PER_CONNECTION.min(channel_max),
                     lost: CancellationToken::new(),
                     blocked: std::sync::atomic::AtomicBool::new(false),
                 });
@@ -366,5 +447,53 @@ mod tests {
         let own = broker_uri("amqp://127.0.0.1:5672/%2f?frame_max=131072").unwrap();
         assert_eq!(own.query.frame_max, Some(131072));
         assert!(broker_uri("http://nope").is_err());
+    }
+
+    /// lapin finishes opening a channel whose caller gave up, and only then
+    /// closes it: until it has, the channel must stay counted, or the pool
+    /// offers a connection that lapin refuses ("the maximum number of
+    /// channels"), as it did under a reconnect storm. Uses the broker at
+    /// `AMQP_URL` (the shared one by default).
+    #[tokio::test]
+    async fn a_channel_given_up_mid_open_stays_counted_until_it_is_closed() {
+        const MAX: usize = 8;
+        let url = std::env::var("AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let url = format!("{url}?channel_max={MAX}");
+        let counter = prometheus_client::metrics::counter::Counter::default();
+        let pool = Pool::start(vec![url], 1, "warren pool test", counter).await;
+        let conn = pool.pick().expect("the broker at AMQP_URL is up");
+        assert_eq!(conn.capacity, MAX, "capped at the broker's channel_max");
+
+        for _ in 0..MAX {
+            let open = conn.open_counted();
+            tokio::pin!(open);
+            // Started (the channel.open is on its way), then given up.
+            assert!(futures_util::poll!(open.as_mut()).is_pending());
+        }
+        assert_eq!(conn.load(), MAX);
+        assert!(
+            pool.pick().is_none(),
+            "offered while lapin still holds {MAX}"
+        );
+        assert!(pool.readiness().is_err());
+
+        // They are closed in the background; then the count is back to 0
+        // and all MAX channels can be opened again.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while conn.load() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never uncounted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut held = Vec::new();
+        for _ in 0..MAX {
+            held.push(conn.open_counted().await.expect("lapin has room for it"));
+        }
+        assert!(pool.pick().is_none());
+        for channel in held {
+            channel.close("test done").await;
+        }
+        assert_eq!(conn.load(), 0);
+        pool.close().await;
     }
 }

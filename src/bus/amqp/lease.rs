@@ -65,12 +65,14 @@ impl AmqpLease {
             }
             // A broker that stopped answering must not hold the session (and
             // shutdown) forever; the exclusive queue dies with its connection,
-            // which shutdown closes anyway.
-            if tokio::time::timeout(RELEASE_TIMEOUT, release(state))
+            // which shutdown closes anyway. The release goes on in its own
+            // task: cut short, it would leave its channel open and counted.
+            let releasing = tokio::spawn(release(state));
+            if tokio::time::timeout(RELEASE_TIMEOUT, releasing)
                 .await
                 .is_err()
             {
-                warn!("queue deletion timed out; the queue goes with its connection");
+                warn!("queue deletion timed out; it goes on in the background");
             }
         }
     }
@@ -111,15 +113,17 @@ pub(super) async fn release(state: LeaseState) {
         if !conn.is_connected() {
             break;
         }
-        match conn.connection.create_channel().await {
+        // Counted like any other, so the count stays within lapin's limit.
+        match conn.open_counted().await {
             Ok(fresh) => {
                 if let Err(e) = fresh
+                    .channel()
                     .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                     .await
                 {
                     warn!(%queue, error = %e, "could not delete a session queue");
                 }
-                let _ = fresh.close(200, "session ended".into()).await;
+                fresh.close("session ended").await;
             }
             Err(e) => warn!(%queue, error = %e, "could not delete a session queue"),
         }

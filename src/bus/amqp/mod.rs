@@ -45,6 +45,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer, ExchangeKind};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 pub mod history_link;
@@ -74,6 +75,18 @@ pub const PREFETCH: u16 = super::acks::ACK_WINDOW;
 
 /// How long deleting a session's queue may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sessions a node opens on the broker at once. Each open is a handful of
+/// round trips (slot, channel, confirm mode, queue, bind, consume); thousands
+/// at once (a reconnect storm) queue up at the broker until every one of them
+/// takes longer than [`super::BROKER_TIMEOUT`] and is abandoned, and the
+/// clients' retries add to the queue. Past this many, opens wait their turn.
+const OPENS_AT_ONCE: usize = 64;
+
+/// How long an open waits for its turn before the client is refused (503,
+/// which the page retries with its backoff): well within the broker bound,
+/// so a storm is answered with quick refusals, not 5 s timeouts.
+const OPEN_TURN_WAIT: Duration = Duration::from_secs(1);
 
 /// AMQP reply codes we act on.
 const ACCESS_REFUSED: u16 = 403;
@@ -172,6 +185,8 @@ pub struct AmqpBus {
     /// The history stream, when history is kept, and what its reader fills.
     history: Option<Arc<StreamSpec>>,
     rings: Arc<Rings>,
+    /// Turns to open a session ([`OPENS_AT_ONCE`]).
+    opening: Arc<Semaphore>,
 }
 
 impl AmqpBus {
@@ -197,6 +212,7 @@ impl AmqpBus {
             }),
             names,
             rings,
+            opening: Arc::new(Semaphore::new(OPENS_AT_ONCE)),
         }
     }
 
@@ -247,6 +263,15 @@ impl AmqpBus {
             }
             self.wait_until_unconsumed(&queue).await?;
         }
+        // A turn is taken after a resume's wait for the old consumer: that
+        // wait sleeps, and must not hold a turn meanwhile.
+        let Ok(Ok(_turn)) =
+            tokio::time::timeout(OPEN_TURN_WAIT, self.opening.clone().acquire_owned()).await
+        else {
+            return Err(BusError::Unavailable(
+                "too many sessions opening at once; retry shortly".into(),
+            ));
+        };
         let conn = self.connection()?;
         let channel = conn.open_channel().await.map_err(unavailable)?;
         // From here the channel (and, once declared, the queues) is leased: if
@@ -428,18 +453,17 @@ impl AmqpBus {
     }
 }
 
-/// Run `operation` on a channel of its own, then close it.
-async fn on_short_channel<F, Fut, T>(conn: &PooledConnection, operation: F) -> lapin::Result<T>
+/// Run `operation` on a channel of its own, then close it. Cancel-safe: a
+/// caller that gives up (a `bounded` timeout) leaves the channel to be closed,
+/// and uncounted, in the background.
+async fn on_short_channel<F, Fut, T>(conn: &Arc<PooledConnection>, operation: F) -> lapin::Result<T>
 where
     F: FnOnce(Channel) -> Fut,
     Fut: Future<Output = lapin::Result<T>>,
 {
-    let channel = conn.open_channel().await?;
-    let result = operation(channel.clone()).await;
-    if channel.status().connected() {
-        let _ = channel.close(200, "done".into()).await;
-    }
-    conn.channel_closed();
+    let channel = conn.open_counted().await?;
+    let result = operation(channel.channel().clone()).await;
+    channel.close("done").await;
     result
 }
 

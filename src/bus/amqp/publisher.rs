@@ -213,7 +213,7 @@ impl Future for AmqpConfirm {
 /// which must not be the session's. A missing stream (the node's reader has
 /// not declared it yet) is declared before the next attempt.
 async fn bind_room(
-    conn: &PooledConnection,
+    conn: &Arc<PooledConnection>,
     queue: &str,
     exchange: &str,
     history: Option<&StreamSpec>,
@@ -250,7 +250,11 @@ async fn bind_room(
 }
 
 /// Unbind `queue` from a room's exchange, on a short-lived channel of `conn`.
-async fn unbind_room(conn: &PooledConnection, queue: &str, exchange: &str) -> Result<(), BusError> {
+async fn unbind_room(
+    conn: &Arc<PooledConnection>,
+    queue: &str,
+    exchange: &str,
+) -> Result<(), BusError> {
     let result = on_short_channel(conn, |channel| async move {
         channel
             .queue_unbind(

@@ -85,7 +85,9 @@ impl AmqpBus {
         Fut: Future<Output = lapin::Result<Option<PublisherConfirm>>>,
     {
         let conn = self.connection()?;
-        let channel = conn.open_channel().await.map_err(unavailable)?;
+        // Counted until closed, also when the caller gives up mid-way.
+        let counted = conn.open_counted().await.map_err(unavailable)?;
+        let channel = counted.channel();
         let result = async {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
@@ -97,10 +99,7 @@ impl AmqpBus {
             }
         }
         .await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "published".into()).await;
-        }
-        conn.channel_closed();
+        counted.close("published").await;
         result
     }
 
