@@ -803,7 +803,16 @@ async fn a_client_that_stops_reading_is_dropped_and_the_room_keeps_its_pace() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let prefix = unique_prefix("slow");
     // A process of its own: its memory is the node's alone.
-    let args = ["--publish-rate", "1000", "--publish-burst", "1000"];
+    // No resume grace: the node's giving up shows as the client leaving the
+    // room at once, not when its queue's grace would end.
+    let args = [
+        "--publish-rate",
+        "1000",
+        "--publish-burst",
+        "1000",
+        "--resume-grace-secs",
+        "0",
+    ];
     let node = Node::spawn(&prefix, "slow-1", "127.0.0.1:0", &args);
     let addr = node.addr;
     let pid = node.child.id();

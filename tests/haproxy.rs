@@ -88,11 +88,19 @@ fn spawn_node(prefix: &str, id: &str, listen: &str) -> Node {
     let args = ["--drain-secs", "1", "--drain-jitter-secs", "1"];
     // Queues of a killed node's sessions wait this long for a resume.
     let grace = ["--resume-grace-secs", "5"];
+    // Tests send bursts far above a person's rate.
+    let rate = ["--publish-rate", "1000000", "--publish-burst", "1000000"];
     Node::spawn(
         prefix,
         id,
         listen,
-        &[&args[..], &grace, &["--trusted-proxies", "127.0.0.1"]].concat(),
+        &[
+            &args[..],
+            &grace,
+            &rate,
+            &["--trusted-proxies", "127.0.0.1"],
+        ]
+        .concat(),
     )
 }
 

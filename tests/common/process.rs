@@ -38,8 +38,6 @@ impl Node {
             // count them as one.
             .args(["--max-connections-per-ip", "100000"])
             .args(["--connections-per-ip-per-sec", "100000"])
-            // Tests send bursts far above a person's rate.
-            .args(["--publish-rate", "1000000", "--publish-burst", "1000000"])
             // No durable history stream left on the shared broker.
             .args(["--history-per-room", "0"])
             .args(args)
