@@ -70,6 +70,21 @@ impl<T> ClientAcks<T> {
         Utf8Bytes::from(with_seq(frame, self.last))
     }
 
+    /// As [`Self::stamp`], for a frame that `kept` itself holds: stamped
+    /// without copying it first.
+    pub fn stamp_with(
+        &mut self,
+        kept: T,
+        frame_of: impl for<'b> FnOnce(&'b T) -> &'b str,
+    ) -> Utf8Bytes {
+        self.last += 1;
+        let frame = frame_of(&kept);
+        let receipt = self.receipt_for(frame);
+        let stamped = Utf8Bytes::from(with_seq(frame, self.last));
+        self.pending.push_back((self.last, kept, receipt));
+        stamped
+    }
+
     /// The receipt `frame` asks for, if it is a direct message to this user
     /// asking for one (a sender's copy on its other connections is not).
     fn receipt_for(&self, frame: &str) -> Option<Receipt> {

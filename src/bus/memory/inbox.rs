@@ -114,10 +114,7 @@ impl MemoryInbox {
             return None;
         }
         Some(match &mut self.client_acks {
-            Some(acks) => {
-                let text = item.frame().to_owned();
-                acks.stamp(&text, item)
-            }
+            Some(acks) => acks.stamp_with(item, Item::frame),
             None => match item {
                 Item::Room(_, frame) | Item::Direct(_, frame) => frame,
             },
