@@ -18,6 +18,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// How a room's messages reach the sessions in it on RabbitMQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum RoomFanout {
+    /// Every connection's own queue is bound to the room's exchange: the
+    /// broker delivers each message once per member, and a resumed session
+    /// gets what it missed from its queue.
+    #[default]
+    PerConnection,
+    /// Each node binds one queue of its own to the rooms its sessions are
+    /// in and fans each message out in process: the broker delivers it once
+    /// per node. Connections keep their queue for direct messages; a resumed
+    /// session gets a room's missed messages from history.
+    PerNode,
+}
+
 /// Warren: a WebSocket chat server whose nodes scale out through RabbitMQ.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "warren", version, about, long_about = None)]
@@ -65,6 +80,12 @@ pub struct Config {
     /// Messages kept per session queue for a slow client before the oldest are dropped.
     #[arg(long, env = "WARREN_QUEUE_MAX_LENGTH", default_value_t = 10_000)]
     pub queue_max_length: u32,
+
+    /// How room messages reach sessions on RabbitMQ: `per-connection` (one
+    /// broker delivery per member) or `per-node` (one per node, fanned out in
+    /// process). The embedded bus always fans out in process.
+    #[arg(long, env = "WARREN_ROOM_FANOUT", value_enum, default_value_t = RoomFanout::PerConnection)]
+    pub room_fanout: RoomFanout,
 
     /// Seconds a connection's queue outlives its socket, so the client can
     /// reconnect (to any node) with `?resume=<session>` and get what it missed.

@@ -300,7 +300,11 @@ pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, C
             (session, claim, subscription, false)
         }
     };
-    node.metrics.resumed(resume.as_ref().map(|_| recovered));
+    // With per-node fanout the queue holds only direct messages: the
+    // client must ask history for its rooms, and is told so.
+    let rooms_recovered = recovered && node.bus.resumes_rooms();
+    node.metrics
+        .resumed(resume.as_ref().map(|_| rooms_recovered));
     // A recovered queue is still bound to the rooms its old session had
     // subscribed; binding them again costs little and covers a client that
     // lists one the old session never got to bind.
@@ -329,7 +333,7 @@ pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, C
         subscription,
         acks,
         resumed: resume.map(|_| Resumed {
-            recovered,
+            recovered: rooms_recovered,
             rooms: restore,
         }),
     })

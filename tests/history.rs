@@ -24,25 +24,6 @@ fn with_history(bus: BusKind, prefix: &str) -> Config {
     c
 }
 
-/// Deletes the test's history stream when the test ends, however it ends.
-struct Stream(Option<String>);
-
-impl Stream {
-    fn of(bus: BusKind, prefix: &str) -> Self {
-        Stream((bus == BusKind::Amqp).then(|| format!("{prefix}.history")))
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        if let Some(name) = self.0.take() {
-            let _ = std::process::Command::new("rabbitmqctl")
-                .args(["-q", "delete_queue", &name])
-                .output();
-        }
-    }
-}
-
 /// `count` numbered messages `n{from}`… into the sender's room, all acked.
 async fn send_acked(sender: &mut Client, from: usize, count: usize) {
     for i in from..from + count {
@@ -75,7 +56,7 @@ fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
 
 async fn joining_after_200_messages_asking_for_50_gets_the_last_50_then_live_ones(bus: BusKind) {
     let prefix = unique_prefix("hist50");
-    let _stream = Stream::of(bus, &prefix);
+    let _stream = HistoryStream::of(bus, &prefix);
     let server = start(with_history(bus, &prefix)).await;
     let addr = server.local_addr();
     let mut alice = connect(addr, "h", "alice").await;
@@ -125,7 +106,7 @@ async fn joining_after_200_messages_asking_for_50_gets_the_last_50_then_live_one
 async fn history_and_live_traffic_meet_with_no_gap_and_no_duplicate(bus: BusKind) {
     const TOTAL: usize = 600;
     let prefix = unique_prefix("histlive");
-    let _stream = Stream::of(bus, &prefix);
+    let _stream = HistoryStream::of(bus, &prefix);
     let server = start(with_history(bus, &prefix)).await;
     let addr = server.local_addr();
     let mut alice = connect(addr, "busy", "alice").await;
@@ -170,7 +151,7 @@ async fn get_json(addr: SocketAddr, path: &str, bearer: Option<&str>) -> (u16, V
 
 async fn history_pages_over_http(bus: BusKind) {
     let prefix = unique_prefix("histhttp");
-    let _stream = Stream::of(bus, &prefix);
+    let _stream = HistoryStream::of(bus, &prefix);
     let server = start(with_history(bus, &prefix)).await;
     let addr = server.local_addr();
     let mut alice = connect(addr, "paged", "alice").await;
@@ -248,7 +229,7 @@ async fn history_needs_a_token_that_may_read_the_room() {
 #[tokio::test]
 async fn on_rabbitmq_history_outlives_the_node() {
     let prefix = unique_prefix("histrestart");
-    let _stream = Stream::of(BusKind::Amqp, &prefix);
+    let _stream = HistoryStream::of(BusKind::Amqp, &prefix);
     let first = start(with_history(BusKind::Amqp, &prefix)).await;
     let mut alice = connect(first.local_addr(), "kept", "alice").await;
     send_acked(&mut alice, 0, 30).await;

@@ -14,7 +14,7 @@ async fn a_receipt_comes_once_the_recipient_acknowledged(bus: BusKind) {
     let prefix = unique_prefix("receipts");
     let first = start(config(bus, &prefix)).await;
     let second = match bus {
-        BusKind::Amqp => Some(start(config(bus, &prefix)).await),
+        BusKind::Amqp | BusKind::AmqpPerNode => Some(start(config(bus, &prefix)).await),
         BusKind::Memory => None,
     };
     let there = second.as_ref().unwrap_or(&first).local_addr();

@@ -439,19 +439,3 @@ async fn the_topology_is_one_queue_per_connection_and_nothing_after() {
     assert!(!exchange_exists(&format!("{prefix}.room.r2")).await);
     server.shutdown().await;
 }
-
-/// Lines of `rabbitmqctl -q <args> --no-table-headers` that mention `prefix`.
-fn broker_list(args: &[&str], prefix: &str) -> Vec<String> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .arg("--no-table-headers")
-        .output()
-        .expect("rabbitmqctl runs (scripts/test installs RabbitMQ)");
-    assert!(out.status.success(), "rabbitmqctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(prefix))
-        .map(str::to_owned)
-        .collect()
-}

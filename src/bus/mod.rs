@@ -5,7 +5,9 @@
 //!   (`<prefix>.conn.<session>`), bound to the fanout exchange of each room it
 //!   subscribes to (`<prefix>.room.<room>`) and, by its user id, to the direct
 //!   exchange for direct messages; on a channel of its own multiplexed over a
-//!   small pool of AMQP connections ([`pool`]).
+//!   small pool of AMQP connections ([`pool`]). With `--room-fanout per-node`
+//!   rooms reach sessions through one queue per node instead
+//!   ([`amqp::node_fanout`]).
 //! - [`memory`]: the embedded in-process bus, one node, the same semantics.
 //!
 //! A session only sees [`Subscription`]: a [`Link`] to publish and to bind its
@@ -159,16 +161,17 @@ impl Bus {
             reconnects,
         )
         .await;
-        let bus = amqp::AmqpBus::new(
-            pool,
-            &config.prefix,
-            config.queue_max_length,
-            config.resume_grace(),
-            rings
+        let settings = amqp::AmqpSettings {
+            prefix: &config.prefix,
+            node_id,
+            queue_max_length: config.queue_max_length,
+            resume_grace: config.resume_grace(),
+            history: rings
                 .enabled()
                 .then_some((config.history_max_age, config.history_max_bytes)),
-            rings,
-        );
+            room_fanout: config.room_fanout,
+        };
+        let bus = amqp::AmqpBus::new(settings, pool, rings);
         bus.start_history_reader();
         Ok(Bus::Amqp(bus))
     }
@@ -206,6 +209,16 @@ impl Bus {
         match self {
             Bus::Memory(bus) => bus.open(opening).await,
             Bus::Amqp(bus) => bounded(bus.open(opening)).await,
+        }
+    }
+
+    /// Whether a resumed session gets the room messages its client missed
+    /// from its own queue (`resumed.recovered`); with per-node fanout rooms
+    /// are not kept per connection, and the client asks history instead.
+    pub fn resumes_rooms(&self) -> bool {
+        match self {
+            Bus::Memory(_) => true,
+            Bus::Amqp(bus) => bus.resumes_rooms(),
         }
     }
 

@@ -59,17 +59,46 @@ pub fn unique_prefix(test: &str) -> String {
     format!("t{:08x}.{test}", rand::random::<u32>())
 }
 
-/// Run each named `async fn(BusKind)` as two tests: one on the embedded bus,
-/// one on RabbitMQ. The session code does not know which bus it talks to, and
-/// these tests hold it to that.
+/// Run each named `async fn(BusKind)` as three tests: one on the embedded
+/// bus, and two on RabbitMQ, one in each room fanout mode. The session code
+/// does not know which bus it talks to, nor how rooms reach it, and these
+/// tests hold it to that.
 #[macro_export]
 macro_rules! on_both_buses {
+    // Tests of what only a queue per connection gives (a resume that
+    // recovers room messages): no per-node variant.
+    (per_connection: $($name:ident),* $(,)?) => {
+        mod memory_bus_queue_per_connection {
+            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Memory).await; } )*
+        }
+        mod amqp_bus_queue_per_connection {
+            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Amqp).await; } )*
+        }
+    };
     ($($name:ident),* $(,)?) => {
         mod memory_bus {
             $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Memory).await; } )*
         }
         mod amqp_bus {
             $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Amqp).await; } )*
+        }
+        mod amqp_per_node {
+            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::AmqpPerNode).await; } )*
+        }
+    };
+}
+
+/// Run each named `async fn(BusKind)` on RabbitMQ in both room fanout modes
+/// (tests of several nodes, or of the broker, that the embedded bus has no
+/// part in).
+#[macro_export]
+macro_rules! in_both_fanout_modes {
+    ($($name:ident),* $(,)?) => {
+        mod queue_per_connection {
+            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Amqp).await; } )*
+        }
+        mod feed_per_node {
+            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::AmqpPerNode).await; } )*
         }
     };
 }
@@ -78,7 +107,16 @@ macro_rules! on_both_buses {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BusKind {
     Memory,
+    /// RabbitMQ, a queue per connection bound to each room (the default).
     Amqp,
+    /// RabbitMQ with `--room-fanout per-node`.
+    AmqpPerNode,
+}
+
+impl BusKind {
+    pub fn is_amqp(self) -> bool {
+        self != BusKind::Memory
+    }
 }
 
 pub fn config(bus: BusKind, prefix: &str) -> Config {
@@ -86,8 +124,11 @@ pub fn config(bus: BusKind, prefix: &str) -> Config {
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.amqp_url = match bus {
         BusKind::Memory => None,
-        BusKind::Amqp => Some(amqp_url()),
+        BusKind::Amqp | BusKind::AmqpPerNode => Some(amqp_url()),
     };
+    if bus == BusKind::AmqpPerNode {
+        c.room_fanout = warren::config::RoomFanout::PerNode;
+    }
     c.prefix = prefix.to_owned();
     // Nodes of one test cluster share the posting-token secret, as a real one must.
     c.session_secret = Some(format!("secret-{prefix}"));
@@ -399,4 +440,40 @@ pub async fn subscribe(client: &mut Client, room: &str) -> Value {
     .await;
     assert_eq!(answer["type"], "subscribed", "{answer}");
     answer
+}
+
+/// Deletes a test's history stream (`<prefix>.history`, durable) from the
+/// shared broker when the test ends, however it ends.
+pub struct HistoryStream(Option<String>);
+
+impl HistoryStream {
+    pub fn of(bus: BusKind, prefix: &str) -> Self {
+        HistoryStream(bus.is_amqp().then(|| format!("{prefix}.history")))
+    }
+}
+
+impl Drop for HistoryStream {
+    fn drop(&mut self) {
+        if let Some(name) = self.0.take() {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "delete_queue", &name])
+                .output();
+        }
+    }
+}
+
+/// Lines of `rabbitmqctl -q <args> --no-table-headers` that mention `prefix`.
+pub fn broker_list(args: &[&str], prefix: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .arg("--no-table-headers")
+        .output()
+        .expect("rabbitmqctl runs (scripts/test installs RabbitMQ)");
+    assert!(out.status.success(), "rabbitmqctl failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(prefix))
+        .map(str::to_owned)
+        .collect()
 }

@@ -1,6 +1,8 @@
 //! A session's consumer: deliveries in order, only from what the session
 //! follows, acknowledged in batches by the server once written to the socket
-//! or, with client acks, when the client says so (`ack_upto`).
+//! or, with client acks, when the client says so (`ack_upto`). With per-node
+//! fanout, room frames come from the node's feed beside the consumer, which
+//! then carries only direct messages.
 //!
 //! A resumed session's queue first gives again what the old connection had
 //! received but not acknowledged (RabbitMQ marks them `redelivered`). Those
@@ -14,9 +16,11 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicAckOptions;
 use lapin::types::ShortString;
 use lapin::{Acker, BasicProperties, Consumer};
+use tokio::sync::mpsc;
 use tracing::debug;
 use tungstenite::Utf8Bytes;
 
+use super::node_fanout::RoomFrame;
 use super::{Names, PREFETCH, unavailable};
 use crate::bus::acks::{AckError, ClientAcks, Receipt, Settled};
 use crate::bus::{AckMode, BusError};
@@ -43,9 +47,13 @@ const REPLAY_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct AmqpInbox {
     consumer: Consumer,
+    /// With per-node fanout: the room frames the node's feed hands this
+    /// session (the consumer then carries only direct messages).
+    room_frames: Option<mpsc::Receiver<RoomFrame>>,
     /// Who acknowledges: with client acks, each frame gets a seq and its acker
-    /// waits here for the client's `ack_upto`.
-    client_acks: Option<ClientAcks<Acker>>,
+    /// (none for a room frame of the node's feed, acked by the node) waits
+    /// here for the client's `ack_upto`.
+    client_acks: Option<ClientAcks<Option<Acker>>>,
     /// A resumed session's redelivered messages, held back until `last_id`.
     replay: Option<Replay>,
     /// Frames ready to hand out before the consumer's next.
@@ -85,6 +93,7 @@ enum Taken {
 impl AmqpInbox {
     pub(super) fn new(
         consumer: Consumer,
+        room_frames: Option<mpsc::Receiver<RoomFrame>>,
         lost: tokio_util::sync::CancellationToken,
         names: &Names,
         session: &SessionId,
@@ -93,6 +102,7 @@ impl AmqpInbox {
     ) -> Self {
         Self {
             consumer,
+            room_frames,
             client_acks: (acks == AckMode::Client).then(|| ClientAcks::new(user)),
             replay: None,
             ready: VecDeque::new(),
@@ -142,11 +152,22 @@ impl AmqpInbox {
                 }
             };
             let holding = self.replay.as_ref().is_some_and(|r| !r.held.is_empty());
+            let room_frame = async {
+                match &mut self.room_frames {
+                    Some(frames) => frames.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 next = self.consumer.next() => match self.take(next)? {
                     Taken::Frame(frame) => return Ok(frame),
                     Taken::Skipped => {}
                 },
+                frame = room_frame => {
+                    if let Some(frame) = self.take_room_frame(frame)? {
+                        return Ok(frame);
+                    }
+                }
                 _ = self.lost.cancelled() => {
                     return Err(BusError::Unavailable("the broker connection was lost".into()));
                 }
@@ -160,6 +181,20 @@ impl AmqpInbox {
         loop {
             if let Some(frame) = self.ready.pop_front() {
                 return Some(Ok(frame));
+            }
+            if let Some(frames) = &mut self.room_frames {
+                let next = match frames.try_recv() {
+                    Ok(frame) => Some(frame),
+                    Err(mpsc::error::TryRecvError::Empty) => None,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Some(Err(feed_lost())),
+                };
+                if let Some(frame) = next {
+                    match self.take_room_frame(Some(frame)) {
+                        Ok(Some(frame)) => return Some(Ok(frame)),
+                        Ok(None) => continue,
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
             }
             let next = self.consumer.next().now_or_never()?;
             match self.take(next) {
@@ -216,6 +251,21 @@ impl AmqpInbox {
         Ok(Taken::Frame(self.hand_out(text, delivery.acker)))
     }
 
+    /// A room frame from the node's feed: handed out if the session follows
+    /// its room. `None`: the feed was lost, and with it this session's rooms.
+    fn take_room_frame(&mut self, frame: Option<RoomFrame>) -> Result<Option<Utf8Bytes>, BusError> {
+        let Some((exchange, frame)) = frame else {
+            return Err(feed_lost());
+        };
+        if !self.following.contains(&*exchange) {
+            return Ok(None);
+        }
+        Ok(Some(match &mut self.client_acks {
+            Some(acks) => acks.stamp(&frame, None),
+            None => frame,
+        }))
+    }
+
     /// `last_id` was not among the redelivered messages: they are all new to
     /// the client, in their order.
     fn end_replay(&mut self) {
@@ -231,7 +281,7 @@ impl AmqpInbox {
     /// client acknowledges, else remembered for the server's next ack.
     fn hand_out(&mut self, text: String, acker: Acker) -> Utf8Bytes {
         match &mut self.client_acks {
-            Some(acks) => acks.stamp(&text, acker),
+            Some(acks) => acks.stamp(&text, Some(acker)),
             None => {
                 self.unsettled = Some(acker);
                 Utf8Bytes::from(text)
@@ -272,7 +322,9 @@ impl AmqpInbox {
         };
         let Settled { mut kept, receipts } = acks.ack_upto(seq)?;
         self.ack_skipped().await;
-        if let Some(acker) = kept.pop()
+        // The newest broker delivery settles every one before it; room frames
+        // of the node's feed have nothing to settle here.
+        if let Some(acker) = kept.drain(..).rev().flatten().next()
             && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
         {
             debug!(error = %e, "ack failed; the channel is gone");
@@ -321,4 +373,10 @@ impl AmqpInbox {
             debug!(error = %e, "ack failed; the channel is gone");
         }
     }
+}
+
+/// The node's feed of room messages ended (its broker connection was lost):
+/// the session ends, as when its own queue's connection is lost.
+fn feed_lost() -> BusError {
+    BusError::Unavailable("the node's room feed was lost".into())
 }

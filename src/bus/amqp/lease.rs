@@ -2,7 +2,8 @@
 //! channel, and their release: the slot always goes; the connection queue
 //! goes too, or, when it is resumable and the session may come back, stays
 //! for the grace (`x-expires` deletes it after), with everything the client
-//! had not acknowledged back in it.
+//! had not acknowledged back in it. With per-node fanout the session also
+//! leaves the rooms of the node's feed.
 
 use std::sync::Arc;
 
@@ -11,8 +12,10 @@ use lapin::options::QueueDeleteOptions;
 use tracing::{debug, warn};
 
 use super::RELEASE_TIMEOUT;
+use super::node_fanout::NodeFanout;
 use crate::bus::Release;
 use crate::bus::pool::PooledConnection;
+use crate::names::SessionId;
 
 pub(super) struct LeaseState {
     pub(super) conn: Arc<PooledConnection>,
@@ -23,6 +26,8 @@ pub(super) struct LeaseState {
     /// Whether the connection's queue outlives its channel (`x-expires`), so
     /// it may be kept for a resume.
     pub(super) resumable: bool,
+    /// With per-node fanout: the node's feed, whose rooms the session leaves.
+    pub(super) node_fanout: Option<(Arc<NodeFanout>, SessionId)>,
 }
 
 pub struct AmqpLease {
@@ -98,7 +103,11 @@ pub(super) async fn release(state: LeaseState) {
         channel,
         queues,
         resumable: _,
+        node_fanout,
     } = state;
+    if let Some((fanout, session)) = node_fanout {
+        fanout.forget(&session).await;
+    }
     let mut channel = Some(channel);
     for queue in queues.iter().rev() {
         if let Some(open) = &channel

@@ -14,6 +14,9 @@
 //! - `<prefix>.room.<room>`: a fanout exchange per room, auto-deleted when its
 //!   last queue unbinds, so empty rooms leave nothing behind. Subscribing binds
 //!   the connection's queue to it; unsubscribing unbinds it.
+//! - `<prefix>.fanout.<node>.<n>`: with `--room-fanout per-node`, the node's
+//!   feed, bound to the rooms its sessions are in instead of their own queues
+//!   ([`node_fanout`]); connection queues then carry direct messages only.
 //! - `<prefix>.direct`: one direct exchange; every connection's queue is bound
 //!   to it with its user id as the routing key, so a direct message published
 //!   with the recipient's id reaches all of the recipient's connections on every
@@ -51,6 +54,7 @@ use tracing::{debug, warn};
 pub mod history_link;
 pub mod inbox;
 pub mod lease;
+pub mod node_fanout;
 pub mod presence_link;
 pub mod publisher;
 pub mod sessionless;
@@ -66,7 +70,9 @@ use lease::LeaseState;
 
 use super::pool::{Pool, PooledConnection};
 use super::{BusError, Inbox, Lease, Link, Opening, Release, Resume, Subscription, TAKEOVER_WAITS};
+use crate::config::RoomFanout;
 use crate::names::{RoomName, SessionId, UserId};
+use node_fanout::NodeFanout;
 
 /// Deliveries the broker may push to a session before the session acknowledges
 /// them. Bounds what a slow socket can pile up in this process; the rest waits in
@@ -140,6 +146,12 @@ impl Names {
         format!("{}.presence", self.prefix)
     }
 
+    /// A node's feed of room messages with per-node fanout; each feed
+    /// declared (after a lost connection) is a new generation.
+    pub fn fanout_queue(&self, node_id: &str, generation: u64) -> String {
+        format!("{}.fanout.{node_id}.{generation}", self.prefix)
+    }
+
     /// A node's queue on the presence exchange.
     pub fn node_queue(&self, node_id: &str) -> String {
         format!("{}.node.{node_id}", self.prefix)
@@ -175,6 +187,18 @@ fn resumable_queue(max_length: u32, grace: Duration) -> FieldTable {
 /// stalls, old gossip goes first (the next snapshot supersedes it anyway).
 const PRESENCE_QUEUE_LENGTH: u32 = 1000;
 
+/// What [`AmqpBus::new`] takes from the configuration.
+pub struct AmqpSettings<'a> {
+    pub prefix: &'a str,
+    pub node_id: &'a str,
+    pub queue_max_length: u32,
+    /// How long a connection's queue outlives its socket; `None`: exclusive.
+    pub resume_grace: Option<Duration>,
+    /// The history stream's maximum age and size, when history is kept.
+    pub history: Option<(Duration, u64)>,
+    pub room_fanout: RoomFanout,
+}
+
 #[derive(Clone)]
 pub struct AmqpBus {
     pool: Pool,
@@ -187,33 +211,46 @@ pub struct AmqpBus {
     rings: Arc<Rings>,
     /// Turns to open a session ([`OPENS_AT_ONCE`]).
     opening: Arc<Semaphore>,
+    /// With `--room-fanout per-node`: the node's feed of room messages.
+    node_fanout: Option<Arc<NodeFanout>>,
 }
 
 impl AmqpBus {
-    pub fn new(
-        pool: Pool,
-        prefix: &str,
-        queue_max_length: u32,
-        resume_grace: Option<Duration>,
-        history: Option<(Duration, u64)>,
-        rings: Arc<Rings>,
-    ) -> Self {
-        let names = Names::new(prefix);
+    pub fn new(settings: AmqpSettings<'_>, pool: Pool, rings: Arc<Rings>) -> Self {
+        let names = Names::new(settings.prefix);
+        let history = settings.history.map(|(max_age, max_bytes)| {
+            Arc::new(StreamSpec {
+                name: names.history_stream(),
+                max_age,
+                max_bytes,
+            })
+        });
+        let node_fanout = (settings.room_fanout == RoomFanout::PerNode).then(|| {
+            Arc::new(NodeFanout::new(
+                pool.clone(),
+                names.clone(),
+                settings.node_id,
+                settings.queue_max_length,
+                history.clone(),
+            ))
+        });
         Self {
             pool,
-            queue_max_length,
-            resume_grace,
-            history: history.map(|(max_age, max_bytes)| {
-                Arc::new(StreamSpec {
-                    name: names.history_stream(),
-                    max_age,
-                    max_bytes,
-                })
-            }),
+            queue_max_length: settings.queue_max_length,
+            resume_grace: settings.resume_grace,
+            history,
             names,
             rings,
             opening: Arc::new(Semaphore::new(OPENS_AT_ONCE)),
+            node_fanout,
         }
+    }
+
+    /// Whether a resumed session's queue holds the room messages its client
+    /// missed (with per-node fanout only its direct messages: rooms come
+    /// from history).
+    pub fn resumes_rooms(&self) -> bool {
+        self.node_fanout.is_none()
     }
 
     /// The history this node has read.
@@ -283,6 +320,10 @@ impl AmqpBus {
                 channel: channel.clone(),
                 queues: vec![self.names.slot_queue(user, slot)],
                 resumable: self.resume_grace.is_some(),
+                node_fanout: self
+                    .node_fanout
+                    .as_ref()
+                    .map(|fanout| (fanout.clone(), session.clone())),
             }),
         };
         match declare_exclusive(&channel, &lease.queues()[0], FieldTable::default()).await {
@@ -304,8 +345,16 @@ impl AmqpBus {
         {
             Ok(consumer) => {
                 debug!(%queue, %user, slot, channel = channel.id(), resumed = resume.is_some(), "opened");
+                let (member, room_frames) = match &self.node_fanout {
+                    Some(fanout) => {
+                        let (member, frames) = fanout.session_queue();
+                        (Some((fanout.clone(), member)), Some(frames))
+                    }
+                    None => (None, None),
+                };
                 let mut inbox = AmqpInbox::new(
                     consumer,
+                    room_frames,
                     conn.lost.clone(),
                     &self.names,
                     session,
@@ -328,6 +377,7 @@ impl AmqpBus {
                         names: self.names.clone(),
                         direct_exchange: self.names.direct_exchange(),
                         history: self.history.clone(),
+                        node_fanout: member,
                     }),
                     inbox: Inbox::Amqp(Box::new(inbox)),
                     lease: Lease::Amqp(lease),

@@ -1,6 +1,7 @@
 //! A session's link on RabbitMQ: publishing (to a room's exchange, or a direct
 //! message through the direct exchange, each answered by the broker's confirm),
-//! and binding its queue to rooms and unbinding it.
+//! and binding its queue to rooms and unbinding it (or, with per-node fanout,
+//! joining and leaving the rooms of the node's feed).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,9 +12,11 @@ use bytes::Bytes;
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::history_link::StreamSpec;
+use super::node_fanout::{NodeFanout, RoomFrame};
 use super::{
     NOT_FOUND, Names, VANISHED_EXCHANGE_RETRIES, bind, declare_fanout, on_short_channel,
     reply_code, unavailable,
@@ -35,6 +38,10 @@ pub struct AmqpLink {
     pub(super) direct_exchange: String,
     /// The history stream, bound to every room the session binds to.
     pub(super) history: Option<Arc<StreamSpec>>,
+    /// With per-node fanout: the node's feed, and this session's queue of
+    /// room frames that joining a room registers with it. Rooms are then
+    /// joined there, never bound to the session's own queue.
+    pub(super) node_fanout: Option<(Arc<NodeFanout>, mpsc::Sender<RoomFrame>)>,
 }
 
 impl AmqpLink {
@@ -99,6 +106,11 @@ impl AmqpLink {
     }
 
     pub async fn bind(&self, room: &RoomName) -> Result<(), BusError> {
+        if let Some((fanout, member)) = &self.node_fanout {
+            return fanout
+                .join(&self.names.room_exchange(room), &self.session, member)
+                .await;
+        }
         bind_room(
             &self.conn,
             &self.queue,
@@ -109,6 +121,11 @@ impl AmqpLink {
     }
 
     pub async fn unbind(&self, room: &RoomName) -> Result<(), BusError> {
+        if let Some((fanout, _)) = &self.node_fanout {
+            return fanout
+                .leave(&self.names.room_exchange(room), &self.session)
+                .await;
+        }
         unbind_room(&self.conn, &self.queue, &self.names.room_exchange(room)).await
     }
 }
@@ -212,7 +229,7 @@ impl Future for AmqpConfirm {
 /// auto-deleted between declare and bind closes the channel it happens on,
 /// which must not be the session's. A missing stream (the node's reader has
 /// not declared it yet) is declared before the next attempt.
-async fn bind_room(
+pub(super) async fn bind_room(
     conn: &Arc<PooledConnection>,
     queue: &str,
     exchange: &str,
@@ -250,7 +267,7 @@ async fn bind_room(
 }
 
 /// Unbind `queue` from a room's exchange, on a short-lived channel of `conn`.
-async fn unbind_room(
+pub(super) async fn unbind_room(
     conn: &Arc<PooledConnection>,
     queue: &str,
     exchange: &str,

@@ -1,0 +1,338 @@
+//! Per-node room fanout (`--room-fanout per-node`): the node binds one queue
+//! of its own, its *feed*, to the exchange of every room its sessions are in,
+//! and fans each delivery out in process to those sessions. The broker
+//! delivers a room message once per node instead of once per member, which
+//! is what a large room needs: N members on M nodes cost the broker M
+//! deliveries, not N.
+//!
+//! - The feed (`<prefix>.fanout.<node>.<generation>`) is an exclusive queue on
+//!   one pooled connection, declared when the first session joins a room and
+//!   declared again (a new generation) after its connection is lost. Bound to a
+//!   room's exchange while at least one local session is in the room; the
+//!   last one to leave unbinds it.
+//! - Each session has an in-process queue of room frames (a bounded `mpsc`,
+//!   `--queue-max-length` frames), read by its inbox beside its own broker
+//!   queue, which still carries its direct messages. A frame is checked as
+//!   UTF-8 once and shared by every member (`Utf8Bytes`, a reference count).
+//! - A session whose queue is full loses the new frame, as on the embedded bus;
+//!   nobody else waits for it.
+//! - When the feed's connection is lost every member's queue is closed: its
+//!   session ends `unavailable` and its client reconnects, as a session whose
+//!   own queue's connection was lost does.
+//!
+//! Binding, unbinding and declaring the feed are broker round trips and take
+//! turns (one at a time per node); joining a room the feed is already bound to
+//! takes none.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicQosOptions};
+use lapin::{Acker, Channel, Consumer};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tracing::{debug, warn};
+use tungstenite::Utf8Bytes;
+
+use super::history_link::StreamSpec;
+use super::publisher::{bind_room, unbind_room};
+use super::{Names, bounded_queue, consume, declare_exclusive, unavailable};
+use crate::bus::BusError;
+use crate::bus::pool::{Pool, PooledConnection};
+use crate::names::SessionId;
+
+/// A room frame on its way to a session: the room's exchange (what the inbox
+/// follows) and the frame.
+pub type RoomFrame = (Arc<str>, Utf8Bytes);
+
+/// Deliveries the broker may push to the feed before it acknowledges: the
+/// dispatcher only hands frames to in-process queues, so it keeps up; the
+/// bound keeps a stalled node's memory in check.
+const FEED_PREFETCH: u16 = 2048;
+/// Deliveries dispatched per wake-up before the feed acknowledges them (with
+/// `multiple`): one ack for a burst, not one per delivery.
+const FEED_ACK_EVERY: usize = 512;
+
+/// The node's feed and who gets what it delivers. Cheap to share (`Arc`).
+pub struct NodeFanout {
+    pool: Pool,
+    names: Names,
+    node_id: String,
+    queue_max_length: u32,
+    history: Option<Arc<StreamSpec>>,
+    /// Broker operations on the feed, one at a time.
+    turn: tokio::sync::Mutex<()>,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    feed: Option<Feed>,
+    /// Increases with every feed declared; a dispatcher only clears the
+    /// state of its own generation.
+    generation: u64,
+    /// Rooms the feed is bound to, by exchange.
+    rooms: HashMap<Arc<str>, Members>,
+}
+
+#[derive(Clone)]
+struct Feed {
+    conn: Arc<PooledConnection>,
+    queue: String,
+    generation: u64,
+}
+
+type Members = HashMap<SessionId, mpsc::Sender<RoomFrame>>;
+
+impl NodeFanout {
+    pub(super) fn new(
+        pool: Pool,
+        names: Names,
+        node_id: &str,
+        queue_max_length: u32,
+        history: Option<Arc<StreamSpec>>,
+    ) -> Self {
+        Self {
+            pool,
+            names,
+            node_id: node_id.to_owned(),
+            queue_max_length,
+            history,
+            turn: tokio::sync::Mutex::new(()),
+            state: Arc::default(),
+        }
+    }
+
+    /// A session's queue of room frames, as long as its broker queue.
+    pub(super) fn session_queue(&self) -> (mpsc::Sender<RoomFrame>, mpsc::Receiver<RoomFrame>) {
+        mpsc::channel(usize::try_from(self.queue_max_length).unwrap_or(usize::MAX))
+    }
+
+    /// Deliver `exchange`'s messages to `member` (a session's queue): when
+    /// this returns, everything published to the room afterwards reaches it.
+    pub(super) async fn join(
+        &self,
+        exchange: &str,
+        session: &SessionId,
+        member: &mpsc::Sender<RoomFrame>,
+    ) -> Result<(), BusError> {
+        if self.join_bound(exchange, session, member) {
+            return Ok(());
+        }
+        let _turn = self.turn.lock().await;
+        if self.join_bound(exchange, session, member) {
+            return Ok(());
+        }
+        let feed = self.feed().await?;
+        bind_room(&feed.conn, &feed.queue, exchange, self.history.as_deref()).await?;
+        let mut state = self.state.lock().unwrap();
+        if state.generation != feed.generation || state.feed.is_none() {
+            return Err(BusError::Unavailable(
+                "the node's room feed was lost while binding".into(),
+            ));
+        }
+        state
+            .rooms
+            .entry(exchange.into())
+            .or_default()
+            .insert(session.clone(), member.clone());
+        Ok(())
+    }
+
+    /// Join a room the feed is bound to already, without a round trip.
+    fn join_bound(
+        &self,
+        exchange: &str,
+        session: &SessionId,
+        member: &mpsc::Sender<RoomFrame>,
+    ) -> bool {
+        let mut state = self.state.lock().unwrap();
+        match state.rooms.get_mut(exchange) {
+            Some(members) => {
+                members.insert(session.clone(), member.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stop delivering `exchange`'s messages to `session`; the last member
+    /// out unbinds the feed.
+    pub(super) async fn leave(&self, exchange: &str, session: &SessionId) -> Result<(), BusError> {
+        let emptied = {
+            let mut state = self.state.lock().unwrap();
+            state.rooms.get_mut(exchange).is_some_and(|members| {
+                members.remove(session);
+                members.is_empty()
+            })
+        };
+        if emptied {
+            self.unbind_if_empty(exchange).await?;
+        }
+        Ok(())
+    }
+
+    /// `session` ended: it leaves every room it was in.
+    pub(super) async fn forget(&self, session: &SessionId) {
+        let emptied: Vec<Arc<str>> = {
+            let mut state = self.state.lock().unwrap();
+            state
+                .rooms
+                .iter_mut()
+                .filter_map(|(exchange, members)| {
+                    (members.remove(session).is_some() && members.is_empty())
+                        .then(|| exchange.clone())
+                })
+                .collect()
+        };
+        for exchange in emptied {
+            if let Err(e) = self.unbind_if_empty(&exchange).await {
+                debug!(%exchange, error = %e, "unbinding the node's feed failed");
+            }
+        }
+    }
+
+    /// Unbind the feed from `exchange` unless someone joined since it emptied.
+    /// The room is forgotten before the unbind, so a join meanwhile waits its
+    /// turn and binds again after it.
+    async fn unbind_if_empty(&self, exchange: &str) -> Result<(), BusError> {
+        let _turn = self.turn.lock().await;
+        let feed = {
+            let mut state = self.state.lock().unwrap();
+            if !state.rooms.get(exchange).is_some_and(HashMap::is_empty) {
+                return Ok(());
+            }
+            state.rooms.remove(exchange);
+            state.feed.clone()
+        };
+        match feed {
+            Some(feed) => unbind_room(&feed.conn, &feed.queue, exchange).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The live feed, declared (and its dispatcher started) if there is none.
+    /// Called with the turn held.
+    async fn feed(&self) -> Result<Feed, BusError> {
+        if let Some(feed) = &self.state.lock().unwrap().feed
+            && feed.conn.is_connected()
+        {
+            return Ok(feed.clone());
+        }
+        let conn = self.pool.pick().ok_or_else(|| {
+            BusError::Unavailable(self.pool.readiness().err().unwrap_or_default())
+        })?;
+        let generation = self.state.lock().unwrap().generation + 1;
+        let queue = self.names.fanout_queue(&self.node_id, generation);
+        let channel = conn.open_channel().await.map_err(unavailable)?;
+        let declared = async {
+            channel
+                .basic_qos(FEED_PREFETCH, BasicQosOptions { global: false })
+                .await?;
+            declare_exclusive(&channel, &queue, bounded_queue(self.queue_max_length)).await?;
+            consume(&channel, &queue, false, true).await
+        }
+        .await;
+        let consumer = match declared {
+            Ok(consumer) => consumer,
+            Err(e) => {
+                let _ = channel.close(200, "feed not declared".into()).await;
+                conn.channel_closed();
+                return Err(unavailable(e));
+            }
+        };
+        let feed = Feed {
+            conn: conn.clone(),
+            queue,
+            generation,
+        };
+        {
+            let mut state = self.state.lock().unwrap();
+            state.generation = generation;
+            state.feed = Some(feed.clone());
+            // The old feed's bindings died with its queue.
+            state.rooms.clear();
+        }
+        debug!(queue = %feed.queue, "declared the node's room feed");
+        tokio::spawn(dispatch(
+            self.state.clone(),
+            channel,
+            consumer,
+            feed.clone(),
+        ));
+        Ok(feed)
+    }
+}
+
+/// Hand every delivery of the feed to the members of its room until the feed
+/// is lost, then close every member's queue.
+async fn dispatch(state: Arc<Mutex<State>>, channel: Channel, mut consumer: Consumer, feed: Feed) {
+    let lost = feed.conn.lost.clone();
+    'feed: loop {
+        let first = tokio::select! {
+            next = consumer.next() => next,
+            () = lost.cancelled() => break,
+        };
+        let mut next = first;
+        let mut last: Option<Acker> = None;
+        for _ in 0..FEED_ACK_EVERY {
+            match next {
+                Some(Ok(delivery)) => {
+                    deliver(&state, delivery.exchange.as_str(), delivery.data);
+                    last = Some(delivery.acker);
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "the node's room feed failed");
+                    break 'feed;
+                }
+                None => break 'feed,
+            }
+            match consumer.next().now_or_never() {
+                Some(more) => next = more,
+                None => break,
+            }
+        }
+        if let Some(acker) = last
+            && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
+        {
+            debug!(error = %e, "acking the feed failed");
+        }
+    }
+    {
+        let mut state = state.lock().unwrap();
+        if state.generation == feed.generation {
+            // Dropping every member's sender ends its session's room queue.
+            state.feed = None;
+            state.rooms.clear();
+        }
+    }
+    if channel.status().connected() {
+        let _ = channel.close(200, "the feed ended".into()).await;
+    }
+    feed.conn.channel_closed();
+    debug!(queue = %feed.queue, "the node's room feed ended");
+}
+
+/// One delivery to every member of its room.
+fn deliver(state: &Mutex<State>, exchange: &str, data: Vec<u8>) {
+    // Only Warren publishes to room exchanges, and only serde_json output; a
+    // foreign non-UTF-8 message is replaced, not trusted.
+    let text = String::from_utf8(data)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    let frame = Utf8Bytes::from(text);
+    let state = state.lock().unwrap();
+    let Some((room, members)) = state.rooms.get_key_value(exchange) else {
+        return;
+    };
+    for (session, member) in members {
+        match member.try_send((room.clone(), frame.clone())) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                debug!(%session, %room, "a session's room queue is full; frame dropped");
+            }
+            // The session ended; its lease makes it leave.
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+}
