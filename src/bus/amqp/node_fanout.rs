@@ -25,6 +25,7 @@
 //! takes none.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{FutureExt, StreamExt};
@@ -112,7 +113,7 @@ impl NodeFanout {
     /// Deliver `exchange`'s messages to `member` (a session's queue): when
     /// this returns, everything published to the room afterwards reaches it.
     pub(super) async fn join(
-        &self,
+        self: &Arc<Self>,
         exchange: &str,
         session: &SessionId,
         member: &mpsc::Sender<RoomFrame>,
@@ -120,6 +121,22 @@ impl NodeFanout {
         if self.join_bound(exchange, session, member) {
             return Ok(());
         }
+        let (fanout, exchange, session, member) = (
+            self.clone(),
+            exchange.to_owned(),
+            session.clone(),
+            member.clone(),
+        );
+        run_to_end(async move { fanout.bind_and_join(&exchange, &session, &member).await }).await
+    }
+
+    /// Bind the feed to `exchange` (declaring the feed if need be), then join.
+    async fn bind_and_join(
+        &self,
+        exchange: &str,
+        session: &SessionId,
+        member: &mpsc::Sender<RoomFrame>,
+    ) -> Result<(), BusError> {
         let _turn = self.turn.lock().await;
         if self.join_bound(exchange, session, member) {
             return Ok(());
@@ -159,7 +176,11 @@ impl NodeFanout {
 
     /// Stop delivering `exchange`'s messages to `session`; the last member
     /// out unbinds the feed.
-    pub(super) async fn leave(&self, exchange: &str, session: &SessionId) -> Result<(), BusError> {
+    pub(super) async fn leave(
+        self: &Arc<Self>,
+        exchange: &str,
+        session: &SessionId,
+    ) -> Result<(), BusError> {
         let emptied = {
             let mut state = self.state.lock().unwrap();
             state.rooms.get_mut(exchange).is_some_and(|members| {
@@ -168,7 +189,8 @@ impl NodeFanout {
             })
         };
         if emptied {
-            self.unbind_if_empty(exchange).await?;
+            let (fanout, exchange) = (self.clone(), exchange.to_owned());
+            run_to_end(async move { fanout.unbind_if_empty(&exchange).await }).await?;
         }
         Ok(())
     }
@@ -263,6 +285,18 @@ impl NodeFanout {
         ));
         Ok(feed)
     }
+}
+
+/// Run a broker operation on the feed in a task of its own and wait for it.
+/// A caller that gives up (a `bounded` timeout) must not leave a feed half
+/// declared, a binding unrecorded, or the feed bound to a room nobody here is
+/// in (its exchange would never be auto-deleted): the task finishes anyway.
+async fn run_to_end(
+    operation: impl Future<Output = Result<(), BusError>> + Send + 'static,
+) -> Result<(), BusError> {
+    tokio::spawn(operation)
+        .await
+        .unwrap_or_else(|e| Err(BusError::Unavailable(e.to_string())))
 }
 
 /// Hand every delivery of the feed to the members of its room until the feed
