@@ -439,3 +439,52 @@ async fn the_topology_is_one_queue_per_connection_and_nothing_after() {
     assert!(!exchange_exists(&format!("{prefix}.room.r2")).await);
     server.shutdown().await;
 }
+
+/// A client that sends no `ref` asked for no `ack`: its session's channel
+/// never enters confirm mode, so its messages cost the broker no confirms;
+/// its first message with a `ref` turns confirms on, and is acked.
+#[tokio::test]
+async fn a_sender_that_asks_for_no_ack_costs_the_broker_no_confirms() {
+    let prefix = unique_prefix("noconfirm");
+    let mut cfg = config(BusKind::Amqp, &prefix);
+    let node = format!("{prefix}-node");
+    cfg.node_id = Some(node.clone());
+    let server = start(cfg).await;
+    let mut alice = connect(server.local_addr(), "quiet", "alice").await;
+    for text in ["one", "two"] {
+        send_json(&mut alice.socket, json!({"type":"message","text":text})).await;
+        let echo = next_matching(&mut alice.socket, |f| f["type"] == "message").await;
+        assert_eq!(echo["text"], text);
+    }
+    assert_eq!(confirming_channels(&node), 0);
+    send_json(
+        &mut alice.socket,
+        json!({"type":"message","text":"three","ref":"r3"}),
+    )
+    .await;
+    let ack = next_matching(&mut alice.socket, |f| f["type"] == "ack").await;
+    assert_eq!(ack["ref"], "r3");
+    assert_eq!(confirming_channels(&node), 1);
+    server.shutdown().await;
+}
+
+/// Channels in confirm mode on the AMQP connections of node `node`.
+fn confirming_channels(node: &str) -> usize {
+    let connections: Vec<String> = broker_list(
+        &["list_connections", "name", "client_properties"],
+        &format!("\"warren {node} #"),
+    )
+    .into_iter()
+    .filter_map(|line| line.split('\t').next().map(str::to_owned))
+    .collect();
+    assert!(!connections.is_empty(), "the node's connections");
+    broker_list(&["list_channels", "name", "confirm"], "->")
+        .into_iter()
+        .filter(|line| {
+            connections
+                .iter()
+                .any(|c| line.starts_with(&format!("{c} (")))
+        })
+        .filter(|line| line.ends_with("\ttrue"))
+        .count()
+}

@@ -90,6 +90,18 @@ pub enum BusError {
     SessionGone,
 }
 
+/// What a publisher asks of the bus about one room message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarantee {
+    /// The broker's confirm: the sender is told it was taken (`ack`), or
+    /// that it was not.
+    Confirmed,
+    /// The client asked for no `ack` (it sent no `ref`): handed to the
+    /// broker in order, and its failure is reported only if the broker
+    /// connection fails under it. Costs the broker no confirm.
+    BestEffort,
+}
+
 /// Who acknowledges a session's deliveries to the bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AckMode {
@@ -345,11 +357,13 @@ pub trait SessionLink {
     /// Hand `payload` to the bus for `to`: a room the session is bound to, or a
     /// user. Frames published through one link reach every receiver in the
     /// order they were published. A direct message's confirm fails with
-    /// [`BusError::NoRecipient`] when nobody by that id is connected.
+    /// [`BusError::NoRecipient`] when nobody by that id is connected; direct
+    /// messages are always confirmed, room messages as `guarantee` asks.
     fn publish(
         &self,
         to: &Destination,
         payload: Bytes,
+        guarantee: Guarantee,
     ) -> impl Future<Output = Result<Self::Confirm, BusError>> + Send;
 
     /// A `delivered` receipt to every connection of `to` (no copy anywhere
@@ -371,13 +385,20 @@ pub trait SessionLink {
 /// A session's link on the bus it runs on.
 pub enum Link {
     Memory(memory::MemoryLink),
-    Amqp(amqp::AmqpLink),
+    // Boxed: channel, names and the node's fanout make it several times the
+    // embedded bus's link.
+    Amqp(Box<amqp::AmqpLink>),
 }
 
 impl SessionLink for Link {
     type Confirm = Confirm;
 
-    async fn publish(&self, to: &Destination, payload: Bytes) -> Result<Confirm, BusError> {
+    async fn publish(
+        &self,
+        to: &Destination,
+        payload: Bytes,
+        guarantee: Guarantee,
+    ) -> Result<Confirm, BusError> {
         match (self, to) {
             (Link::Memory(l), Destination::Room(room)) => {
                 Ok(Confirm::Done(Some(l.publish(room, payload))))
@@ -386,7 +407,7 @@ impl SessionLink for Link {
                 Ok(Confirm::Done(Some(l.publish_direct(user, payload))))
             }
             (Link::Amqp(l), Destination::Room(room)) => {
-                l.publish(room, payload).await.map(Confirm::Amqp)
+                l.publish(room, payload, guarantee).await.map(Confirm::Amqp)
             }
             // Boxed: two publishes in a row make a large future, which would
             // otherwise grow every session's task, idle or not.

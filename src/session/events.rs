@@ -28,7 +28,7 @@ use super::rooms::Rooms;
 use super::{Inbound, SessionEnd, Transport};
 use crate::auth::Grant;
 use crate::bus::acks::Receipt;
-use crate::bus::{BusError, Inbox, SessionLink};
+use crate::bus::{BusError, Guarantee, Inbox, SessionLink};
 use crate::error::{ClientError, ErrorCode};
 use crate::handshake::Identity;
 use crate::metrics::Metrics;
@@ -357,7 +357,13 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
         let published_at = std::time::Instant::now();
         // A broker that stops reading (a memory alarm, a half-open link) must
         // not freeze the session: bound the publish, and let shutdown through.
-        let published = on_broker(self.node, self.link.publish(&to, payload)).await?;
+        // No `ref`, no `ack` asked for: the broker need not confirm it.
+        let guarantee = if reference.is_some() {
+            Guarantee::Confirmed
+        } else {
+            Guarantee::BestEffort
+        };
+        let published = on_broker(self.node, self.link.publish(&to, payload, guarantee)).await?;
         match published {
             Ok(confirm) => {
                 self.metrics().received(to.kind(), T::KIND);
@@ -616,6 +622,7 @@ mod tests {
             &self,
             _to: &Destination,
             payload: Bytes,
+            _guarantee: Guarantee,
         ) -> Result<GateConfirm, BusError> {
             if self.stuck {
                 std::future::pending::<()>().await;

@@ -40,11 +40,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer, ExchangeKind};
@@ -368,7 +369,7 @@ impl AmqpBus {
                     inbox.skip_through(last_id);
                 }
                 Ok(Subscription {
-                    link: Link::Amqp(AmqpLink {
+                    link: Link::Amqp(Box::new(AmqpLink {
                         conn: conn.clone(),
                         channel,
                         queue,
@@ -378,7 +379,8 @@ impl AmqpBus {
                         direct_exchange: self.names.direct_exchange(),
                         history: self.history.clone(),
                         node_fanout: member,
-                    }),
+                        confirming: AtomicBool::new(false),
+                    })),
                     inbox: Inbox::Amqp(Box::new(inbox)),
                     lease: Lease::Amqp(lease),
                 })
@@ -429,9 +431,6 @@ impl AmqpBus {
         user: &UserId,
         resuming: bool,
     ) -> lapin::Result<Consumer> {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
         channel
             .basic_qos(PREFETCH, BasicQosOptions { global: false })
             .await?;

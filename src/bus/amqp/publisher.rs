@@ -6,10 +6,11 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use lapin::options::BasicPublishOptions;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::sync::mpsc;
@@ -21,14 +22,20 @@ use super::{
     NOT_FOUND, Names, VANISHED_EXCHANGE_RETRIES, bind, declare_fanout, on_short_channel,
     reply_code, unavailable,
 };
-use crate::bus::BusError;
 use crate::bus::pool::PooledConnection;
+use crate::bus::{BusError, Guarantee};
 use crate::names::{RoomName, SessionId, UserId};
 
 pub struct AmqpLink {
     pub(super) conn: Arc<PooledConnection>,
-    /// The session's own channel, in confirm mode; it also carries its consumer.
+    /// The session's own channel; it also carries its consumer. In confirm
+    /// mode from its first publish that needs a confirm on (`confirming`):
+    /// a session whose client never asks for an `ack` costs the broker no
+    /// confirms, which in a busy room cost it as much per delivery as a
+    /// fifth of the delivery itself (every confirm of a fanout publish
+    /// waits on every bound queue).
     pub(super) channel: Channel,
+    pub(super) confirming: AtomicBool,
     /// The connection's queue.
     pub(super) queue: String,
     pub(super) user: UserId,
@@ -45,8 +52,18 @@ pub struct AmqpLink {
 }
 
 impl AmqpLink {
-    /// Publish to a room the session is subscribed to (so its exchange exists).
-    pub async fn publish(&self, room: &RoomName, payload: Bytes) -> Result<AmqpConfirm, BusError> {
+    /// Publish to a room the session is subscribed to (so its exchange
+    /// exists), confirmed as `guarantee` asks (once the channel confirms,
+    /// everything it publishes is confirmed).
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        payload: Bytes,
+        guarantee: Guarantee,
+    ) -> Result<AmqpConfirm, BusError> {
+        if guarantee == Guarantee::Confirmed {
+            self.confirm_from_now().await?;
+        }
         publish_to_exchange(&self.channel, &self.names.room_exchange(room), &payload)
             .await
             .map(AmqpConfirm)
@@ -62,6 +79,7 @@ impl AmqpLink {
         to: &UserId,
         payload: Bytes,
     ) -> Result<AmqpConfirm, BusError> {
+        self.confirm_from_now().await?;
         let exchange = &self.direct_exchange;
         let confirm = publish_direct(
             &self.channel,
@@ -92,6 +110,7 @@ impl AmqpLink {
     /// no error). Its confirm is awaited, because lapin keeps a confirm that
     /// is dropped unread for the channel's lifetime.
     pub async fn publish_receipt(&self, to: &UserId, payload: Bytes) -> Result<(), BusError> {
+        self.confirm_from_now().await?;
         let confirm = publish_direct(
             &self.channel,
             &self.direct_exchange,
@@ -103,6 +122,22 @@ impl AmqpLink {
         .await
         .map_err(unavailable)?;
         AmqpConfirm(confirm).await
+    }
+
+    /// Put the channel in confirm mode, once. A session publishes from its
+    /// own task, one publish at a time, so two never race here. A direct
+    /// message needs it too: a returned `mandatory` publish (nobody to
+    /// deliver to) is reported through its confirm.
+    async fn confirm_from_now(&self) -> Result<(), BusError> {
+        if self.confirming.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)?;
+        self.confirming.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     pub async fn bind(&self, room: &RoomName) -> Result<(), BusError> {

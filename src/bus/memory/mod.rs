@@ -396,7 +396,7 @@ impl Drop for MemoryLease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::SessionLink as _;
+    use crate::bus::{Guarantee, SessionLink as _};
     use crate::protocol::Destination;
 
     fn user(name: &str) -> UserId {
@@ -429,7 +429,7 @@ mod tests {
 
     async fn send(s: &Subscription, to: Destination, text: &str) -> Result<(), BusError> {
         s.link
-            .publish(&to, Bytes::from(text.to_owned()))
+            .publish(&to, Bytes::from(text.to_owned()), Guarantee::Confirmed)
             .await?
             .await
     }
