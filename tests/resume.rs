@@ -351,3 +351,68 @@ async fn presence_naming(client: &mut Client, field: &str, user: &str) {
         }
     }
 }
+
+/// A resume whose open is given up part-way (the handshake's bound on the
+/// broker, `BROKER_TIMEOUT`, ran out while the broker was slow) must leave the
+/// old queue, with everything its client missed, for the client's next try.
+/// Found by scripts/soak: a dropped resume deleted the queue, and the next one
+/// answered `recovered:false`. Here opens are given up after ever longer
+/// times, so that some stop at each step of a resume; after each, once its
+/// clean-up has run (its slot queue is gone), the queue must still be there,
+/// and the resume that finally completes must get it. RabbitMQ only: the
+/// embedded bus's open has no step to stop at.
+#[tokio::test]
+async fn a_resume_given_up_midway_leaves_the_queue_for_the_next_try() {
+    use warren::bus::{AckMode, Bus, Opening, Release, Resume};
+    use warren::names::{SessionId, UserId};
+
+    let prefix = unique_prefix("resume_cut");
+    let mut c = resumable(BusKind::Amqp, &prefix, 30);
+    c.history_per_room = 0; // no stream to leave behind
+    let bus = Bus::connect(&c, "cut", Default::default()).await.unwrap();
+    let user = UserId::parse("alice").unwrap();
+    let session = SessionId::random();
+    let queue = format!("{prefix}.conn.alice.{session}");
+    let opening = |slot, resume| Opening {
+        session: &session,
+        user: &user,
+        slot,
+        acks: AckMode::Client,
+        resume,
+    };
+    let first = bus.open(&opening(0, None)).await.unwrap();
+    first.into_lease().release(Release::KeepForResume).await;
+    assert!(queue_exists(&queue).await, "kept for a resume");
+
+    let mut given_up = 0;
+    let resumed = 'tries: {
+        // Each try takes a slot of its own: a given-up one frees its slot in
+        // the background.
+        // From 0.2 ms, 5% longer each time: dense where an open's steps are.
+        for slot in 1..300u16 {
+            let limit = Duration::from_micros(200).mul_f64(1.05f64.powi(i32::from(slot)));
+            let resume = Some(Resume { last_id: None });
+            match tokio::time::timeout(limit, bus.open(&opening(slot, resume))).await {
+                Ok(Ok(subscription)) => break 'tries subscription,
+                Ok(Err(e)) => panic!("resume {slot} failed: {e} ({given_up} given up before)"),
+                Err(_) => {
+                    given_up += 1;
+                    let slot_queue = format!("{prefix}.slot.alice.{slot}");
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while queue_exists(&slot_queue).await {
+                        assert!(tokio::time::Instant::now() < deadline, "{slot_queue} stays");
+                    }
+                    assert!(
+                        queue_exists(&queue).await,
+                        "a resume given up after {limit:?} deleted the session's queue"
+                    );
+                }
+            }
+        }
+        panic!("no resume completed in 300 tries");
+    };
+    assert!(given_up > 0, "no resume was given up part-way");
+    resumed.into_lease().release(Release::Delete).await;
+    assert!(!queue_exists(&queue).await, "deleted at the end");
+    bus.close().await;
+}

@@ -45,14 +45,6 @@ impl AmqpLease {
         }
     }
 
-    /// A resume that did not get the old queue must not delete it: only the
-    /// slot is this lease's.
-    pub(super) fn truncate_to_slot(&mut self) {
-        if let Some(state) = &mut self.state {
-            state.queues.truncate(1);
-        }
-    }
-
     /// The broker closed the channel before anything was declared: nothing
     /// is left to delete, only the channel to uncount.
     pub(super) fn forget_channel(&mut self) {

@@ -339,12 +339,22 @@ impl AmqpBus {
                 return Err(unavailable(e));
             }
         }
-        lease.add_queue(queue.clone());
+        // A new queue is the lease's from its declare on. A resumed one only
+        // once this open has it: an open given up part-way (its caller's
+        // bound ran out) drops the lease, and a dropped lease deletes its
+        // queues; the old queue, with everything its client missed, must
+        // stay for the client's next try.
+        if resume.is_none() {
+            lease.add_queue(queue.clone());
+        }
         match self
             .declare_connection(&channel, &queue, user, resume.is_some())
             .await
         {
             Ok(consumer) => {
+                if resume.is_some() {
+                    lease.add_queue(queue.clone());
+                }
                 debug!(%queue, %user, slot, channel = channel.id(), resumed = resume.is_some(), "opened");
                 let (member, room_frames) = match &self.node_fanout {
                     Some(fanout) => {
@@ -389,17 +399,13 @@ impl AmqpBus {
                 if resume.is_some()
                     && matches!(reply_code(&e), Some(NOT_FOUND | ACCESS_REFUSED)) =>
             {
-                // Expired, or taken by another resume, since we looked: keep
-                // nothing of it (the lease must not delete someone's queue).
-                lease.truncate_to_slot();
+                // Expired, or taken by another resume, since we looked: the
+                // lease holds only the slot.
                 lease.release(Release::Delete).await;
                 Err(BusError::SessionGone)
             }
             Err(e) => {
                 warn!(%queue, error = %e, "opening a session's queue failed");
-                if resume.is_some() {
-                    lease.truncate_to_slot();
-                }
                 lease.release(Release::Delete).await;
                 Err(unavailable(e))
             }
