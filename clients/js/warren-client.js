@@ -671,6 +671,10 @@ export class WarrenClient {
       case 'unsubscribed': return this.#onUnsubscribed(f);
       case 'message': {
         const sub = typeof f.room === 'string' ? this.#rooms.get(f.room) : undefined;
+        // Catching up from history after a resume that did not recover:
+        // live messages wait for the page, so nothing comes twice or out of
+        // order (and they are acknowledged once they are passed on).
+        if (sub && sub.catchingUp) { sub.catchingUp.push(f); return; }
         if (sub) {
           this.#emit('message', f);
           if (typeof f.id === 'string') sub.lastId = f.id;
@@ -727,7 +731,10 @@ export class WarrenClient {
     if (!recovered) {
       for (const room of rooms) {
         const sub = this.#rooms.get(room);
-        if (sub && sub.lastId) this.#sendSubscribe(room, { since: sub.lastId });
+        if (sub && sub.lastId) {
+          sub.catchingUp = [];
+          this.#sendSubscribe(room, { since: sub.lastId });
+        }
       }
     }
     this.#emit('resumed', { session: f.session, recovered, rooms });
@@ -739,10 +746,22 @@ export class WarrenClient {
     if (!sub) return;
     const messages = Array.isArray(f.messages) ? f.messages : [];
     this.#emit('history', { room: f.room, messages, complete: f.complete === true });
+    const ids = new Set();
     for (const m of messages) {
       if (!m || m.type !== 'message') continue;
       this.#emit('message', { ...m, history: true });
-      if (typeof m.id === 'string') { sub.lastId = m.id; this.#lastId = m.id; }
+      if (typeof m.id === 'string') { sub.lastId = m.id; this.#lastId = m.id; ids.add(m.id); }
+    }
+    // The live messages that came while the page was on its way: those it
+    // did not hold, after it.
+    const held = sub.catchingUp;
+    sub.catchingUp = null;
+    for (const f of held || []) {
+      if (!ids.has(f.id)) {
+        this.#emit('message', f);
+        if (typeof f.id === 'string') sub.lastId = f.id;
+      }
+      this.#delivered(f);
     }
   }
 
@@ -752,6 +771,9 @@ export class WarrenClient {
     // A new connection counts its deliveries from 1.
     this.#seq = 0;
     this.#ackedSeq = 0;
+    // Held messages of the last connection were never acknowledged: they
+    // come again, from the queue or from history.
+    for (const sub of this.#rooms.values()) sub.catchingUp = null;
     const resumed = this.#resumeFrom;
     this.#resumeFrom = null;
     if (this.#kind === 'ws') this.#wsFailures = 0;

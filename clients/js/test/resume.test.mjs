@@ -120,6 +120,45 @@ for (const bus of BUSES) {
   });
 }
 
+describe('with per-node fanout (the queue keeps no room messages)', () => {
+  test('a resume catches up from history: everything once, in order, then live', async () => {
+    const server = await startWarren({
+      bus: 'amqp',
+      flags: { 'room-fanout': 'per-node', 'history-per-room': '100' },
+    });
+    const cutter = await proxy(server.port);
+    const room = unique('r');
+    const alice = new WarrenClient({ url: cutter.url, user: unique('alice'), backoff: FAST });
+    const bob = new WarrenClient({ url: server.url, user: unique('bob') });
+    try {
+      const seen = collect(alice, room);
+      await Promise.all([alice.subscribe(room), alice.connect(), bob.subscribe(room), bob.connect()]);
+      for (let i = 0; i < 20; i++) await bob.send(room, `n${i}`);
+      await until(() => seen.length === 20, 'the first 20');
+
+      const lost = next(alice, 'disconnected');
+      cutter.cut();
+      await lost;
+      for (let i = 20; i < 50; i++) await bob.send(room, `n${i}`);
+      const resumed = next(alice, 'resumed');
+      cutter.letThrough();
+      // Live traffic while the history page is on its way.
+      const r = await resumed;
+      for (let i = 50; i < 60; i++) await bob.send(room, `n${i}`);
+      assert.equal(r.recovered, false, 'rooms come from history in this mode');
+      await until(() => seen.at(-1) === 'n59', 'the live messages');
+      const expected = Array.from({ length: 60 }, (_, i) => `n${i}`);
+      assert.deepEqual(seen, expected);
+    } finally {
+      alice.close();
+      bob.close();
+      cutter.close();
+      await server.stop();
+      await server.deleteHistory();
+    }
+  });
+});
+
 describe('receipts', () => {
   test('a direct message sent with a receipt earns a delivered event once acknowledged', async () => {
     const server = await startWarren({ bus: 'memory' });
