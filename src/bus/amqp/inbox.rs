@@ -6,6 +6,9 @@
 //! received but not acknowledged (RabbitMQ marks them `redelivered`). Those
 //! up to the client's `last_id` were processed already: they are held back
 //! until that id shows up and then dropped, or let through when it does not.
+//!
+//! Where the queue dropped messages (it was full), a `gap` frame goes out in
+//! their place, found by the publishers' numbers ([`crate::bus::gaps`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
@@ -19,6 +22,7 @@ use tungstenite::Utf8Bytes;
 
 use super::{Names, PREFETCH, unavailable};
 use crate::bus::acks::{AckError, ClientAcks, Receipt, Settled};
+use crate::bus::gaps::{Gaps, gap_frame};
 use crate::bus::{AckMode, BusError};
 use crate::names::{RoomName, SessionId, UserId};
 use crate::protocol::frame_head;
@@ -68,6 +72,8 @@ pub struct AmqpInbox {
     /// Copies of this session's own direct messages carry its id; it skips them.
     session: SessionId,
     names: Names,
+    /// The last number seen per publisher and destination, to find drops.
+    gaps: Gaps,
 }
 
 /// Redelivered messages held back while looking for the client's last id.
@@ -105,6 +111,7 @@ impl AmqpInbox {
             direct_exchange: names.direct_exchange(),
             session: session.clone(),
             names: names.clone(),
+            gaps: Gaps::default(),
         }
     }
 
@@ -118,7 +125,9 @@ impl AmqpInbox {
 
     /// Deliver `room`'s messages from now on.
     pub fn follow(&mut self, room: &RoomName) {
-        self.following.insert(self.names.room_exchange(room));
+        let exchange = self.names.room_exchange(room);
+        self.gaps.forget(&exchange);
+        self.following.insert(exchange);
     }
 
     /// Skip `room`'s messages from now on, even those already queued.
@@ -187,11 +196,18 @@ impl AmqpInbox {
             self.skip(delivery.acker);
             return Ok(Taken::Skipped);
         }
+        let missed = self.gaps.observe(
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
+            &delivery.properties,
+        );
         // Only Warren publishes to these exchanges, and only serde_json
         // output; a foreign non-UTF-8 message is replaced, not trusted.
         let text = String::from_utf8(delivery.data)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         if let Some(replay) = &mut self.replay {
+            // A drop between redelivered messages was the old connection's
+            // to report; they only set where the numbers stand.
             if delivery.redelivered {
                 let last =
                     frame_head(&text).and_then(|(_, id)| id) == Some(replay.last_id.as_str());
@@ -209,11 +225,23 @@ impl AmqpInbox {
                 return Ok(Taken::Skipped);
             }
             self.end_replay();
+        }
+        if missed > 0 || !self.ready.is_empty() {
+            // Not stamped: a gap frame takes no seq and needs no ack.
+            if missed > 0 {
+                let room = self.names.room_of(delivery.exchange.as_str());
+                self.ready.push_back(gap_frame(room, missed));
+            }
             let frame = self.hand_out(text, delivery.acker);
             self.ready.push_back(frame);
             return Ok(Taken::Skipped);
         }
         Ok(Taken::Frame(self.hand_out(text, delivery.acker)))
+    }
+
+    /// Drops found since the last call, for the metrics.
+    pub fn take_missed(&mut self) -> u64 {
+        self.gaps.take_uncounted()
     }
 
     /// `last_id` was not among the redelivered messages: they are all new to

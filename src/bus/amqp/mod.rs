@@ -115,6 +115,13 @@ impl Names {
         format!("{}.room.{room}", self.prefix)
     }
 
+    /// The room whose fanout exchange is `exchange`, if it is one.
+    pub fn room_of<'e>(&self, exchange: &'e str) -> Option<&'e str> {
+        exchange
+            .strip_prefix(self.prefix.as_ref())?
+            .strip_prefix(".room.")
+    }
+
     /// A connection's queue.
     pub fn connection_queue(&self, user: &UserId, session: &SessionId) -> String {
         format!("{}.conn.{user}.{session}", self.prefix)
@@ -328,6 +335,7 @@ impl AmqpBus {
                         names: self.names.clone(),
                         direct_exchange: self.names.direct_exchange(),
                         history: self.history.clone(),
+                        numbering: Default::default(),
                     }),
                     inbox: Inbox::Amqp(Box::new(inbox)),
                     lease: Lease::Amqp(lease),

@@ -1,6 +1,8 @@
 //! A session's link on RabbitMQ: publishing (to a room's exchange, or a direct
 //! message through the direct exchange, each answered by the broker's confirm),
-//! and binding its queue to rooms and unbinding it.
+//! and binding its queue to rooms and unbinding it. Every publish of a link is
+//! numbered in its headers, so that receivers see what their queue dropped
+//! ([`crate::bus::gaps`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,6 +21,7 @@ use super::{
     reply_code, unavailable,
 };
 use crate::bus::BusError;
+use crate::bus::gaps::Numbering;
 use crate::bus::pool::PooledConnection;
 use crate::names::{RoomName, SessionId, UserId};
 
@@ -35,12 +38,18 @@ pub struct AmqpLink {
     pub(super) direct_exchange: String,
     /// The history stream, bound to every room the session binds to.
     pub(super) history: Option<Arc<StreamSpec>>,
+    /// This channel's numbering of its publishes, per destination (boxed:
+    /// the link is part of every session's task).
+    pub(super) numbering: Box<Numbering>,
 }
 
 impl AmqpLink {
     /// Publish to a room the session is subscribed to (so its exchange exists).
     pub async fn publish(&self, room: &RoomName, payload: Bytes) -> Result<AmqpConfirm, BusError> {
-        publish_to_exchange(&self.channel, &self.names.room_exchange(room), &payload)
+        let exchange = self.names.room_exchange(room);
+        let properties =
+            BasicProperties::default().with_headers(self.numbering.headers(&exchange, "", false));
+        publish_with(&self.channel, &exchange, &payload, properties)
             .await
             .map(AmqpConfirm)
             .map_err(unavailable)
@@ -63,6 +72,7 @@ impl AmqpLink {
             &payload,
             DirectCopy::Recipient,
             None,
+            Some(&self.numbering),
         )
         .await
         .map_err(unavailable)?;
@@ -74,6 +84,7 @@ impl AmqpLink {
                 &payload,
                 DirectCopy::Sender,
                 Some(&self.session),
+                Some(&self.numbering),
             )
             .await
             .map_err(unavailable)?;
@@ -92,6 +103,7 @@ impl AmqpLink {
             &payload,
             DirectCopy::Sender,
             None,
+            Some(&self.numbering),
         )
         .await
         .map_err(unavailable)?;
@@ -119,13 +131,23 @@ pub(super) async fn publish_to_exchange(
     exchange: &str,
     payload: &[u8],
 ) -> lapin::Result<PublisherConfirm> {
+    publish_with(channel, exchange, payload, BasicProperties::default()).await
+}
+
+/// As [`publish_to_exchange`], with `properties` (a link's numbering headers).
+async fn publish_with(
+    channel: &Channel,
+    exchange: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> lapin::Result<PublisherConfirm> {
     channel
         .basic_publish(
             exchange.into(),
             "".into(),
             BasicPublishOptions::default(),
             payload,
-            BasicProperties::default(),
+            properties,
         )
         .await
 }
@@ -160,7 +182,8 @@ pub(super) enum DirectCopy {
 }
 
 /// Publish a direct message to every connection of `to` through the direct
-/// exchange. `origin` marks the copy its own session must skip.
+/// exchange. `origin` marks the copy its own session must skip; `numbering`,
+/// a session link's, numbers it (a marked copy apart from the rest).
 pub(super) async fn publish_direct(
     channel: &Channel,
     exchange: &str,
@@ -168,8 +191,13 @@ pub(super) async fn publish_direct(
     payload: &[u8],
     copy: DirectCopy,
     origin: Option<&SessionId>,
+    numbering: Option<&Numbering>,
 ) -> lapin::Result<PublisherConfirm> {
     let mut properties = BasicProperties::default();
+    if let Some(numbering) = numbering {
+        properties =
+            properties.with_headers(numbering.headers(exchange, to.as_str(), origin.is_some()));
+    }
     if let Some(origin) = origin {
         properties = properties.with_correlation_id(origin.as_str().into());
     }
