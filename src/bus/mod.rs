@@ -15,6 +15,10 @@
 //! which bus it talks to; it uses the [`SessionLink`] trait, which its unit
 //! tests implement with a stand-in.
 //!
+//! A queue that overflows tells its session how much it dropped, with a `gap`
+//! frame in the inbox ([`gaps`] on RabbitMQ, counted at the queue on the
+//! embedded bus).
+//!
 //! Every broker operation a client waits on is bounded by [`BROKER_TIMEOUT`]: a
 //! half-open link must cost the client a `503 unavailable`, never a hang.
 //!
