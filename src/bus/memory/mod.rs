@@ -11,7 +11,7 @@
 //! [`QUEUE_LENGTH`]. A receiver that falls further behind loses the new frames
 //! that do not fit (RabbitMQ's bounded queues drop the oldest instead; either
 //! way a receiver that cannot keep up loses, and nobody else waits for it).
-//! The loss is counted per room and for direct messages ([`dropped`]), and the
+//! The loss is counted per room and for direct messages (`dropped.rs`), and the
 //! session gets a `gap` frame where the frames were lost.
 //!
 //! With a resume grace, a session whose socket dropped leaves its queue
