@@ -48,7 +48,7 @@ use std::hash::BuildHasher;
 use std::sync::Mutex;
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use tungstenite::Utf8Bytes;
 
 use crate::protocol::ServerFrame;
@@ -185,7 +185,8 @@ impl Gaps {
 /// The publisher id and number a delivery carries, if any.
 fn numbers(properties: &BasicProperties) -> Option<(i64, i64)> {
     let headers = properties.headers().as_ref()?.inner();
-    let value = |name: &str| match headers.get(&ShortString::from(name)) {
+    // Looked up by `&str` (ShortString borrows as one): no allocation per delivery.
+    let value = |name: &str| match headers.get(name) {
         Some(AMQPValue::LongLongInt(v)) => Some(*v),
         _ => None,
     };
