@@ -23,6 +23,9 @@ pub struct Metrics {
     errors: Family<Labels, Counter>,
     limited: Family<Labels, Counter>,
     resumes: Family<Labels, Counter>,
+    /// Messages sessions' queues dropped (their clients fell behind), as told
+    /// to them in `gap` frames.
+    pub dropped: Counter,
     /// Seconds from publish to the broker's confirm.
     pub confirm_seconds: Histogram,
     /// Publishes awaiting their confirm: the bus backlog this node is waiting on.
@@ -92,6 +95,12 @@ impl Metrics {
             "Sessions resumed after a dropped socket, by whether the old queue was recovered",
             resumes.clone(),
         );
+        let dropped = Counter::default();
+        registry.register(
+            "dropped_messages",
+            "Messages a session's full queue dropped, told to its client in gap frames",
+            dropped.clone(),
+        );
         let confirm_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         registry.register(
             "publish_confirm_seconds",
@@ -126,6 +135,7 @@ impl Metrics {
             errors,
             limited,
             resumes,
+            dropped,
             confirm_seconds,
             publish_in_flight,
             broker_reconnects,
@@ -193,6 +203,7 @@ mod tests {
         m.received("message", Transport::WebSocket);
         m.error(ErrorCode::InvalidJson);
         m.connections(Transport::Sse).inc();
+        m.dropped.inc_by(3);
         let text = m.render(2, true);
         assert!(
             text.contains(r#"warren_messages_received_total{kind="message",transport="ws"} 1"#),
@@ -207,6 +218,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("warren_broker_connections 2"), "{text}");
+        assert!(text.contains("warren_dropped_messages_total 3"), "{text}");
         assert!(text.contains("warren_ready 1"), "{text}");
     }
 }

@@ -603,6 +603,15 @@ function appendSystem(conv, text) {
   if (stick) scrollToBottom();
 }
 
+// Our queue on the server overflowed (this tab fell behind): say so where the
+// messages were lost, in order with the others.
+function onGap({ room, missed }) {
+  const text = missed + (missed === 1 ? ' message' : ' messages') + ' missed'
+    + (room ? '' : ' among direct messages') + ': this tab fell behind.';
+  if (room) appendSystem(ensureConv(roomKey(room)), text);
+  else appendSystemRoom(text);
+}
+
 // A notice about the connection: shown in the room on screen (or the first).
 function appendSystemRoom(text) {
   const conv = activeConv();
@@ -794,6 +803,7 @@ function connect() {
   on('tokenExpiring', () => appendSystemRoom('Your sign-in expires soon: get a fresh token to stay connected.'));
   // Outcomes arrive as the events above; the promises are not needed here.
   on('resumed', onResumed);
+  on('gap', onGap);
   for (const room of state.rooms) client.subscribe(room, { history: HISTORY }).catch(() => {});
   client.connect().catch(() => {});
 }

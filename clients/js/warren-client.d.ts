@@ -150,6 +150,13 @@ export interface WarrenClientEvents {
   /** A room's member set changed; `joins`/`leaves` are what changed for us. */
   presence: { room: string; joins: string[]; leaves: string[]; members: Set<string>; resync: boolean };
   message: ChatMessage;
+  /**
+   * This connection fell further behind than its queue on the server holds, and
+   * `missed` messages were lost here, in order with the `message`/`direct`
+   * events: in `room`, or among direct messages (`room` null). A room's
+   * history can fill it.
+   */
+  gap: { room: string | null; missed: number };
   /** A connection of `to` acknowledged the direct message `id` sent with `receipt: true`. */
   delivered: { id: string; to: string };
   /** After a lost connection: the session was resumed (`recovered`: nothing was lost) or not. */

@@ -686,6 +686,12 @@ export class WarrenClient {
         return this.#delivered(f);
       case 'resumed': return this.#onResumed(f);
       case 'delivered': return this.#emit('delivered', { id: f.id, to: f.to });
+      // Our queue on the server overflowed: messages were lost here. Not a
+      // delivery: it carries no seq and is not acknowledged.
+      case 'gap': return this.#emit('gap', {
+        room: typeof f.room === 'string' ? f.room : null,
+        missed: Number(f.missed) || 0,
+      });
       case 'history': return this.#onHistory(f);
       case 'presence': return this.#onPresence(f);
       case 'ack': return this.#answer(f.ref, (req) => req.resolve({ id: String(f.id) }));

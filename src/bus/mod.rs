@@ -17,6 +17,10 @@
 //! which bus it talks to; it uses the [`SessionLink`] trait, which its unit
 //! tests implement with a stand-in.
 //!
+//! A queue that overflows tells its session how much it dropped, with a `gap`
+//! frame in the inbox ([`gaps`] on RabbitMQ, counted at the queue on the
+//! embedded bus).
+//!
 //! Every broker operation a client waits on is bounded by [`BROKER_TIMEOUT`]: a
 //! half-open link must cost the client a `503 unavailable`, never a hang.
 //!
@@ -25,6 +29,8 @@
 
 pub mod acks;
 pub mod amqp;
+pub mod dropped;
+pub mod gaps;
 pub mod history;
 pub mod memory;
 pub mod pool;
@@ -155,6 +161,7 @@ impl Bus {
             return Ok(Bus::Memory(memory::MemoryBus::new(
                 config.resume_grace(),
                 rings,
+                usize::try_from(config.queue_max_length).unwrap_or(usize::MAX),
             )));
         };
         let urls: Vec<String> = urls
@@ -497,8 +504,10 @@ impl Future for Confirm {
 /// its direct messages, as JSON text that the socket
 /// takes as it is (`Utf8Bytes` is what tungstenite sends without copying).
 pub enum Inbox {
-    Memory(memory::MemoryInbox),
-    // Boxed: the AMQP side holds a consumer, an acker and its ack timing.
+    // Both boxed: each side holds its queue's state, and the session's task
+    // holds the enum.
+    Memory(Box<memory::MemoryInbox>),
+    // The AMQP side holds a consumer, an acker and its ack timing.
     Amqp(Box<amqp::AmqpInbox>),
 }
 
@@ -544,6 +553,15 @@ impl Inbox {
         match self {
             Inbox::Memory(_) => {}
             Inbox::Amqp(i) => i.settle(handed_over).await,
+        }
+    }
+
+    /// Messages the session's queue dropped that were found since the last
+    /// call (each told to the client in a `gap` frame), for the metrics.
+    pub fn take_missed(&mut self) -> u64 {
+        match self {
+            Inbox::Memory(i) => i.take_missed(),
+            Inbox::Amqp(i) => i.take_missed(),
         }
     }
 

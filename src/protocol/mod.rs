@@ -116,6 +116,16 @@ pub enum ServerFrame {
     /// A connection of `to` acknowledged the direct message `id` the sender
     /// asked a receipt for. One per acknowledging connection.
     Delivered { id: String, to: String },
+    /// The connection's queue dropped `missed` messages here, because the
+    /// connection fell further behind than the queue holds: in `room`, or,
+    /// with no `room`, among its direct messages (and receipts). Sent in order,
+    /// where the messages were lost; it carries no `seq` and is not
+    /// acknowledged.
+    Gap {
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        room: Option<String>,
+        missed: u64,
+    },
     /// Who joined and left the room since the last presence frame (batched).
     Presence {
         room: String,
@@ -387,6 +397,16 @@ mod tests {
             id: "m1".into(),
         };
         assert_eq!(ack.to_json(), r#"{"type":"ack","ref":"c1","id":"m1"}"#);
+        let gap = ServerFrame::Gap {
+            room: Some("lobby".into()),
+            missed: 3,
+        };
+        assert_eq!(gap.to_json(), r#"{"type":"gap","room":"lobby","missed":3}"#);
+        let direct_gap = ServerFrame::Gap {
+            room: None,
+            missed: 1,
+        };
+        assert_eq!(direct_gap.to_json(), r#"{"type":"gap","missed":1}"#);
         let back: ServerFrame = serde_json::from_str(&err.to_json()).unwrap();
         assert_eq!(back, err);
     }

@@ -185,6 +185,10 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                 return Continue(());
             }
         }
+        let missed = self.inbox.take_missed();
+        if missed > 0 {
+            self.metrics().dropped.inc_by(missed);
+        }
         let count = batch.len();
         self.write(batch).await?;
         self.metrics().delivered(T::KIND, count as u64);

@@ -8,8 +8,12 @@
 //! received but not acknowledged (RabbitMQ marks them `redelivered`). Those
 //! up to the client's `last_id` were processed already: they are held back
 //! until that id shows up and then dropped, or let through when it does not.
+//!
+//! Where the queue dropped messages (it was full), a `gap` frame goes out in
+//! their place, found by the publishers' numbers ([`crate::bus::gaps`]).
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -23,6 +27,8 @@ use tungstenite::Utf8Bytes;
 use super::node_fanout::RoomFrame;
 use super::{Names, PREFETCH, unavailable};
 use crate::bus::acks::{AckError, ClientAcks, Receipt, Settled};
+use crate::bus::dropped::Dropped;
+use crate::bus::gaps::{Gaps, gap_frame};
 use crate::bus::{AckMode, BusError};
 use crate::names::{RoomName, SessionId, UserId};
 use crate::protocol::frame_head;
@@ -49,7 +55,10 @@ pub struct AmqpInbox {
     consumer: Consumer,
     /// With per-node fanout: the room frames the node's feed hands this
     /// session (the consumer then carries only direct messages).
-    room_frames: Option<mpsc::Receiver<RoomFrame>>,
+    room_frames: Option<(mpsc::Receiver<RoomFrame>, Arc<Dropped>)>,
+    /// Room frames the node's feed could not queue, told since
+    /// [`Self::take_missed`].
+    feed_missed: u64,
     /// Who acknowledges: with client acks, each frame gets a seq and its acker
     /// (none for a room frame of the node's feed, acked by the node) waits
     /// here for the client's `ack_upto`.
@@ -76,6 +85,8 @@ pub struct AmqpInbox {
     /// Copies of this session's own direct messages carry its id; it skips them.
     session: SessionId,
     names: Names,
+    /// The last number seen per publisher and destination, to find drops.
+    gaps: Gaps,
 }
 
 /// Redelivered messages held back while looking for the client's last id.
@@ -93,7 +104,7 @@ enum Taken {
 impl AmqpInbox {
     pub(super) fn new(
         consumer: Consumer,
-        room_frames: Option<mpsc::Receiver<RoomFrame>>,
+        room_frames: Option<(mpsc::Receiver<RoomFrame>, Arc<Dropped>)>,
         lost: tokio_util::sync::CancellationToken,
         names: &Names,
         session: &SessionId,
@@ -103,6 +114,7 @@ impl AmqpInbox {
         Self {
             consumer,
             room_frames,
+            feed_missed: 0,
             client_acks: (acks == AckMode::Client).then(|| ClientAcks::new(user)),
             replay: None,
             ready: VecDeque::new(),
@@ -115,6 +127,7 @@ impl AmqpInbox {
             direct_exchange: names.direct_exchange(),
             session: session.clone(),
             names: names.clone(),
+            gaps: Gaps::default(),
         }
     }
 
@@ -128,12 +141,18 @@ impl AmqpInbox {
 
     /// Deliver `room`'s messages from now on.
     pub fn follow(&mut self, room: &RoomName) {
-        self.following.insert(self.names.room_exchange(room));
+        let exchange = self.names.room_exchange(room);
+        self.gaps.forget(&exchange);
+        self.following.insert(exchange);
     }
 
     /// Skip `room`'s messages from now on, even those already queued.
     pub fn unfollow(&mut self, room: &RoomName) {
-        self.following.remove(&self.names.room_exchange(room));
+        let exchange = self.names.room_exchange(room);
+        if let Some((_, dropped)) = &self.room_frames {
+            dropped.forget(&exchange);
+        }
+        self.following.remove(&exchange);
     }
 
     /// The next delivery. While waiting, acks what was handed over once
@@ -142,6 +161,9 @@ impl AmqpInbox {
         loop {
             if let Some(frame) = self.ready.pop_front() {
                 return Ok(frame);
+            }
+            if self.tell_feed_drops() {
+                continue;
             }
             self.ack_skipped().await;
             let since = self.unsettled_since;
@@ -152,10 +174,14 @@ impl AmqpInbox {
                 }
             };
             let holding = self.replay.as_ref().is_some_and(|r| !r.held.is_empty());
+            // With client acks a full window takes nothing more from the
+            // feed (the broker's prefetch holds back the consumer's): the
+            // session's queue fills, and past its length drops, told as a gap.
+            let window_full = self.window_full();
             let room_frame = async {
                 match &mut self.room_frames {
-                    Some(frames) => frames.recv().await,
-                    None => std::future::pending().await,
+                    Some((frames, _)) if !window_full => frames.recv().await,
+                    _ => std::future::pending().await,
                 }
             };
             tokio::select! {
@@ -182,10 +208,18 @@ impl AmqpInbox {
             if let Some(frame) = self.ready.pop_front() {
                 return Some(Ok(frame));
             }
-            if let Some(frames) = &mut self.room_frames {
+            let window_full = self.window_full();
+            if let Some((frames, _)) = &mut self.room_frames
+                && !window_full
+            {
                 let next = match frames.try_recv() {
                     Ok(frame) => Some(frame),
-                    Err(mpsc::error::TryRecvError::Empty) => None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        if self.tell_feed_drops() {
+                            continue;
+                        }
+                        None
+                    }
                     Err(mpsc::error::TryRecvError::Disconnected) => return Some(Err(feed_lost())),
                 };
                 if let Some(frame) = next {
@@ -222,11 +256,18 @@ impl AmqpInbox {
             self.skip(delivery.acker);
             return Ok(Taken::Skipped);
         }
+        let missed = self.gaps.observe(
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
+            &delivery.properties,
+        );
         // Only Warren publishes to these exchanges, and only serde_json
         // output; a foreign non-UTF-8 message is replaced, not trusted.
         let text = String::from_utf8(delivery.data)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         if let Some(replay) = &mut self.replay {
+            // A drop between redelivered messages was the old connection's
+            // to report; they only set where the numbers stand.
             if delivery.redelivered {
                 let last =
                     frame_head(&text).and_then(|(_, id)| id) == Some(replay.last_id.as_str());
@@ -244,6 +285,13 @@ impl AmqpInbox {
                 return Ok(Taken::Skipped);
             }
             self.end_replay();
+        }
+        if missed > 0 || !self.ready.is_empty() {
+            // Not stamped: a gap frame takes no seq and needs no ack.
+            if missed > 0 {
+                let room = self.names.room_of(delivery.exchange.as_str());
+                self.ready.push_back(gap_frame(room, missed));
+            }
             let frame = self.hand_out(text, delivery.acker);
             self.ready.push_back(frame);
             return Ok(Taken::Skipped);
@@ -254,16 +302,55 @@ impl AmqpInbox {
     /// A room frame from the node's feed: handed out if the session follows
     /// its room. `None`: the feed was lost, and with it this session's rooms.
     fn take_room_frame(&mut self, frame: Option<RoomFrame>) -> Result<Option<Utf8Bytes>, BusError> {
-        let Some((exchange, frame)) = frame else {
+        let Some((exchange, frame, missed)) = frame else {
             return Err(feed_lost());
         };
         if !self.following.contains(&*exchange) {
             return Ok(None);
         }
-        Ok(Some(match &mut self.client_acks {
+        let frame = match &mut self.client_acks {
             Some(acks) => acks.stamp(&frame, None),
             None => frame,
-        }))
+        };
+        if missed > 0 {
+            // The gap first, where the frames were lost; the frame after it.
+            self.feed_missed += missed;
+            self.ready.push_back(frame);
+            return Ok(Some(gap_frame(self.names.room_of(&exchange), missed)));
+        }
+        Ok(Some(frame))
+    }
+
+    /// With client acks, whether the client holds a full window unacknowledged.
+    fn window_full(&self) -> bool {
+        self.client_acks.as_ref().is_some_and(ClientAcks::is_full)
+    }
+
+    /// Once the feed's queue is read empty: gap frames for what it could
+    /// not take after its last frame, in the rooms followed. Whether any.
+    fn tell_feed_drops(&mut self) -> bool {
+        let Some((frames, dropped)) = &self.room_frames else {
+            return false;
+        };
+        if !frames.is_empty() {
+            return false;
+        }
+        let mut told = false;
+        for (exchange, missed) in dropped.drain() {
+            let Some(exchange) = exchange else { continue };
+            if self.following.contains(&*exchange) {
+                self.feed_missed += missed;
+                let gap = gap_frame(self.names.room_of(&exchange), missed);
+                self.ready.push_back(gap);
+                told = true;
+            }
+        }
+        told
+    }
+
+    /// Drops found since the last call, for the metrics.
+    pub fn take_missed(&mut self) -> u64 {
+        self.gaps.take_uncounted() + std::mem::take(&mut self.feed_missed)
     }
 
     /// `last_id` was not among the redelivered messages: they are all new to

@@ -122,6 +122,13 @@ impl Names {
         format!("{}.room.{room}", self.prefix)
     }
 
+    /// The room whose fanout exchange is `exchange`, if it is one.
+    pub fn room_of<'e>(&self, exchange: &'e str) -> Option<&'e str> {
+        exchange
+            .strip_prefix(self.prefix.as_ref())?
+            .strip_prefix(".room.")
+    }
+
     /// A connection's queue.
     pub fn connection_queue(&self, user: &UserId, session: &SessionId) -> String {
         format!("{}.conn.{user}.{session}", self.prefix)
@@ -365,7 +372,10 @@ impl AmqpBus {
                 };
                 let mut inbox = AmqpInbox::new(
                     consumer,
-                    room_frames,
+                    room_frames.map(|frames| {
+                        let dropped = member.as_ref().map(|(_, m)| m.dropped.clone());
+                        (frames, dropped.unwrap_or_default())
+                    }),
                     conn.lost.clone(),
                     &self.names,
                     session,
@@ -390,6 +400,7 @@ impl AmqpBus {
                         history: self.history.clone(),
                         node_fanout: member,
                         confirming: AtomicBool::new(false),
+                        numbering: Default::default(),
                     })),
                     inbox: Inbox::Amqp(Box::new(inbox)),
                     lease: Lease::Amqp(lease),

@@ -15,7 +15,8 @@
 //!   queue, which still carries its direct messages. A frame is checked as
 //!   UTF-8 once and shared by every member (`Utf8Bytes`, a reference count).
 //! - A session whose queue is full loses the new frame, as on the embedded bus;
-//!   nobody else waits for it.
+//!   nobody else waits for it. The loss is counted ([`Dropped`]) and the
+//!   session told with a `gap` frame where it happened.
 //! - When the feed's connection is lost every member's queue is closed: its
 //!   session ends `unavailable` and its client reconnects, as a session whose
 //!   own queue's connection was lost does.
@@ -26,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::{FutureExt, StreamExt};
@@ -40,12 +42,39 @@ use super::history_link::StreamSpec;
 use super::publisher::{bind_room, unbind_room};
 use super::{Names, bounded_queue, consume, declare_exclusive, unavailable};
 use crate::bus::BusError;
+use crate::bus::dropped::Dropped;
 use crate::bus::pool::{Pool, PooledConnection};
 use crate::names::SessionId;
 
 /// A room frame on its way to a session: the room's exchange (what the inbox
-/// follows) and the frame.
-pub type RoomFrame = (Arc<str>, Utf8Bytes);
+/// follows), the frame, and how many of the room's frames the session's
+/// queue could not take just before it (told with a `gap` frame).
+pub type RoomFrame = (Arc<str>, Utf8Bytes, u64);
+
+/// A session's side of the feed: its queue of room frames, and the counts of
+/// what that queue could not take, which its inbox tells.
+#[derive(Clone)]
+pub struct FeedMember {
+    pub(super) queue: mpsc::Sender<RoomFrame>,
+    pub(super) dropped: Arc<Dropped>,
+}
+
+/// A member of one room: its queue and its count of drops in that room.
+struct Member {
+    queue: mpsc::Sender<RoomFrame>,
+    dropped: Arc<Dropped>,
+    count: Arc<AtomicU64>,
+}
+
+impl Member {
+    fn of(member: &FeedMember, exchange: &Arc<str>) -> Self {
+        Member {
+            queue: member.queue.clone(),
+            dropped: member.dropped.clone(),
+            count: member.dropped.room(exchange),
+        }
+    }
+}
 
 /// Deliveries the broker may push to the feed before it acknowledges: the
 /// dispatcher only hands frames to in-process queues, so it keeps up; the
@@ -84,7 +113,7 @@ struct Feed {
     generation: u64,
 }
 
-type Members = HashMap<SessionId, mpsc::Sender<RoomFrame>>;
+type Members = HashMap<SessionId, Member>;
 
 impl NodeFanout {
     pub(super) fn new(
@@ -106,8 +135,14 @@ impl NodeFanout {
     }
 
     /// A session's queue of room frames, as long as its broker queue.
-    pub(super) fn session_queue(&self) -> (mpsc::Sender<RoomFrame>, mpsc::Receiver<RoomFrame>) {
-        mpsc::channel(usize::try_from(self.queue_max_length).unwrap_or(usize::MAX))
+    pub(super) fn session_queue(&self) -> (FeedMember, mpsc::Receiver<RoomFrame>) {
+        let (queue, frames) =
+            mpsc::channel(usize::try_from(self.queue_max_length).unwrap_or(usize::MAX));
+        let member = FeedMember {
+            queue,
+            dropped: Arc::default(),
+        };
+        (member, frames)
     }
 
     /// Deliver `exchange`'s messages to `member` (a session's queue): when
@@ -116,7 +151,7 @@ impl NodeFanout {
         self: &Arc<Self>,
         exchange: &str,
         session: &SessionId,
-        member: &mpsc::Sender<RoomFrame>,
+        member: &FeedMember,
     ) -> Result<(), BusError> {
         if self.join_bound(exchange, session, member) {
             return Ok(());
@@ -135,7 +170,7 @@ impl NodeFanout {
         &self,
         exchange: &str,
         session: &SessionId,
-        member: &mpsc::Sender<RoomFrame>,
+        member: &FeedMember,
     ) -> Result<(), BusError> {
         let _turn = self.turn.lock().await;
         if self.join_bound(exchange, session, member) {
@@ -149,25 +184,26 @@ impl NodeFanout {
                 "the node's room feed was lost while binding".into(),
             ));
         }
+        let exchange: Arc<str> = exchange.into();
+        let joined = Member::of(member, &exchange);
         state
             .rooms
-            .entry(exchange.into())
+            .entry(exchange)
             .or_default()
-            .insert(session.clone(), member.clone());
+            .insert(session.clone(), joined);
         Ok(())
     }
 
     /// Join a room the feed is bound to already, without a round trip.
-    fn join_bound(
-        &self,
-        exchange: &str,
-        session: &SessionId,
-        member: &mpsc::Sender<RoomFrame>,
-    ) -> bool {
+    fn join_bound(&self, exchange: &str, session: &SessionId, member: &FeedMember) -> bool {
         let mut state = self.state.lock().unwrap();
-        match state.rooms.get_mut(exchange) {
-            Some(members) => {
-                members.insert(session.clone(), member.clone());
+        match state.rooms.get_key_value(exchange) {
+            Some((exchange, _)) => {
+                let exchange = exchange.clone();
+                let joined = Member::of(member, &exchange);
+                if let Some(members) = state.rooms.get_mut(&exchange) {
+                    members.insert(session.clone(), joined);
+                }
                 true
             }
             None => false,
@@ -360,9 +396,13 @@ fn deliver(state: &Mutex<State>, exchange: &str, data: Vec<u8>) {
         return;
     };
     for (session, member) in members {
-        match member.try_send((room.clone(), frame.clone())) {
+        // The drops before this frame travel with it, so the gap is told
+        // where it happened; if it does not fit either, they stay counted.
+        let missed = member.count.swap(0, Ordering::AcqRel);
+        match member.queue.try_send((room.clone(), frame.clone(), missed)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
+                member.dropped.count(&member.count, missed + 1);
                 debug!(%session, %room, "a session's room queue is full; frame dropped");
             }
             // The session ended; its lease makes it leave.

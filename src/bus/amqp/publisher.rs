@@ -1,7 +1,9 @@
 //! A session's link on RabbitMQ: publishing (to a room's exchange, or a direct
 //! message through the direct exchange, each answered by the broker's confirm),
 //! and binding its queue to rooms and unbinding it (or, with per-node fanout,
-//! joining and leaving the rooms of the node's feed).
+//! joining and leaving the rooms of the node's feed). Every publish of a link
+//! is numbered in its headers, so that receivers see what their queue dropped
+//! ([`crate::bus::gaps`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,15 +15,15 @@ use bytes::Bytes;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
-use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::history_link::StreamSpec;
-use super::node_fanout::{NodeFanout, RoomFrame};
+use super::node_fanout::{FeedMember, NodeFanout};
 use super::{
     NOT_FOUND, Names, VANISHED_EXCHANGE_RETRIES, bind, declare_fanout, on_short_channel,
     reply_code, unavailable,
 };
+use crate::bus::gaps::Numbering;
 use crate::bus::pool::PooledConnection;
 use crate::bus::{BusError, Guarantee};
 use crate::names::{RoomName, SessionId, UserId};
@@ -48,7 +50,10 @@ pub struct AmqpLink {
     /// With per-node fanout: the node's feed, and this session's queue of
     /// room frames that joining a room registers with it. Rooms are then
     /// joined there, never bound to the session's own queue.
-    pub(super) node_fanout: Option<(Arc<NodeFanout>, mpsc::Sender<RoomFrame>)>,
+    pub(super) node_fanout: Option<(Arc<NodeFanout>, FeedMember)>,
+    /// This channel's numbering of its publishes, per destination (boxed:
+    /// the link is part of every session's task).
+    pub(super) numbering: Box<Numbering>,
 }
 
 impl AmqpLink {
@@ -64,7 +69,10 @@ impl AmqpLink {
         if guarantee == Guarantee::Confirmed {
             self.confirm_from_now().await?;
         }
-        publish_to_exchange(&self.channel, &self.names.room_exchange(room), &payload)
+        let exchange = self.names.room_exchange(room);
+        let properties =
+            BasicProperties::default().with_headers(self.numbering.headers(&exchange, "", false));
+        publish_with(&self.channel, &exchange, &payload, properties)
             .await
             .map(AmqpConfirm)
             .map_err(unavailable)
@@ -88,6 +96,7 @@ impl AmqpLink {
             &payload,
             DirectCopy::Recipient,
             None,
+            Some(&self.numbering),
         )
         .await
         .map_err(unavailable)?;
@@ -99,6 +108,7 @@ impl AmqpLink {
                 &payload,
                 DirectCopy::Sender,
                 Some(&self.session),
+                Some(&self.numbering),
             )
             .await
             .map_err(unavailable)?;
@@ -118,6 +128,7 @@ impl AmqpLink {
             &payload,
             DirectCopy::Sender,
             None,
+            Some(&self.numbering),
         )
         .await
         .map_err(unavailable)?;
@@ -171,13 +182,23 @@ pub(super) async fn publish_to_exchange(
     exchange: &str,
     payload: &[u8],
 ) -> lapin::Result<PublisherConfirm> {
+    publish_with(channel, exchange, payload, BasicProperties::default()).await
+}
+
+/// As [`publish_to_exchange`], with `properties` (a link's numbering headers).
+async fn publish_with(
+    channel: &Channel,
+    exchange: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> lapin::Result<PublisherConfirm> {
     channel
         .basic_publish(
             exchange.into(),
             "".into(),
             BasicPublishOptions::default(),
             payload,
-            BasicProperties::default(),
+            properties,
         )
         .await
 }
@@ -212,7 +233,8 @@ pub(super) enum DirectCopy {
 }
 
 /// Publish a direct message to every connection of `to` through the direct
-/// exchange. `origin` marks the copy its own session must skip.
+/// exchange. `origin` marks the copy its own session must skip; `numbering`,
+/// a session link's, numbers it (a marked copy apart from the rest).
 pub(super) async fn publish_direct(
     channel: &Channel,
     exchange: &str,
@@ -220,8 +242,13 @@ pub(super) async fn publish_direct(
     payload: &[u8],
     copy: DirectCopy,
     origin: Option<&SessionId>,
+    numbering: Option<&Numbering>,
 ) -> lapin::Result<PublisherConfirm> {
     let mut properties = BasicProperties::default();
+    if let Some(numbering) = numbering {
+        properties =
+            properties.with_headers(numbering.headers(exchange, to.as_str(), origin.is_some()));
+    }
     if let Some(origin) = origin {
         properties = properties.with_correlation_id(origin.as_str().into());
     }

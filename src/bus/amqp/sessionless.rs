@@ -1,6 +1,10 @@
 //! Publishing and asking without a session: HTTP POSTs publish on a
 //! short-lived channel of their own, and the probes ask the broker which of a
 //! user's session slots are held.
+//!
+//! What they publish is not numbered for gap detection (`bus::gaps`): a
+//! channel that publishes one message per destination and closes could never
+//! show a gap.
 
 use std::future::Future;
 
@@ -61,6 +65,7 @@ impl AmqpBus {
                 &payload,
                 DirectCopy::Recipient,
                 None,
+                None,
             )
             .await?;
             if from != to {
@@ -70,6 +75,7 @@ impl AmqpBus {
                     from,
                     &payload,
                     DirectCopy::Sender,
+                    None,
                     None,
                 )
                 .await?;

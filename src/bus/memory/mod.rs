@@ -7,10 +7,12 @@
 //! (`Utf8Bytes`, a reference count) by every member and written to each socket
 //! as they are: never copied or re-serialised.
 //!
-//! Slow receivers: a queue holds [`QUEUE_LENGTH`] frames. A receiver that falls
-//! further behind loses the new frames that do not fit, and the loss is logged
-//! (RabbitMQ's bounded queues drop the oldest instead; either way a receiver
-//! that cannot keep up loses, and nobody else waits for it).
+//! Slow receivers: a queue holds `--queue-max-length` frames, at most
+//! [`QUEUE_LENGTH`]. A receiver that falls further behind loses the new frames
+//! that do not fit (RabbitMQ's bounded queues drop the oldest instead; either
+//! way a receiver that cannot keep up loses, and nobody else waits for it).
+//! The loss is counted per room and for direct messages (`dropped.rs`), and the
+//! session gets a `gap` frame where the frames were lost.
 //!
 //! With a resume grace, a session whose socket dropped leaves its queue
 //! [`parked`]: still bound, still filling, with what the client had not
@@ -23,12 +25,13 @@ mod inbox;
 mod parked;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::debug;
 use tungstenite::Utf8Bytes;
 
 pub use inbox::MemoryInbox;
@@ -37,39 +40,55 @@ use super::history::Rings;
 use super::{
     AckMode, BusError, Inbox, Lease, Link, Opening, Release, Subscription, TAKEOVER_WAITS,
 };
+use crate::bus::dropped::Dropped;
 use crate::names::{RoomName, SessionId, UserId};
 use parked::{Parked, Parking};
 
-/// Frames a session's queue holds for a slow reader.
+/// The most frames a session's queue holds for a slow reader, whatever
+/// `--queue-max-length` says: each is a reference to a shared frame, but a
+/// node holds one queue per session.
 pub const QUEUE_LENGTH: usize = 1024;
 
 /// One queued delivery, with where it came from so the inbox can filter.
 #[derive(Clone)]
-enum Item {
-    Room(Arc<str>, Utf8Bytes),
+struct Item {
+    source: Source,
+    frame: Utf8Bytes,
+    /// Frames of the same source this queue could not take just before this
+    /// one; the inbox tells them once, and zeroes this.
+    missed: u64,
+}
+
+#[derive(Clone)]
+enum Source {
+    Room(Arc<str>),
     /// `origin`: the sending session, on the sender's own copy.
-    Direct(Option<SessionId>, Utf8Bytes),
+    Direct(Option<SessionId>),
 }
 
 impl Item {
     fn frame(&self) -> &str {
-        match self {
-            Item::Room(_, frame) | Item::Direct(_, frame) => frame.as_str(),
-        }
+        self.frame.as_str()
     }
 }
 
-type Queue = mpsc::Sender<Item>;
+/// A session's queue: where frames go, and what did not fit.
+#[derive(Clone)]
+struct Queue {
+    sender: mpsc::Sender<Item>,
+    dropped: Arc<Dropped>,
+}
 
 #[derive(Clone, Default)]
 pub struct MemoryBus {
     inner: Arc<Inner>,
 }
 
-/// A room: its name, shared by every delivery, and its members' queues.
+/// A room: its name, shared by every delivery, and its members' queues, each
+/// with its count of this room's frames it could not take.
 struct Room {
     name: Arc<str>,
-    members: HashMap<SessionId, Queue>,
+    members: HashMap<SessionId, (Queue, Arc<AtomicU64>)>,
 }
 
 #[derive(Default)]
@@ -84,14 +103,20 @@ struct Inner {
     resume_grace: Option<Duration>,
     /// Each room's last messages, recorded as they are published.
     rings: Option<Arc<Rings>>,
+    /// Frames a session's queue holds (`--queue-max-length`, at most
+    /// [`QUEUE_LENGTH`]).
+    queue_length: usize,
 }
 
 impl MemoryBus {
-    pub fn new(resume_grace: Option<Duration>, rings: Arc<Rings>) -> Self {
+    /// A bus whose session queues hold `queue_length` frames (at most
+    /// [`QUEUE_LENGTH`], at least one).
+    pub fn new(resume_grace: Option<Duration>, rings: Arc<Rings>, queue_length: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
                 resume_grace,
                 rings: Some(rings),
+                queue_length: queue_length.clamp(1, QUEUE_LENGTH),
                 ..Inner::default()
             }),
         }
@@ -117,7 +142,11 @@ impl MemoryBus {
             let parked = self.unpark(session, user).await?;
             return Ok(self.subscription(session, user, acks, parked.resumed(resume.last_id)));
         }
-        let (queue, receiver) = mpsc::channel(QUEUE_LENGTH);
+        let (sender, receiver) = mpsc::channel(self.inner.queue_length.max(1));
+        let queue = Queue {
+            sender,
+            dropped: Arc::default(),
+        };
         self.inner
             .users
             .lock()
@@ -151,13 +180,14 @@ impl MemoryBus {
                 queue: queue.clone(),
                 rooms: rooms.clone(),
             }),
-            inbox: Inbox::Memory(MemoryInbox::new(
+            inbox: Inbox::Memory(Box::new(MemoryInbox::new(
                 inbox,
+                queue.dropped.clone(),
                 session,
                 user,
                 acks,
                 parking.clone(),
-            )),
+            ))),
             lease: Lease::Memory(MemoryLease {
                 bus: self.clone(),
                 session: session.clone(),
@@ -211,8 +241,8 @@ impl MemoryBus {
             rings.record(&frame);
         }
         if let Some(room) = self.inner.rooms.lock().unwrap().get(room) {
-            for queue in room.members.values() {
-                deliver(queue, Item::Room(room.name.clone(), frame.clone()));
+            for (queue, dropped) in room.members.values() {
+                deliver(queue, dropped, Source::Room(room.name.clone()), &frame);
             }
         }
     }
@@ -232,36 +262,40 @@ impl MemoryBus {
             return Err(BusError::NoRecipient);
         };
         for queue in recipients.values() {
-            deliver(queue, Item::Direct(None, frame.clone()));
+            deliver(queue, &queue.dropped.direct, Source::Direct(None), &frame);
         }
         if from != to
             && let Some(senders) = users.get(from)
         {
-            for queue in senders.values() {
-                deliver(queue, Item::Direct(origin.cloned(), frame.clone()));
+            // Not to the sending session itself, which would skip it: a copy
+            // its full queue could not take would be told as a loss.
+            let others = senders.iter().filter(|(s, _)| Some(*s) != origin);
+            for (_, queue) in others {
+                let source = Source::Direct(origin.cloned());
+                deliver(queue, &queue.dropped.direct, source, &frame);
             }
         }
         Ok(())
     }
 
     fn bind(&self, room: &RoomName, session: &SessionId, queue: &Queue) {
-        self.inner
-            .rooms
-            .lock()
-            .unwrap()
-            .entry(room.clone())
-            .or_insert_with(|| Room {
-                name: room.as_str().into(),
-                members: HashMap::new(),
-            })
+        let mut rooms = self.inner.rooms.lock().unwrap();
+        let entry = rooms.entry(room.clone()).or_insert_with(|| Room {
+            name: room.as_str().into(),
+            members: HashMap::new(),
+        });
+        let dropped = queue.dropped.room(&entry.name);
+        entry
             .members
-            .insert(session.clone(), queue.clone());
+            .insert(session.clone(), (queue.clone(), dropped));
     }
 
     fn unbind(&self, room: &RoomName, session: &SessionId) {
         let mut rooms = self.inner.rooms.lock().unwrap();
         if let Some(entry) = rooms.get_mut(room) {
-            entry.members.remove(session);
+            if let Some((queue, _)) = entry.members.remove(session) {
+                queue.dropped.forget(room.as_str());
+            }
             if entry.members.is_empty() {
                 rooms.remove(room);
             }
@@ -279,10 +313,18 @@ impl MemoryBus {
     }
 }
 
-/// A receiver this far behind loses the new frame, never blocks the sender.
-fn deliver(queue: &Queue, item: Item) {
-    if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(item) {
-        warn!("a slow receiver's queue is full; frame dropped for it");
+/// A receiver this far behind loses the new frame, never blocks the sender;
+/// `dropped` counts it, and the next frame from `source` that fits carries
+/// the count.
+fn deliver(queue: &Queue, dropped: &AtomicU64, source: Source, frame: &Utf8Bytes) {
+    let item = Item {
+        source,
+        frame: frame.clone(),
+        missed: dropped.swap(0, Ordering::AcqRel),
+    };
+    if let Err(mpsc::error::TrySendError::Full(item)) = queue.sender.try_send(item) {
+        debug!("a slow receiver's queue is full; frame dropped for it");
+        queue.dropped.count(dropped, item.missed + 1);
     }
 }
 
@@ -436,7 +478,7 @@ mod tests {
 
     #[tokio::test]
     async fn fans_out_in_order_and_isolates_rooms() {
-        let bus = MemoryBus::new(None, Rings::new(0));
+        let bus = MemoryBus::new(None, Rings::new(0), QUEUE_LENGTH);
         let a = open(&bus, "alice", &["lobby"]).await;
         let mut b = open(&bus, "bob", &["lobby", "other"]).await;
         let mut c = open(&bus, "carol", &["other"]).await;
@@ -462,7 +504,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unfollowed_room_delivers_nothing_even_if_queued() {
-        let bus = MemoryBus::new(None, Rings::new(0));
+        let bus = MemoryBus::new(None, Rings::new(0), QUEUE_LENGTH);
         let a = open(&bus, "alice", &["lobby"]).await;
         let mut b = open(&bus, "bob", &["lobby", "other"]).await;
         send(&a, Destination::Room(room("lobby")), "queued")
@@ -482,7 +524,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_direct_message_reaches_every_session_of_both_users_but_its_own() {
-        let bus = MemoryBus::new(None, Rings::new(0));
+        let bus = MemoryBus::new(None, Rings::new(0), QUEUE_LENGTH);
         let a1 = open(&bus, "alice", &[]).await;
         let mut a2 = open(&bus, "alice", &[]).await;
         let mut b1 = open(&bus, "bob", &[]).await;
@@ -501,8 +543,70 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_queue_tells_what_it_dropped_where_it_dropped_it() {
+        async fn to_lobby(s: &Subscription, i: u32) {
+            send(s, Destination::Room(room("lobby")), &i.to_string())
+                .await
+                .unwrap();
+        }
+        async fn next(s: &mut Subscription) -> String {
+            s.inbox.recv().await.unwrap().to_string()
+        }
+        let bus = MemoryBus::new(None, Rings::new(0), 3);
+        let a = open(&bus, "alice", &["lobby"]).await;
+        let mut b = open(&bus, "bob", &["lobby"]).await;
+        for i in 0..5 {
+            to_lobby(&a, i).await;
+        }
+        assert_eq!(next(&mut b).await, "0");
+        // Room for one more: it carries the count of the two that did not fit.
+        to_lobby(&a, 5).await;
+        for expected in ["1", "2", r#"{"type":"gap","room":"lobby","missed":2}"#, "5"] {
+            assert_eq!(next(&mut b).await, expected);
+        }
+        for i in 6..10 {
+            to_lobby(&a, i).await;
+        }
+        send(&a, Destination::User(user("bob")), "dm")
+            .await
+            .unwrap();
+        for expected in ["6", "7", "8"] {
+            assert_eq!(next(&mut b).await, expected);
+        }
+        // Nothing carried the last drops: told once the queue is read.
+        let mut told = vec![next(&mut b).await, next(&mut b).await];
+        told.sort();
+        assert_eq!(
+            told,
+            [
+                r#"{"type":"gap","missed":1}"#,
+                r#"{"type":"gap","room":"lobby","missed":1}"#
+            ]
+        );
+        assert!(b.inbox.try_recv().is_none());
+        assert_eq!(b.inbox.take_missed(), 4);
+        assert_eq!(b.inbox.take_missed(), 0);
+    }
+
+    #[tokio::test]
+    async fn drops_in_a_room_no_longer_followed_are_not_told() {
+        let bus = MemoryBus::new(None, Rings::new(0), 2);
+        let a = open(&bus, "alice", &["lobby"]).await;
+        let mut b = open(&bus, "bob", &["lobby", "other"]).await;
+        for i in 0..4 {
+            send(&a, Destination::Room(room("lobby")), &i.to_string())
+                .await
+                .unwrap();
+        }
+        b.inbox.unfollow(&room("lobby"));
+        b.link.unbind(&room("lobby")).await.unwrap();
+        assert!(b.inbox.try_recv().is_none());
+        assert_eq!(b.inbox.take_missed(), 0);
+    }
+
+    #[tokio::test]
     async fn a_released_session_leaves_nothing_behind() {
-        let bus = MemoryBus::new(None, Rings::new(0));
+        let bus = MemoryBus::new(None, Rings::new(0), QUEUE_LENGTH);
         let a = open(&bus, "alice", &["lobby", "other"]).await;
         let b = open(&bus, "alice", &["lobby"]).await;
         assert_eq!((bus.room_count(), bus.user_count()), (2, 1));

@@ -1,0 +1,169 @@
+//! Overflow is never silent: when a session's queue drops messages because its
+//! client fell behind, the client gets a `gap` frame with how many, where they
+//! were lost, and `/metrics` counts them; a room that keeps up gets none. On
+//! both buses, against a small `--queue-max-length`.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use serde_json::{Value, json};
+
+on_both_buses!(
+    a_flood_past_a_full_queue_adds_up,
+    a_room_that_keeps_up_has_no_gap
+);
+
+/// What the receiver's queue holds: far below what the flood sends past the
+/// receiver's window of 256 unacknowledged deliveries.
+const QUEUE_MAX_LENGTH: u32 = 50;
+const FLOOD: u64 = 600;
+
+/// What one client read of a flood: the numbers of the messages, in order,
+/// and the `missed` of each gap frame.
+#[derive(Default)]
+struct Read {
+    numbers: Vec<u64>,
+    gaps: Vec<u64>,
+    /// The number the next message must have: one more than the last, plus
+    /// what a gap frame since said was missed.
+    next: u64,
+}
+
+impl Read {
+    fn accounted(&self) -> u64 {
+        self.numbers.len() as u64 + self.gaps.iter().sum::<u64>()
+    }
+}
+
+/// Take one frame of a flood (`kind` `message` in `room`, or `direct`).
+fn take(read: &mut Read, frame: &Value, kind: &str, room: Option<&str>) -> bool {
+    if frame["type"] == kind {
+        let n: u64 = frame["text"].as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            n, read.next,
+            "a gap frame stands exactly where messages were lost"
+        );
+        read.next = n + 1;
+        read.numbers.push(n);
+        true
+    } else if frame["type"] == "gap" {
+        assert_eq!(frame.get("room").and_then(Value::as_str), room, "{frame}");
+        assert!(frame.get("seq").is_none(), "a gap takes no seq: {frame}");
+        let missed = frame["missed"].as_u64().unwrap();
+        assert!(missed > 0, "{frame}");
+        read.gaps.push(missed);
+        read.next += missed;
+        true
+    } else {
+        false
+    }
+}
+
+async fn dropped_total(addr: SocketAddr) -> u64 {
+    let (status, _, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("warren_dropped_messages_total "))
+        .unwrap_or_else(|| panic!("no dropped counter in {body}"))
+        .parse()
+        .unwrap()
+}
+
+/// Alice sends [`FLOOD`] numbered messages to `to` (a room or bob) and reads
+/// every broker ack (and, in a room, her own copies) while bob, who
+/// acknowledges deliveries himself, acknowledges none: his window fills, and
+/// then his queue. Then bob acknowledges as he reads. Every message acked to
+/// alice is, for each of them, either received, in order, or counted missed.
+async fn flood(alice: &mut Client, bob: &mut Client, to: Value) -> (Read, Read) {
+    let room = to.get("room").and_then(Value::as_str).map(str::to_owned);
+    let kind = if room.is_some() { "message" } else { "direct" };
+    for n in 0..FLOOD {
+        let mut frame = to.clone();
+        frame["text"] = n.to_string().into();
+        frame["ref"] = format!("r{n}").into();
+        send_json(&mut alice.socket, frame).await;
+    }
+    let mut acks = 0;
+    let mut mine = Read::default();
+    // Her own copies come back in a room; a direct message's does not.
+    let own = if room.is_some() { FLOOD } else { 0 };
+    while acks < FLOOD || mine.accounted() < own {
+        let frame = next_json(&mut alice.socket).await;
+        if frame["type"] == "ack" {
+            acks += 1;
+        } else {
+            assert!(take(&mut mine, &frame, kind, room.as_deref()), "{frame}");
+        }
+    }
+
+    let mut his = Read::default();
+    while his.accounted() < FLOOD {
+        let frame = next_json(&mut bob.socket).await;
+        assert!(take(&mut his, &frame, kind, room.as_deref()), "{frame}");
+        if let Some(seq) = frame["seq"].as_u64() {
+            send_json(&mut bob.socket, json!({"type":"ack_upto","seq":seq})).await;
+        }
+    }
+    assert_eq!(his.accounted(), FLOOD, "received + missed = sent and acked");
+    eprintln!(
+        "{kind} flood of {FLOOD}: bob received {} and was told {:?} missed",
+        his.numbers.len(),
+        his.gaps
+    );
+    assert!(
+        !his.gaps.is_empty(),
+        "a queue of {QUEUE_MAX_LENGTH} behind a window of 256 must drop some of {FLOOD}"
+    );
+    (mine, his)
+}
+
+async fn a_flood_past_a_full_queue_adds_up(bus: BusKind) {
+    let mut config = config(bus, &unique_prefix("overflow"));
+    config.queue_max_length = QUEUE_MAX_LENGTH;
+    let server = start(config).await;
+    let addr = server.local_addr();
+    let mut alice = connect(addr, "flood", "alice").await;
+    let mut bob = connect_with(addr, "room=flood&user=bob&acks=client").await;
+
+    let (mine, his) = flood(
+        &mut alice,
+        &mut bob,
+        json!({"type":"message","room":"flood"}),
+    )
+    .await;
+    let in_room = his.gaps.iter().sum::<u64>() + mine.gaps.iter().sum::<u64>();
+    assert_eq!(dropped_total(addr).await, in_room);
+
+    let (_, his) = flood(&mut alice, &mut bob, json!({"type":"direct","to":"bob"})).await;
+    assert_eq!(
+        dropped_total(addr).await,
+        in_room + his.gaps.iter().sum::<u64>()
+    );
+    server.shutdown().await;
+}
+
+async fn a_room_that_keeps_up_has_no_gap(bus: BusKind) {
+    let mut config = config(bus, &unique_prefix("nogap"));
+    config.queue_max_length = QUEUE_MAX_LENGTH;
+    let server = start(config).await;
+    let addr = server.local_addr();
+    let mut alice = connect(addr, "calm", "alice").await;
+    let mut bob = connect(addr, "calm", "bob").await;
+    // One at a time, each read by both before the next: the queues never fill.
+    for n in 0..200 {
+        send_json(
+            &mut alice.socket,
+            json!({"type":"message","room":"calm","text":n.to_string()}),
+        )
+        .await;
+        for client in [&mut alice, &mut bob] {
+            let frame = next_json(&mut client.socket).await;
+            assert_eq!(frame["type"], "message", "{frame}");
+            assert_eq!(frame["text"], n.to_string());
+        }
+    }
+    assert_eq!(dropped_total(addr).await, 0);
+    server.shutdown().await;
+}
