@@ -1,12 +1,18 @@
 //! The ceiling: Warren's topology straight on RabbitMQ, without WebSockets or
 //! Warren.
 //!
-//! One fanout exchange for the room; per client a channel (spread over a few
-//! connections, like Warren's pool), an exclusive server-named queue bound to the
-//! exchange, and a consumer. Publishing and consuming copy Warren's semantics so
-//! the comparison is fair: publisher confirms on every channel, prefetch 256,
-//! manual acks with `multiple` once per 64 deliveries or 250 ms, the same bounded queue
-//! arguments, and the same JSON document as the body.
+//! One fanout exchange for the room; per client a channel (spread over
+//! `--amqp-connections`, one by default), an exclusive server-named queue bound
+//! to the exchange, and a consumer. Every mode carries the JSON document Warren
+//! puts on the broker, so the broker moves the same bytes. What differs is what
+//! the client asks of the broker ([`AmqpMode`]):
+//!
+//! - `noack`: no-ack consumers, no publisher confirms, plain queues. The least a
+//!   client can ask for: what this broker delivers at best.
+//! - `ack`: manual acks, prefetch 256, one `multiple` ack per 64 deliveries. What
+//!   a client that wants flow control pays.
+//! - `warren`: Warren's choices, for the record: publisher confirms, prefetch
+//!   256, acks per 64 deliveries or 250 ms, the same bounded drop-head queues.
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -23,6 +29,7 @@ use lapin::{
 };
 
 use super::{Client, Inbox as AnyInbox, Outbox as AnyOutbox};
+use crate::cli::AmqpMode;
 use crate::payload;
 
 /// Warren's `PREFETCH`, `ACK_EVERY` and `ACK_DELAY` (src/bus/amqp.rs).
@@ -37,10 +44,11 @@ const QUEUE_MAX_LENGTH: i64 = 1_000_000;
 pub struct Room {
     connections: Vec<Connection>,
     exchange: String,
+    mode: AmqpMode,
 }
 
 impl Room {
-    pub async fn open(url: &str, connections: usize, room: String) -> Result<Self> {
+    pub async fn open(url: &str, connections: usize, room: String, mode: AmqpMode) -> Result<Self> {
         let mut opened = Vec::new();
         for _ in 0..connections.max(1) {
             opened.push(
@@ -54,6 +62,7 @@ impl Room {
         Ok(Self {
             connections: opened,
             exchange,
+            mode,
         })
     }
 
@@ -65,21 +74,28 @@ impl Room {
         let channel = self.connections[index % self.connections.len()]
             .create_channel()
             .await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions { global: false })
-            .await?;
+        let warren = self.mode == AmqpMode::Warren;
+        if warren {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+        }
+        if self.mode != AmqpMode::Noack {
+            channel
+                .basic_qos(PREFETCH, BasicQosOptions { global: false })
+                .await?;
+        }
         let mut args = FieldTable::default();
-        args.insert(
-            "x-max-length".into(),
-            AMQPValue::LongLongInt(QUEUE_MAX_LENGTH),
-        );
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("drop-head".into()),
-        );
+        if warren {
+            args.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(QUEUE_MAX_LENGTH),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("drop-head".into()),
+            );
+        }
         let queue = channel
             .queue_declare(
                 "".into(),
@@ -104,7 +120,10 @@ impl Room {
             .basic_consume(
                 queue.name().clone(),
                 format!("bench-{index}").into(),
-                BasicConsumeOptions::default(),
+                BasicConsumeOptions {
+                    no_ack: self.mode == AmqpMode::Noack,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;
@@ -112,9 +131,9 @@ impl Room {
             outbox: AnyOutbox::Amqp(Outbox {
                 channel,
                 exchange: self.exchange.clone(),
-                confirms: FuturesUnordered::new(),
+                confirms: warren.then(FuturesUnordered::new),
             }),
-            inbox: AnyInbox::Amqp(Inbox::new(consumer)),
+            inbox: AnyInbox::Amqp(Inbox::new(consumer, self.mode)),
         })
     }
 
@@ -129,9 +148,9 @@ impl Room {
 pub struct Outbox {
     channel: Channel,
     exchange: String,
-    /// Publishes not yet confirmed; Warren keeps the same (bounded by its 1024
-    /// in-flight limit, which M never reaches here).
-    confirms: FuturesUnordered<PublisherConfirm>,
+    /// Publishes not yet confirmed, in the `warren` mode only; Warren keeps the
+    /// same (bounded by its 1024 in-flight limit, which M never reaches here).
+    confirms: Option<FuturesUnordered<PublisherConfirm>>,
 }
 
 impl Outbox {
@@ -147,17 +166,23 @@ impl Outbox {
                 BasicProperties::default(),
             )
             .await?;
-        self.confirms.push(confirm);
+        // Without confirm mode the future resolves at once to NotRequested.
+        let Some(confirms) = self.confirms.as_mut() else {
+            return Ok(());
+        };
+        confirms.push(confirm);
         // Settle confirms that already arrived, so the set stays small.
-        while let Some(Some(confirmation)) = self.confirms.next().now_or_never() {
+        while let Some(Some(confirmation)) = confirms.next().now_or_never() {
             check(confirmation)?;
         }
         Ok(())
     }
 
     pub async fn flush(&mut self) -> Result<()> {
-        while let Some(confirmation) = self.confirms.next().await {
-            check(confirmation)?;
+        if let Some(confirms) = self.confirms.as_mut() {
+            while let Some(confirmation) = confirms.next().await {
+                check(confirmation)?;
+            }
         }
         Ok(())
     }
@@ -176,15 +201,17 @@ fn check(confirmation: lapin::Result<Confirmation>) -> Result<()> {
 
 pub struct Inbox {
     consumer: Consumer,
+    mode: AmqpMode,
     unsettled: Option<Acker>,
     unsettled_count: u32,
     unsettled_since: Option<tokio::time::Instant>,
 }
 
 impl Inbox {
-    fn new(consumer: Consumer) -> Self {
+    fn new(consumer: Consumer, mode: AmqpMode) -> Self {
         Self {
             consumer,
+            mode,
             unsettled: None,
             unsettled_count: 0,
             unsettled_since: None,
@@ -192,6 +219,36 @@ impl Inbox {
     }
 
     pub async fn next(&mut self) -> Option<Result<Bytes>> {
+        match self.mode {
+            AmqpMode::Noack => match self.consumer.next().await? {
+                Ok(delivery) => Some(Ok(Bytes::from(delivery.data))),
+                Err(e) => Some(Err(e.into())),
+            },
+            AmqpMode::Ack => self.next_acking().await,
+            AmqpMode::Warren => self.next_like_warren().await,
+        }
+    }
+
+    /// One `multiple` ack per ACK_EVERY deliveries, no timer: with prefetch
+    /// 256 the broker never waits on the (at most 63) unacked ones, and the
+    /// queue dies with the run.
+    async fn next_acking(&mut self) -> Option<Result<Bytes>> {
+        match self.consumer.next().await? {
+            Ok(delivery) => {
+                self.unsettled = Some(delivery.acker);
+                self.unsettled_count += 1;
+                if self.unsettled_count >= ACK_EVERY
+                    && let Err(e) = self.ack().await
+                {
+                    return Some(Err(e));
+                }
+                Some(Ok(Bytes::from(delivery.data)))
+            }
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+
+    async fn next_like_warren(&mut self) -> Option<Result<Bytes>> {
         // Like Warren: one `multiple` ack per ACK_EVERY deliveries taken, or for
         // whatever was taken once ACK_DELAY has passed while waiting for more.
         loop {
