@@ -58,6 +58,11 @@ pub struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "noack")]
     pub amqp_mode: Vec<AmqpMode>,
 
+    /// The AMQP client of the amqp target's `noack` and `ack` modes (`warren`
+    /// always uses lapin, for its confirms).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub amqp_client: AmqpClient,
+
     /// Whether Warren clients ask for client acks (`?acks=client`, then
     /// `ack_upto` every 64 deliveries or 100 ms); several run as separate
     /// configurations.
@@ -194,6 +199,15 @@ impl AmqpMode {
     }
 }
 
+/// Which AMQP client the amqp target's consumers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AmqpClient {
+    /// The bench's own minimal client: one connection, reads in batches.
+    Raw,
+    /// lapin, as Warren uses it.
+    Lapin,
+}
+
 /// Whether a Warren client acknowledges what it receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WarrenAcks {
@@ -282,6 +296,11 @@ impl Args {
             (None, Config::Warren(WarrenAcks::None)) => format!("warren-{}n", self.urls.len()),
             (None, Config::Warren(WarrenAcks::Client)) => {
                 format!("warren-{}n-acks", self.urls.len())
+            }
+            (_, Config::Amqp(mode))
+                if mode != AmqpMode::Warren && self.amqp_client == AmqpClient::Lapin =>
+            {
+                format!("amqp-{}-lapin", mode.name())
             }
             (_, Config::Amqp(mode)) => format!("amqp-{}", mode.name()),
             (_, Config::Stomp) => "stomp".into(),

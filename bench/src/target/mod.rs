@@ -121,7 +121,14 @@ impl Room {
                 acks,
             },
             Config::Amqp(mode) => Room::Amqp(
-                amqp::Room::open(&args.amqp_url, args.amqp_connections, room, mode).await?,
+                amqp::Room::open(
+                    &args.amqp_url,
+                    args.amqp_connections,
+                    room,
+                    mode,
+                    args.amqp_client,
+                )
+                .await?,
             ),
             Config::Stomp => {
                 Room::Stomp(stomp::Room::open(&args.amqp_url, &args.stomp_url, room).await?)

@@ -13,6 +13,15 @@
 //!   a client that wants flow control pays.
 //! - `warren`: Warren's choices, for the record: publisher confirms, prefetch
 //!   256, acks per 64 deliveries or 250 ms, the same bounded drop-head queues.
+//!
+//! `noack` and `ack` run on [`raw`], a minimal client that costs the bench far
+//! less CPU per delivery than lapin (`--amqp-client lapin` measures them on lapin
+//! instead); `warren` runs on lapin, whose confirms it needs.
+
+mod raw;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -29,7 +38,7 @@ use lapin::{
 };
 
 use super::{Client, Inbox as AnyInbox, Outbox as AnyOutbox};
-use crate::cli::AmqpMode;
+use crate::cli::{AmqpClient, AmqpMode};
 use crate::payload;
 
 /// Warren's `PREFETCH`, `ACK_EVERY` and `ACK_DELAY` (src/bus/amqp.rs).
@@ -42,15 +51,27 @@ const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 const QUEUE_MAX_LENGTH: i64 = 1_000_000;
 
 pub struct Room {
+    /// lapin's: the clients' with lapin, or only the one that declares and
+    /// deletes the exchange with the raw client.
     connections: Vec<Connection>,
+    /// The raw client's one connection, when the clients use it.
+    raw: Option<Arc<raw::Connection>>,
     exchange: String,
     mode: AmqpMode,
 }
 
 impl Room {
-    pub async fn open(url: &str, connections: usize, room: String, mode: AmqpMode) -> Result<Self> {
+    pub async fn open(
+        url: &str,
+        connections: usize,
+        room: String,
+        mode: AmqpMode,
+        client: AmqpClient,
+    ) -> Result<Self> {
+        let raw = client == AmqpClient::Raw && mode != AmqpMode::Warren;
+        let connections = if raw { 1 } else { connections.max(1) };
         let mut opened = Vec::new();
-        for _ in 0..connections.max(1) {
+        for _ in 0..connections {
             opened.push(
                 Connection::connect(url, ConnectionProperties::default())
                     .await
@@ -59,8 +80,14 @@ impl Room {
         }
         let exchange = format!("{room}.fanout");
         super::declare_room_exchange(&opened[0], &exchange).await?;
+        let raw = if raw {
+            Some(Arc::new(raw::Connection::open(url).await?))
+        } else {
+            None
+        };
         Ok(Self {
             connections: opened,
+            raw,
             exchange,
             mode,
         })
@@ -71,6 +98,27 @@ impl Room {
     }
 
     pub async fn connect(&self, index: usize) -> Result<Client> {
+        if let Some(raw) = &self.raw {
+            let settle = match self.mode {
+                AmqpMode::Noack => raw::Settle::Auto,
+                _ => raw::Settle::Ack {
+                    prefetch: PREFETCH,
+                    every: ACK_EVERY,
+                },
+            };
+            let (channel, deliveries) = raw.subscribe(&self.exchange, settle).await?;
+            return Ok(Client {
+                outbox: AnyOutbox::Amqp(Outbox::Raw(RawOutbox {
+                    connection: raw.clone(),
+                    channel,
+                    exchange: self.exchange.clone(),
+                })),
+                inbox: AnyInbox::Amqp(Inbox::Raw(RawInbox {
+                    deliveries,
+                    ready: VecDeque::new(),
+                })),
+            });
+        }
         let channel = self.connections[index % self.connections.len()]
             .create_channel()
             .await?;
@@ -128,16 +176,20 @@ impl Room {
             )
             .await?;
         Ok(Client {
-            outbox: AnyOutbox::Amqp(Outbox {
+            outbox: AnyOutbox::Amqp(Outbox::Lapin(LapinOutbox {
                 channel,
                 exchange: self.exchange.clone(),
                 confirms: warren.then(FuturesUnordered::new),
-            }),
-            inbox: AnyInbox::Amqp(Inbox::new(consumer, self.mode)),
+            })),
+            inbox: AnyInbox::Amqp(Inbox::Lapin(LapinInbox::new(consumer, self.mode))),
         })
     }
 
     pub async fn close(self) {
+        // The outboxes, which share the raw connection, are closed by now.
+        if let Some(raw) = self.raw.and_then(Arc::into_inner) {
+            raw.close().await;
+        }
         super::delete_room_exchange(&self.connections[0], &self.exchange).await;
         for connection in self.connections {
             let _ = connection.close(200, "bench done".into()).await;
@@ -145,7 +197,73 @@ impl Room {
     }
 }
 
-pub struct Outbox {
+pub enum Outbox {
+    Lapin(LapinOutbox),
+    Raw(RawOutbox),
+}
+
+impl Outbox {
+    pub async fn send(&mut self, room: &str, sender: usize, seq: u32, text: &str) -> Result<()> {
+        match self {
+            Outbox::Lapin(o) => o.send(room, sender, seq, text).await,
+            Outbox::Raw(o) => {
+                let body = payload::broker_document(room, sender, seq, text);
+                o.connection
+                    .publish(o.channel, &o.exchange, body.as_bytes())
+                    .await
+            }
+        }
+    }
+
+    pub async fn flush(&mut self) -> Result<()> {
+        match self {
+            Outbox::Lapin(o) => o.flush().await,
+            // Written as sent; no confirms.
+            Outbox::Raw(_) => Ok(()),
+        }
+    }
+
+    pub async fn close(self) {
+        match self {
+            Outbox::Lapin(o) => o.close().await,
+            // The channel closes with the connection, when the room closes.
+            Outbox::Raw(_) => {}
+        }
+    }
+}
+
+pub struct RawOutbox {
+    connection: Arc<raw::Connection>,
+    channel: u16,
+    exchange: String,
+}
+
+pub enum Inbox {
+    Lapin(LapinInbox),
+    Raw(RawInbox),
+}
+
+impl Inbox {
+    pub async fn next(&mut self) -> Option<Result<Bytes>> {
+        match self {
+            Inbox::Lapin(i) => i.next().await,
+            Inbox::Raw(i) => {
+                if i.ready.is_empty() {
+                    i.ready.extend(i.deliveries.recv().await?);
+                }
+                i.ready.pop_front().map(Ok)
+            }
+        }
+    }
+}
+
+pub struct RawInbox {
+    /// The channel's bodies, a batch per read of the connection.
+    deliveries: tokio::sync::mpsc::UnboundedReceiver<Vec<Bytes>>,
+    ready: VecDeque<Bytes>,
+}
+
+pub struct LapinOutbox {
     channel: Channel,
     exchange: String,
     /// Publishes not yet confirmed, in the `warren` mode only; Warren keeps the
@@ -153,7 +271,7 @@ pub struct Outbox {
     confirms: Option<FuturesUnordered<PublisherConfirm>>,
 }
 
-impl Outbox {
+impl LapinOutbox {
     pub async fn send(&mut self, room: &str, sender: usize, seq: u32, text: &str) -> Result<()> {
         let body = payload::broker_document(room, sender, seq, text);
         let confirm = self
@@ -199,7 +317,7 @@ fn check(confirmation: lapin::Result<Confirmation>) -> Result<()> {
     }
 }
 
-pub struct Inbox {
+pub struct LapinInbox {
     consumer: Consumer,
     mode: AmqpMode,
     unsettled: Option<Acker>,
@@ -207,7 +325,7 @@ pub struct Inbox {
     unsettled_since: Option<tokio::time::Instant>,
 }
 
-impl Inbox {
+impl LapinInbox {
     fn new(consumer: Consumer, mode: AmqpMode) -> Self {
         Self {
             consumer,
