@@ -202,7 +202,7 @@ impl AmqpMode {
 /// Which AMQP client the amqp target's consumers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AmqpClient {
-    /// The bench's own minimal client: one connection, reads in batches.
+    /// The bench's own minimal client: one task per connection, reads in batches.
     Raw,
     /// lapin, as Warren uses it.
     Lapin,

@@ -88,7 +88,7 @@ fn print_details(summaries: &[Summary]) {
         "| target | N × M | rate/client | runs | deliveries/s |{ratio_heads} connect s | p50 ms | p99 ms | max ms | lost / dup / reord | server CPU µs/delivery | broker CPU µs/delivery | clients' (bench) CPU µs/delivery | server peak RSS MiB | others' CPU s (max) |"
     );
     println!(
-        "|---|---|---|---:|---:|{}---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|{}---:|---:|---:|---|---:|---:|---:|---:|---:|",
         "---:|".repeat(baselines.len() + 1)
     );
     let fmt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));

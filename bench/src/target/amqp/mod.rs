@@ -54,8 +54,8 @@ pub struct Room {
     /// lapin's: the clients' with lapin, or only the one that declares and
     /// deletes the exchange with the raw client.
     connections: Vec<Connection>,
-    /// The raw client's one connection, when the clients use it.
-    raw: Option<Arc<raw::Connection>>,
+    /// The raw client's connections, when the clients use it (else empty).
+    raw: Vec<Arc<raw::Connection>>,
     exchange: String,
     mode: AmqpMode,
 }
@@ -69,9 +69,9 @@ impl Room {
         client: AmqpClient,
     ) -> Result<Self> {
         let raw = client == AmqpClient::Raw && mode != AmqpMode::Warren;
-        let connections = if raw { 1 } else { connections.max(1) };
+        let connections = connections.max(1);
         let mut opened = Vec::new();
-        for _ in 0..connections {
+        for _ in 0..if raw { 1 } else { connections } {
             opened.push(
                 Connection::connect(url, ConnectionProperties::default())
                     .await
@@ -80,14 +80,15 @@ impl Room {
         }
         let exchange = format!("{room}.fanout");
         super::declare_room_exchange(&opened[0], &exchange).await?;
-        let raw = if raw {
-            Some(Arc::new(raw::Connection::open(url).await?))
-        } else {
-            None
-        };
+        let mut raw_connections = Vec::new();
+        if raw {
+            for _ in 0..connections {
+                raw_connections.push(Arc::new(raw::Connection::open(url).await?));
+            }
+        }
         Ok(Self {
             connections: opened,
-            raw,
+            raw: raw_connections,
             exchange,
             mode,
         })
@@ -98,7 +99,8 @@ impl Room {
     }
 
     pub async fn connect(&self, index: usize) -> Result<Client> {
-        if let Some(raw) = &self.raw {
+        if !self.raw.is_empty() {
+            let raw = &self.raw[index % self.raw.len()];
             let settle = match self.mode {
                 AmqpMode::Noack => raw::Settle::Auto,
                 _ => raw::Settle::Ack {
@@ -187,7 +189,7 @@ impl Room {
 
     pub async fn close(self) {
         // The outboxes, which share the raw connection, are closed by now.
-        if let Some(raw) = self.raw.and_then(Arc::into_inner) {
+        for raw in self.raw.into_iter().filter_map(Arc::into_inner) {
             raw.close().await;
         }
         super::delete_room_exchange(&self.connections[0], &self.exchange).await;

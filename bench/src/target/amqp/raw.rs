@@ -5,7 +5,7 @@
 //! frame parsing, buffer moves and allocations, then a channel hop and a task
 //! wake-up per delivery; see docs/BENCHMARKS.md), about a third of what the
 //! broker spends, and on two cores that comes out of the broker's share. This
-//! client does the least a consumer must: one connection, one task that reads
+//! client does the least a consumer must: per connection one task that reads
 //! the socket in large chunks, splits frames without copying, and hands each
 //! channel's bodies over as one batch per read. With `ack`, the same task sends
 //! one `basic.ack` (`multiple`) per 64 deliveries of a channel, all of one read's
