@@ -23,7 +23,7 @@ pub struct Args {
     pub target: TargetKind,
 
     /// Run these targets back to back, --repeat times each, and print medians and
-    /// the Warren/amqp and Warren/stomp ratios. Example: warren,amqp,stomp.
+    /// Warren's ratios to the baselines. Example: warren,amqp,socketio.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub compare: Vec<TargetKind>,
 
@@ -48,9 +48,45 @@ pub struct Args {
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
 
-    /// AMQP connections the amqp target spreads its channels over (Warren's default).
-    #[arg(long, default_value_t = 4)]
+    /// AMQP connections the amqp target spreads its channels over. One is the
+    /// leanest: each lapin connection runs an I/O thread of its own.
+    #[arg(long, default_value_t = 1)]
     pub amqp_connections: usize,
+
+    /// How the amqp target's clients consume; several (e.g. noack,ack) run as
+    /// separate configurations, one after the other in each round.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "noack")]
+    pub amqp_mode: Vec<AmqpMode>,
+
+    /// The AMQP client of the amqp target's `noack` and `ack` modes (`warren`
+    /// always uses lapin, for its confirms).
+    #[arg(long, value_enum, default_value = "raw")]
+    pub amqp_client: AmqpClient,
+
+    /// Whether Warren clients ask for client acks (`?acks=client`, then
+    /// `ack_upto` every 64 deliveries or 100 ms); several run as separate
+    /// configurations.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
+    pub acks: Vec<WarrenAcks>,
+
+    /// Socket.IO peer nodes (bench/peers/socketio); clients are spread over them
+    /// round-robin.
+    #[arg(
+        long = "socketio-url",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:3000"
+    )]
+    pub socketio_urls: Vec<String>,
+
+    /// The bench's own runtime: one thread (`current`) or a worker per core
+    /// (`multi`).
+    #[arg(long, value_enum, default_value = "current")]
+    pub runtime: RuntimeKind,
+
+    /// Microseconds a runtime thread naps before it blocks for I/O, so that one
+    /// wake-up finds many frames waiting instead of one (0: no nap).
+    #[arg(long, default_value_t = 200)]
+    pub nap_us: u64,
 
     /// RabbitMQ Web-STOMP endpoint.
     #[arg(long, default_value = "ws://127.0.0.1:15674/ws")]
@@ -137,6 +173,84 @@ pub enum TargetKind {
     Amqp,
     /// RabbitMQ Web-STOMP (STOMP 1.2 over WebSocket).
     Stomp,
+    /// Socket.IO 4 with the Redis adapter (bench/peers/socketio), at --socketio-url.
+    Socketio,
+}
+
+/// How the amqp target consumes and publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AmqpMode {
+    /// No-ack consumers, no publisher confirms, plain queues: the broker's ceiling.
+    Noack,
+    /// Manual acks (prefetch 256, one `multiple` ack per 64), no confirms.
+    Ack,
+    /// Warren's choices: confirms, prefetch 256, acks per 64 or 250 ms, bounded
+    /// drop-head queues.
+    Warren,
+}
+
+impl AmqpMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AmqpMode::Noack => "noack",
+            AmqpMode::Ack => "ack",
+            AmqpMode::Warren => "warren",
+        }
+    }
+}
+
+/// Which AMQP client the amqp target's consumers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AmqpClient {
+    /// The bench's own minimal client: one task per connection, reads in batches.
+    Raw,
+    /// lapin, as Warren uses it.
+    Lapin,
+}
+
+/// Whether a Warren client acknowledges what it receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WarrenAcks {
+    /// No client acks (Warren's default).
+    None,
+    /// `?acks=client` and `ack_upto` every 64 deliveries or 100 ms, as clients/js.
+    Client,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeKind {
+    Current,
+    Multi,
+}
+
+/// One configuration a fan-out run measures: a target and its variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Config {
+    Warren(WarrenAcks),
+    Amqp(AmqpMode),
+    Stomp,
+    Socketio,
+}
+
+impl Config {
+    pub fn target(self) -> TargetKind {
+        match self {
+            Config::Warren(_) => TargetKind::Warren,
+            Config::Amqp(_) => TargetKind::Amqp,
+            Config::Stomp => TargetKind::Stomp,
+            Config::Socketio => TargetKind::Socketio,
+        }
+    }
+
+    /// The variant's name, if the target has variants.
+    pub fn mode(self) -> Option<&'static str> {
+        match self {
+            Config::Warren(WarrenAcks::None) => Some("acks-none"),
+            Config::Warren(WarrenAcks::Client) => Some("acks-client"),
+            Config::Amqp(mode) => Some(mode.name()),
+            Config::Stomp | Config::Socketio => None,
+        }
+    }
 }
 
 impl TargetKind {
@@ -145,6 +259,7 @@ impl TargetKind {
             TargetKind::Warren => "warren",
             TargetKind::Amqp => "amqp",
             TargetKind::Stomp => "stomp",
+            TargetKind::Socketio => "socketio",
         }
     }
 }
@@ -154,12 +269,42 @@ impl Args {
         Duration::from_secs_f64(self.timeout.max(0.1))
     }
 
-    /// The label a run of `target` is reported under.
-    pub fn label_for(&self, target: TargetKind) -> String {
-        match (&self.label, target) {
-            (Some(label), TargetKind::Warren) => label.clone(),
-            (None, TargetKind::Warren) => format!("warren-{}n", self.urls.len()),
-            (_, other) => other.name().to_string(),
+    /// The configurations to run: every variant of every target asked for.
+    pub fn configs(&self) -> Vec<Config> {
+        let targets = if self.compare.is_empty() {
+            vec![self.target]
+        } else {
+            self.compare.clone()
+        };
+        let mut configs = Vec::new();
+        for target in targets {
+            match target {
+                TargetKind::Warren => configs.extend(self.acks.iter().map(|&a| Config::Warren(a))),
+                TargetKind::Amqp => configs.extend(self.amqp_mode.iter().map(|&m| Config::Amqp(m))),
+                TargetKind::Stomp => configs.push(Config::Stomp),
+                TargetKind::Socketio => configs.push(Config::Socketio),
+            }
+        }
+        configs
+    }
+
+    /// The label a run of `config` is reported under, e.g. warren-2n,
+    /// warren-1n-acks, amqp-noack, socketio-2n.
+    pub fn label_for(&self, config: Config) -> String {
+        match (&self.label, config) {
+            (Some(label), Config::Warren(_)) => label.clone(),
+            (None, Config::Warren(WarrenAcks::None)) => format!("warren-{}n", self.urls.len()),
+            (None, Config::Warren(WarrenAcks::Client)) => {
+                format!("warren-{}n-acks", self.urls.len())
+            }
+            (_, Config::Amqp(mode))
+                if mode != AmqpMode::Warren && self.amqp_client == AmqpClient::Lapin =>
+            {
+                format!("amqp-{}-lapin", mode.name())
+            }
+            (_, Config::Amqp(mode)) => format!("amqp-{}", mode.name()),
+            (_, Config::Stomp) => "stomp".into(),
+            (_, Config::Socketio) => format!("socketio-{}n", self.socketio_urls.len()),
         }
     }
 }

@@ -29,7 +29,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{Args, Command, Scenario};
+use cli::{Args, Command, RuntimeKind, Scenario};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -43,10 +43,7 @@ fn main() -> ExitCode {
         };
     }
     proc_stats::raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(&args) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("warren-bench: cannot start the runtime: {e}");
@@ -68,4 +65,23 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The bench's runtime. The nap is the batching: a thread that is about to block
+/// in the reactor first sleeps `--nap-us`, so the frames that arrive meanwhile
+/// (on every socket, and from lapin's I/O threads) are handled in one pass, and
+/// wake-ups from other threads find the thread busy instead of paying a syscall
+/// each. A client that receives tens of thousands of deliveries a second spends
+/// less CPU per delivery this way; latency grows by at most the nap.
+fn runtime(args: &Args) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match args.runtime {
+        RuntimeKind::Current => tokio::runtime::Builder::new_current_thread(),
+        RuntimeKind::Multi => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all();
+    if args.nap_us > 0 {
+        let nap = std::time::Duration::from_micros(args.nap_us);
+        builder.on_thread_park(move || std::thread::sleep(nap));
+    }
+    builder.build()
 }

@@ -37,10 +37,21 @@ pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// The broker's Erlang VM, found by its command name.
 pub fn find_broker() -> Option<u32> {
+    find_process("beam.smp")
+}
+
+/// The Redis server the Socket.IO peer's adapter publishes through: the
+/// socketio target's broker.
+pub fn find_redis() -> Option<u32> {
+    find_process("redis-server")
+}
+
+/// The first process whose `comm` is `name`.
+fn find_process(name: &str) -> Option<u32> {
     fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
         let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
         let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        (comm.trim() == "beam.smp").then_some(pid)
+        (comm.trim() == name).then_some(pid)
     })
 }
 

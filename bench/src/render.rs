@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 
 use crate::cli::RenderArgs;
-use crate::report::{ConnectionsReport, FanoutReport, Summary, ratio, summarize};
+use crate::report::{ConnectionsReport, FanoutReport, Summary, baselines_in, ratio, summarize};
 
 pub fn run(args: &RenderArgs) -> Result<()> {
     let mut fanout = Vec::new();
@@ -82,31 +82,34 @@ fn print_details(summaries: &[Summary]) {
     if summaries.is_empty() {
         return;
     }
+    let baselines = baselines_in(summaries);
+    let ratio_heads: String = baselines.iter().map(|b| format!(" ÷ {b} |")).collect();
     println!(
-        "| target | N × M | rate/client | runs | deliveries/s | ÷ amqp | ÷ stomp | connect s | p50 ms | p99 ms | max ms | lost / dup / reord | Warren CPU µs/delivery | broker CPU µs/delivery | Warren peak RSS MiB | others' CPU s (max) |"
+        "| target | N × M | rate/client | runs | deliveries/s |{ratio_heads} connect s | p50 ms | p99 ms | max ms | lost / dup / reord | server CPU µs/delivery | broker CPU µs/delivery | clients' (bench) CPU µs/delivery | server peak RSS MiB | others' CPU s (max) |"
     );
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+    println!(
+        "|---|---|---|---:|---:|{}---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "---:|".repeat(baselines.len() + 1)
+    );
     let fmt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
     for s in summaries {
         let warren = s.label.starts_with("warren");
+        let ratios: String = baselines
+            .iter()
+            .map(|b| {
+                let r = if warren { ratio(summaries, s, b) } else { None };
+                format!(" {} |", fmt(r, 2))
+            })
+            .collect();
         println!(
-            "| {} | {} × {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} / {} / {} | {} | {} | {} | {} |",
+            "| {} | {} × {} | {} | {} | {:.0} |{} {:.2} | {:.2} | {:.2} | {:.2} | {} / {} / {} | {} | {} | {} | {} | {} |",
             s.label,
             s.clients,
             s.messages,
             s.rate.map_or("max".into(), |r| format!("{r}/s")),
             s.runs,
             s.deliveries_per_sec,
-            if warren {
-                fmt(ratio(summaries, s, "amqp"), 2)
-            } else {
-                "-".into()
-            },
-            if warren {
-                fmt(ratio(summaries, s, "stomp"), 2)
-            } else {
-                "-".into()
-            },
+            ratios,
             s.connect_secs,
             s.p50_us / 1000.0,
             s.p99_us / 1000.0,
@@ -116,6 +119,7 @@ fn print_details(summaries: &[Summary]) {
             s.reordered,
             fmt(s.server_us_per_delivery, 2),
             fmt(s.broker_us_per_delivery, 2),
+            fmt(s.bench_us_per_delivery, 2),
             fmt(s.server_peak_rss_kib.map(|k| k as f64 / 1024.0), 1),
             fmt(s.other_cpu_secs, 1),
         );
@@ -166,7 +170,7 @@ fn chart(summaries: &[Summary], path: &std::path::Path) -> Result<()> {
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Fan-out deliveries/s by room size N (median of runs)",
+            "Fan-out deliveries/s by room size N, per target and mode (median of runs)",
             ("sans-serif", 20),
         )
         .margin(16)

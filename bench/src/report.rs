@@ -35,7 +35,11 @@ pub struct FanoutReport {
     pub scenario: String,
     pub label: String,
     pub target: String,
-    /// Warren nodes the clients were spread over (0 for the baselines).
+    /// The target's variant: the amqp target's `--amqp-mode`, Warren's `--acks`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Warren or Socket.IO nodes the clients were spread over (0 for the broker's
+    /// own protocols).
     pub nodes: usize,
     pub clients: usize,
     pub messages: u32,
@@ -53,9 +57,10 @@ pub struct FanoutReport {
     /// Received ÷ elapsed.
     pub deliveries_per_sec: f64,
     pub latency_us: Latency,
-    /// CPU seconds of the Warren node(s) during the load (Warren runs only).
+    /// CPU seconds of the Warren or Socket.IO node(s) during the load.
     pub server_cpu_secs: Option<f64>,
-    /// CPU seconds of the broker during the load.
+    /// CPU seconds of the broker during the load: RabbitMQ (`beam.smp`), or Redis
+    /// for the socketio target.
     pub broker_cpu_secs: Option<f64>,
     pub bench_cpu_secs: f64,
     /// CPU seconds of every other process on the machine during the load: near
@@ -70,11 +75,20 @@ pub struct FanoutReport {
 impl FanoutReport {
     /// CPU microseconds per delivery of the servers and of the broker.
     pub fn cpu_us_per_delivery(&self) -> (Option<f64>, Option<f64>) {
-        let per = |secs: Option<f64>| {
-            secs.filter(|_| self.received > 0)
-                .map(|s| s * 1e6 / self.received as f64)
-        };
-        (per(self.server_cpu_secs), per(self.broker_cpu_secs))
+        (
+            self.per_delivery(self.server_cpu_secs),
+            self.per_delivery(self.broker_cpu_secs),
+        )
+    }
+
+    /// CPU microseconds per delivery of the bench itself: the clients.
+    pub fn bench_us_per_delivery(&self) -> Option<f64> {
+        self.per_delivery(Some(self.bench_cpu_secs))
+    }
+
+    fn per_delivery(&self, secs: Option<f64>) -> Option<f64> {
+        secs.filter(|_| self.received > 0)
+            .map(|s| s * 1e6 / self.received as f64)
     }
 }
 
@@ -160,7 +174,14 @@ pub fn print_fanout(r: &FanoutReport) {
                 )
             }),
         ),
-        ("bench CPU", format!("{:.2} s", r.bench_cpu_secs)),
+        (
+            "bench (clients) CPU",
+            format!(
+                "{:.2} s ({} µs/delivery)",
+                r.bench_cpu_secs,
+                opt(r.bench_us_per_delivery().map(|u| format!("{u:.2}")))
+            ),
+        ),
         (
             "other processes' CPU",
             opt(r.other_cpu_secs.map(|s| format!("{s:.2} s"))),
@@ -251,6 +272,7 @@ pub struct Summary {
     pub reordered: u64,
     pub server_us_per_delivery: Option<f64>,
     pub broker_us_per_delivery: Option<f64>,
+    pub bench_us_per_delivery: Option<f64>,
     pub server_peak_rss_kib: Option<u64>,
     /// The largest CPU time other processes took during any of the runs.
     pub other_cpu_secs: Option<f64>,
@@ -301,6 +323,7 @@ pub fn summarize(reports: &[FanoutReport]) -> Vec<Summary> {
                 reordered: runs.iter().map(|r| r.reordered).sum(),
                 server_us_per_delivery: pick_opt(&|r| r.cpu_us_per_delivery().0),
                 broker_us_per_delivery: pick_opt(&|r| r.cpu_us_per_delivery().1),
+                bench_us_per_delivery: pick_opt(&|r| r.bench_us_per_delivery()),
                 server_peak_rss_kib: runs.iter().filter_map(|r| r.server_peak_rss_kib).max(),
                 other_cpu_secs: runs
                     .iter()
@@ -324,10 +347,22 @@ pub fn ratio(summaries: &[Summary], of: &Summary, baseline: &str) -> Option<f64>
         .map(|b| of.deliveries_per_sec / b.deliveries_per_sec)
 }
 
+/// The baselines Warren's figures are divided by, where the runs include them.
+pub const BASELINES: [&str; 3] = ["amqp-noack", "amqp-ack", "socketio-2n"];
+
+/// The baselines present in `summaries`, in [`BASELINES`] order.
+pub fn baselines_in(summaries: &[Summary]) -> Vec<&'static str> {
+    BASELINES
+        .into_iter()
+        .filter(|b| summaries.iter().any(|s| s.label == *b))
+        .collect()
+}
+
 pub fn print_comparison(reports: &[FanoutReport]) {
     let summaries = summarize(reports);
-    println!(
-        "{:<12} {:>5} {:>5} {:>12} {:>9} {:>9} {:>6} {:>11} {:>11} {:>9} {:>9}",
+    let baselines = baselines_in(&summaries);
+    print!(
+        "{:<16} {:>5} {:>5} {:>12} {:>9} {:>9} {:>6} {:>11} {:>11} {:>11}",
         "target",
         "N",
         "runs",
@@ -337,14 +372,16 @@ pub fn print_comparison(reports: &[FanoutReport]) {
         "lost",
         "server µs/d",
         "broker µs/d",
-        "÷ amqp",
-        "÷ stomp"
+        "bench µs/d",
     );
+    for b in &baselines {
+        print!(" {:>14}", format!("÷ {b}"));
+    }
+    println!();
     for s in &summaries {
-        let fmt_ratio = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.2}"));
-        let is_warren = s.label.starts_with("warren");
-        println!(
-            "{:<12} {:>5} {:>5} {:>12.0} {:>9.2} {:>9.2} {:>6} {:>11} {:>11} {:>9} {:>9}",
+        let us = |v: Option<f64>| opt(v.map(|u| format!("{u:.2}")));
+        print!(
+            "{:<16} {:>5} {:>5} {:>12.0} {:>9.2} {:>9.2} {:>6} {:>11} {:>11} {:>11}",
             s.label,
             s.clients,
             s.runs,
@@ -352,18 +389,18 @@ pub fn print_comparison(reports: &[FanoutReport]) {
             s.p50_us / 1000.0,
             s.p99_us / 1000.0,
             s.lost,
-            opt(s.server_us_per_delivery.map(|u| format!("{u:.2}"))),
-            opt(s.broker_us_per_delivery.map(|u| format!("{u:.2}"))),
-            if is_warren {
-                fmt_ratio(ratio(&summaries, s, "amqp"))
-            } else {
-                "-".into()
-            },
-            if is_warren {
-                fmt_ratio(ratio(&summaries, s, "stomp"))
-            } else {
-                "-".into()
-            },
+            us(s.server_us_per_delivery),
+            us(s.broker_us_per_delivery),
+            us(s.bench_us_per_delivery),
         );
+        for b in &baselines {
+            let cell = if s.label.starts_with("warren") {
+                ratio(&summaries, s, b).map_or("-".into(), |r| format!("{r:.2}"))
+            } else {
+                "-".into()
+            };
+            print!(" {cell:>14}");
+        }
+        println!();
     }
 }

@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use futures_util::{StreamExt, stream};
 use tokio::sync::watch;
 
-use crate::cli::{Args, TargetKind};
+use crate::cli::{Args, Config, TargetKind, WarrenAcks};
 use crate::payload::{self, Received};
 use crate::proc_stats::{CpuWatch, find_broker};
 use crate::report::{self, ConnectionsReport};
@@ -28,7 +28,7 @@ pub async fn run(args: &Args) -> Result<bool> {
         broker: args.broker_pid.or_else(find_broker),
     };
     let wanted = args.clients.max(1);
-    let room = Arc::new(Room::open(args, TargetKind::Warren).await?);
+    let room = Arc::new(Room::open(args, Config::Warren(WarrenAcks::None)).await?);
     let rss_before = watch.servers_rss_kib();
 
     // Each connection starts reading the moment it is up: tungstenite answers the
@@ -110,7 +110,7 @@ pub async fn run(args: &Args) -> Result<bool> {
 
     let report = ConnectionsReport {
         scenario: "connections".into(),
-        label: args.label_for(TargetKind::Warren),
+        label: args.label_for(Config::Warren(WarrenAcks::None)),
         requested: wanted,
         connected,
         failed,

@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use futures_util::{StreamExt, TryStreamExt, stream};
+use futures_util::{FutureExt, StreamExt, TryStreamExt, stream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cli::{Args, TargetKind};
+use crate::cli::{Args, Config, TargetKind};
 use crate::payload::{self, Received};
-use crate::proc_stats::{CpuWatch, find_broker, wait_for_quiet};
+use crate::proc_stats::{CpuWatch, find_broker, find_redis, wait_for_quiet};
 use crate::report::{self, FanoutReport, Latency};
 use crate::tally::{Tally, new_histogram};
 use crate::target::{Inbox, Outbox, Room};
@@ -25,13 +25,15 @@ use crate::target::{Inbox, Outbox, Room};
 /// does not eat into the next run's measurement.
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// Run the fan-out for `--target`, or every `--compare` target `--repeat` times.
+/// Run the fan-out for `--target`, or every `--compare` target `--repeat` times,
+/// each in every variant asked for (`--amqp-mode`, `--acks`), interleaved.
 /// `Ok(false)` when any run lost messages.
 pub async fn run_all(args: &Args) -> Result<bool> {
-    let (targets, repeat) = if args.compare.is_empty() {
-        (vec![args.target], 1)
+    let configs = args.configs();
+    let repeat = if args.compare.is_empty() {
+        1
     } else {
-        (args.compare.clone(), args.repeat.max(1))
+        args.repeat.max(1)
     };
     let watch = CpuWatch {
         servers: args.server_pids.clone(),
@@ -40,13 +42,13 @@ pub async fn run_all(args: &Args) -> Result<bool> {
     let mut reports = Vec::new();
     let mut all_delivered = true;
     for round in 0..repeat {
-        for &target in &targets {
+        for &config in &configs {
             if round > 0 || !reports.is_empty() {
                 tokio::time::sleep(SETTLE).await;
             }
-            let report = run_one(args, target, &watch)
+            let report = run_one(args, config, &watch)
                 .await
-                .with_context(|| format!("{} run {}", target.name(), round + 1))?;
+                .with_context(|| format!("{} run {}", args.label_for(config), round + 1))?;
             all_delivered &= report.lost == 0;
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -62,13 +64,26 @@ pub async fn run_all(args: &Args) -> Result<bool> {
     Ok(all_delivered)
 }
 
-async fn run_one(args: &Args, target: TargetKind, watch: &CpuWatch) -> Result<FanoutReport> {
+async fn run_one(args: &Args, config: Config, watch: &CpuWatch) -> Result<FanoutReport> {
+    let target = config.target();
+    // Socket.IO's broker is Redis, not RabbitMQ: its CPU is what the nodes'
+    // broadcasts cost there.
+    let redis_watch;
+    let watch = if target == TargetKind::Socketio {
+        redis_watch = CpuWatch {
+            servers: watch.servers.clone(),
+            broker: find_redis(),
+        };
+        &redis_watch
+    } else {
+        watch
+    };
     let n = args.clients.max(1);
     let m = args.messages;
     if args.quiet_wait > 0.0 {
         wait_for_quiet(watch, 0.25, Duration::from_secs_f64(args.quiet_wait)).await;
     }
-    let room = Arc::new(Room::open(args, target).await?);
+    let room = Arc::new(Room::open(args, config).await?);
     let room_name: Arc<str> = room.name().into();
 
     let connecting = Instant::now();
@@ -114,7 +129,8 @@ async fn run_one(args: &Args, target: TargetKind, watch: &CpuWatch) -> Result<Fa
     let before = watch.snapshot();
     let _ = start_tx.send(true);
     let expected = (n * n) as u64 * u64::from(m);
-    let bar = super::progress_bar(expected, target.name());
+    let label = args.label_for(config);
+    let bar = super::progress_bar(expected, &label);
     let (tallies, timed_out) = wait(receivers, &stop_tx, &received, &bar, args.timeout()).await;
     let after = watch.snapshot();
     bar.finish_and_clear();
@@ -150,14 +166,17 @@ async fn run_one(args: &Args, target: TargetKind, watch: &CpuWatch) -> Result<Fa
     let first_us = first_send_us.load(Ordering::Relaxed);
     let elapsed_secs = last_us.saturating_sub(first_us) as f64 / 1e6;
     let cpu = after - before;
+    // --server-pid names Warren's nodes or the Socket.IO peer's.
+    let has_servers = matches!(target, TargetKind::Warren | TargetKind::Socketio);
     Ok(FanoutReport {
         scenario: "fanout".into(),
-        label: args.label_for(target),
+        label,
         target: target.name().into(),
-        nodes: if target == TargetKind::Warren {
-            args.urls.len()
-        } else {
-            0
+        mode: config.mode().map(Into::into),
+        nodes: match target {
+            TargetKind::Warren => args.urls.len(),
+            TargetKind::Socketio => args.socketio_urls.len(),
+            TargetKind::Amqp | TargetKind::Stomp => 0,
         },
         clients: n,
         messages: m,
@@ -176,12 +195,11 @@ async fn run_one(args: &Args, target: TargetKind, watch: &CpuWatch) -> Result<Fa
             0.0
         },
         latency_us: Latency::of(&latency),
-        server_cpu_secs: (target == TargetKind::Warren && !watch.servers.is_empty())
-            .then_some(cpu.servers),
+        server_cpu_secs: (has_servers && !watch.servers.is_empty()).then_some(cpu.servers),
         broker_cpu_secs: watch.broker.map(|_| cpu.broker),
         bench_cpu_secs: cpu.bench,
         other_cpu_secs: Some(cpu.others()),
-        server_peak_rss_kib: if target == TargetKind::Warren {
+        server_peak_rss_kib: if has_servers {
             watch.servers_peak_rss_kib()
         } else {
             None
@@ -276,27 +294,33 @@ async fn receive(
 ) -> (Tally, Option<anyhow::Error>) {
     let mut error = None;
     while !tally.complete() {
-        tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            next = inbox.next() => match next {
-                Some(Ok(document)) => match payload::parse(&document) {
-                    Received::Message(stamp) => {
-                        let before = tally.unique;
-                        tally.record(stamp, payload::now_us());
-                        received.fetch_add(tally.unique - before, Ordering::Relaxed);
-                    }
-                    Received::Other => {}
-                    Received::Malformed => tally.foreign += 1,
-                },
-                Some(Err(e)) => {
-                    error = Some(e);
-                    break;
+        // A delivery already waiting is taken without arming the stop signal,
+        // so it costs the bench no more than reading it.
+        let next = match inbox.next().now_or_never() {
+            Some(next) => next,
+            None => tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                next = inbox.next() => next,
+            },
+        };
+        match next {
+            Some(Ok(document)) => match payload::parse(&document) {
+                Received::Message(stamp) => {
+                    let before = tally.unique;
+                    tally.record(stamp, payload::now_us());
+                    received.fetch_add(tally.unique - before, Ordering::Relaxed);
                 }
-                None => {
-                    error = Some(anyhow::anyhow!("the server closed the connection"));
-                    break;
-                }
+                Received::Other => {}
+                Received::Malformed => tally.foreign += 1,
+            },
+            Some(Err(e)) => {
+                error = Some(e);
+                break;
+            }
+            None => {
+                error = Some(anyhow::anyhow!("the server closed the connection"));
+                break;
             }
         }
     }

@@ -7,8 +7,10 @@
 //! afterwards.
 
 pub mod amqp;
+pub mod socketio;
 pub mod stomp;
 pub mod warren;
+mod ws;
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -16,7 +18,7 @@ use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ExchangeKind};
 
-use crate::cli::{Args, TargetKind};
+use crate::cli::{Args, Config, WarrenAcks};
 
 /// One connected, subscribed client.
 pub struct Client {
@@ -28,6 +30,7 @@ pub enum Outbox {
     Warren(warren::Outbox),
     Amqp(amqp::Outbox),
     Stomp(stomp::Outbox),
+    Socketio(socketio::Outbox),
 }
 
 impl Outbox {
@@ -45,6 +48,7 @@ impl Outbox {
             Outbox::Warren(o) => o.send(text, flush).await,
             Outbox::Amqp(o) => o.send(room, sender, seq, text).await,
             Outbox::Stomp(o) => o.send(room, sender, seq, text, flush).await,
+            Outbox::Socketio(o) => o.send(text, flush).await,
         }
     }
 
@@ -54,6 +58,7 @@ impl Outbox {
             Outbox::Warren(o) => o.flush().await,
             Outbox::Amqp(o) => o.flush().await,
             Outbox::Stomp(o) => o.flush().await,
+            Outbox::Socketio(o) => o.flush().await,
         }
     }
 
@@ -63,6 +68,7 @@ impl Outbox {
             Outbox::Warren(o) => o.close().await,
             Outbox::Amqp(o) => o.close().await,
             Outbox::Stomp(o) => o.close().await,
+            Outbox::Socketio(o) => o.close().await,
         }
     }
 }
@@ -71,6 +77,7 @@ pub enum Inbox {
     Warren(warren::Inbox),
     Amqp(amqp::Inbox),
     Stomp(stomp::Inbox),
+    Socketio(socketio::Inbox),
 }
 
 impl Inbox {
@@ -80,6 +87,7 @@ impl Inbox {
             Inbox::Warren(i) => i.next().await,
             Inbox::Amqp(i) => i.next().await,
             Inbox::Stomp(i) => i.next().await,
+            Inbox::Socketio(i) => i.next().await,
         }
     }
 }
@@ -92,29 +100,40 @@ pub enum Room {
         tag: String,
         /// Warren's --jwt-secret, when it requires tokens: each client gets one.
         jwt_secret: Option<String>,
+        acks: WarrenAcks,
     },
     Amqp(amqp::Room),
     Stomp(stomp::Room),
+    Socketio(socketio::Room),
 }
 
 impl Room {
-    /// Set up a fresh, uniquely named room for `kind`.
-    pub async fn open(args: &Args, kind: TargetKind) -> Result<Self> {
+    /// Set up a fresh, uniquely named room for `config`.
+    pub async fn open(args: &Args, config: Config) -> Result<Self> {
         let tag = unique_tag();
         let room = format!("bench-{tag}");
-        Ok(match kind {
-            TargetKind::Warren => Room::Warren {
+        Ok(match config {
+            Config::Warren(acks) => Room::Warren {
                 urls: args.urls.clone(),
                 room,
                 tag,
                 jwt_secret: args.jwt_secret.clone(),
+                acks,
             },
-            TargetKind::Amqp => {
-                Room::Amqp(amqp::Room::open(&args.amqp_url, args.amqp_connections, room).await?)
-            }
-            TargetKind::Stomp => {
+            Config::Amqp(mode) => Room::Amqp(
+                amqp::Room::open(
+                    &args.amqp_url,
+                    args.amqp_connections,
+                    room,
+                    mode,
+                    args.amqp_client,
+                )
+                .await?,
+            ),
+            Config::Stomp => {
                 Room::Stomp(stomp::Room::open(&args.amqp_url, &args.stomp_url, room).await?)
             }
+            Config::Socketio => Room::Socketio(socketio::Room::new(&args.socketio_urls, room)),
         })
     }
 
@@ -123,6 +142,7 @@ impl Room {
             Room::Warren { room, .. } => room,
             Room::Amqp(r) => r.name(),
             Room::Stomp(r) => r.name(),
+            Room::Socketio(r) => r.name(),
         }
     }
 
@@ -134,23 +154,25 @@ impl Room {
                 room,
                 tag,
                 jwt_secret,
+                acks,
             } => {
                 let url = &urls[index % urls.len()];
                 let user = format!("u{index}-{tag}");
                 let token = jwt_secret
                     .as_deref()
                     .map(|secret| warren::token(secret, &user));
-                warren::connect(url, room, &user, token.as_deref()).await
+                warren::connect(url, room, &user, token.as_deref(), *acks).await
             }
             Room::Amqp(r) => r.connect(index).await,
             Room::Stomp(r) => r.connect(index).await,
+            Room::Socketio(r) => r.connect(index).await,
         }
     }
 
     /// Remove what the run declared that the broker does not remove by itself.
     pub async fn close(self) {
         match self {
-            Room::Warren { .. } => {}
+            Room::Warren { .. } | Room::Socketio(_) => {}
             Room::Amqp(r) => r.close().await,
             Room::Stomp(r) => r.close().await,
         }

@@ -17,27 +17,21 @@
 //! client library does.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use lapin::{Connection, ConnectionProperties};
-use tokio::net::TcpStream;
-use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::ws::{SharedSink, Socket};
 use super::{Client, Inbox as AnyInbox, Outbox as AnyOutbox};
 use crate::payload;
-
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-type Sink = Arc<Mutex<SplitSink<Socket, Message>>>;
 
 /// How often a client sends a heart-beat; promised in CONNECT.
 const HEART_BEAT: Duration = Duration::from_secs(10);
@@ -94,7 +88,7 @@ impl Room {
         )))
         .await?;
         inbox.expect("RECEIPT").await?;
-        let sink = Arc::new(Mutex::new(sink));
+        let sink = SharedSink::new(sink);
         let heart_beat = tokio::spawn(beat(sink.clone()));
         Ok(Client {
             outbox: AnyOutbox::Stomp(Outbox {
@@ -113,18 +107,18 @@ impl Room {
 }
 
 /// Send a STOMP heart-beat (an EOL) every [`HEART_BEAT`] until the socket fails.
-async fn beat(sink: Sink) {
+async fn beat(sink: SharedSink) {
     let mut every = tokio::time::interval_at(tokio::time::Instant::now() + HEART_BEAT, HEART_BEAT);
     loop {
         every.tick().await;
-        if sink.lock().await.send(Message::text("\n")).await.is_err() {
+        if sink.send(Message::text("\n"), true).await.is_err() {
             return;
         }
     }
 }
 
 pub struct Outbox {
-    sink: Sink,
+    sink: SharedSink,
     heart_beat: JoinHandle<()>,
     destination: String,
 }
@@ -144,24 +138,18 @@ impl Outbox {
             self.destination,
             body.len()
         ));
-        let mut sink = self.sink.lock().await;
-        if flush {
-            sink.send(frame).await?;
-        } else {
-            sink.feed(frame).await?;
-        }
-        Ok(())
+        self.sink.send(frame, flush).await
     }
 
     pub async fn flush(&mut self) -> Result<()> {
-        Ok(self.sink.lock().await.flush().await?)
+        self.sink.flush().await
     }
 
     pub async fn close(self) {
         self.heart_beat.abort();
-        let mut sink = self.sink.lock().await;
-        let _ = sink.send(Message::text("DISCONNECT\n\n\0")).await;
-        let _ = sink.close().await;
+        self.sink
+            .close(Some(Message::text("DISCONNECT\n\n\0")))
+            .await;
     }
 }
 
