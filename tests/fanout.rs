@@ -212,3 +212,28 @@ async fn send_numbered_acked(sender: &mut Client, from: usize, count: usize) {
         next_matching(&mut sender.socket, |f| f["type"] == "ack").await;
     }
 }
+
+/// A burst far past one dispatch round (512) reaches every member whole and
+/// in order (a round once lost the delivery after its last).
+#[tokio::test]
+async fn a_long_burst_reaches_every_member_whole() {
+    let prefix = unique_prefix("fanoutburst");
+    let server = start(per_node(&prefix, "a")).await;
+    let mut bob = connect(server.local_addr(), "burst", "bob").await;
+    let mut carol = connect(server.local_addr(), "burst", "carol").await;
+    const TOTAL: usize = 3000;
+    for n in 0..TOTAL {
+        send_json(
+            &mut bob.socket,
+            json!({"type":"message","text":format!("{n}")}),
+        )
+        .await;
+    }
+    for member in [&mut bob, &mut carol] {
+        for n in 0..TOTAL {
+            let m = next_matching(&mut member.socket, |f| f["type"] == "message").await;
+            assert_eq!(m["text"], format!("{n}"));
+        }
+    }
+    server.shutdown().await;
+}

@@ -344,9 +344,8 @@ async fn dispatch(state: Arc<Mutex<State>>, channel: Channel, mut consumer: Cons
             next = consumer.next() => next,
             () = lost.cancelled() => break,
         };
-        let mut next = first;
         let mut last: Option<Acker> = None;
-        for _ in 0..FEED_ACK_EVERY {
+        for next in burst(first, &mut consumer, FEED_ACK_EVERY) {
             match next {
                 Some(Ok(delivery)) => {
                     deliver(&state, delivery.exchange.as_str(), delivery.data);
@@ -357,10 +356,6 @@ async fn dispatch(state: Arc<Mutex<State>>, channel: Channel, mut consumer: Cons
                     break 'feed;
                 }
                 None => break 'feed,
-            }
-            match consumer.next().now_or_never() {
-                Some(more) => next = more,
-                None => break,
             }
         }
         if let Some(acker) = last
@@ -382,6 +377,31 @@ async fn dispatch(state: Arc<Mutex<State>>, channel: Channel, mut consumer: Cons
     }
     feed.conn.channel_closed();
     debug!(queue = %feed.queue, "the node's room feed ended");
+}
+
+/// `first`, then what `stream` has ready now, up to `max` in all: what one
+/// wake-up handles. Nothing is taken from the stream that is not returned
+/// (taking one past `max` and dropping it lost a delivery per full burst).
+fn burst<S: futures_util::Stream + Unpin>(
+    first: Option<S::Item>,
+    stream: &mut S,
+    max: usize,
+) -> Vec<Option<S::Item>> {
+    let mut items = vec![first];
+    while items.len() < max {
+        // `Some(None)`: the stream ended, which the caller must see too.
+        match stream.next().now_or_never() {
+            Some(next) => {
+                let ended = next.is_none();
+                items.push(next);
+                if ended {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    items
 }
 
 /// One delivery to every member of its room.
@@ -408,5 +428,36 @@ fn deliver(state: &Mutex<State>, exchange: &str, data: Vec<u8>) {
             // The session ended; its lease makes it leave.
             Err(TrySendError::Closed(_)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_takes_up_to_its_size_and_loses_nothing() {
+        let mut stream = futures_util::stream::iter(1..=1000);
+        let mut seen = Vec::new();
+        let mut sizes = Vec::new();
+        loop {
+            let first = stream.next().now_or_never().flatten();
+            let Some(first) = first else { break };
+            let burst = burst(Some(first), &mut stream, 512);
+            sizes.push(burst.len());
+            seen.extend(burst.into_iter().flatten());
+        }
+        assert_eq!(seen, (1..=1000).collect::<Vec<_>>());
+        // The last burst ends with the stream's end.
+        assert_eq!(sizes, vec![512, 489]);
+    }
+
+    #[test]
+    fn a_burst_shows_the_end_of_the_stream() {
+        let mut stream = futures_util::stream::iter([2, 3]);
+        assert_eq!(
+            burst(Some(1), &mut stream, 512),
+            vec![Some(1), Some(2), Some(3), None]
+        );
     }
 }
