@@ -55,6 +55,7 @@ const settings = {
   /** After the last send: how long receivers may take to get everything acked. */
   settleSecs: envNumber('SOAK_SETTLE_SECS', 90),
   /** Also goes into an Erlang expression when cleaning up: letters, digits, '-' and '_' only. */
+  roomFanout: process.env.SOAK_ROOM_FANOUT || 'per-connection',
   prefix: process.env.SOAK_PREFIX || `soak-${crypto.randomBytes(3).toString('hex')}`,
   bin: process.env.WARREN_BIN || path.join(ROOT, 'target/debug/warren'),
   amqpUrl: process.env.AMQP_URL || 'amqp://guest:guest@127.0.0.1:5672/%2f',
@@ -128,7 +129,8 @@ class Node {
     // posting token made on one node check out on another; HAProxy is on
     // loopback, so believe its X-Forwarded-For.
     const args = ['--listen', `127.0.0.1:${this.port}`, '--node-id', this.id, '--prefix', settings.prefix,
-      '--static-dir', path.join(ROOT, 'static'), '--trusted-proxies', '127.0.0.1'];
+      '--static-dir', path.join(ROOT, 'static'), '--trusted-proxies', '127.0.0.1',
+      '--room-fanout', settings.roomFanout];
     const env = Object.fromEntries(Object.entries(process.env)
       .filter(([k]) => !k.startsWith('WARREN_') && k !== 'AMQP_URL'));
     env.AMQP_URL = settings.amqpUrl;
