@@ -43,6 +43,7 @@ use super::publisher::{bind_room, unbind_room};
 use super::{Names, bounded_queue, consume, declare_exclusive, unavailable};
 use crate::bus::BusError;
 use crate::bus::dropped::Dropped;
+use crate::bus::gaps::Gaps;
 use crate::bus::pool::{Pool, PooledConnection};
 use crate::names::SessionId;
 
@@ -104,6 +105,9 @@ struct State {
     generation: u64,
     /// Rooms the feed is bound to, by exchange.
     rooms: HashMap<Arc<str>, Members>,
+    /// The numbers of what the feed received, to find what its own queue
+    /// dropped.
+    gaps: Gaps,
 }
 
 #[derive(Clone)]
@@ -184,6 +188,8 @@ impl NodeFanout {
                 "the node's room feed was lost while binding".into(),
             ));
         }
+        // Numbers that went on while the feed was not bound are no gap.
+        state.gaps.forget(exchange);
         let exchange: Arc<str> = exchange.into();
         let joined = Member::of(member, &exchange);
         state
@@ -348,8 +354,7 @@ async fn dispatch(state: Arc<Mutex<State>>, channel: Channel, mut consumer: Cons
         for next in burst(first, &mut consumer, FEED_ACK_EVERY) {
             match next {
                 Some(Ok(delivery)) => {
-                    deliver(&state, delivery.exchange.as_str(), delivery.data);
-                    last = Some(delivery.acker);
+                    last = Some(deliver(&state, delivery));
                 }
                 Some(Err(e)) => {
                     warn!(error = %e, "the node's room feed failed");
@@ -404,21 +409,35 @@ fn burst<S: futures_util::Stream + Unpin>(
     items
 }
 
-/// One delivery to every member of its room.
-fn deliver(state: &Mutex<State>, exchange: &str, data: Vec<u8>) {
+/// One delivery to every member of its room; its acker, to settle it.
+fn deliver(state: &Mutex<State>, delivery: lapin::message::Delivery) -> Acker {
+    let lapin::message::Delivery {
+        exchange,
+        routing_key,
+        properties,
+        data,
+        acker,
+        ..
+    } = delivery;
+    let exchange = exchange.as_str();
     // Only Warren publishes to room exchanges, and only serde_json output; a
     // foreign non-UTF-8 message is replaced, not trusted.
     let text = String::from_utf8(data)
         .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     let frame = Utf8Bytes::from(text);
-    let state = state.lock().unwrap();
+    let mut state = state.lock().unwrap();
+    // What the feed itself lost (its queue on the broker is bounded too) is
+    // every member's loss.
+    let lost_by_feed = state
+        .gaps
+        .observe(exchange, routing_key.as_str(), &properties);
     let Some((room, members)) = state.rooms.get_key_value(exchange) else {
-        return;
+        return acker;
     };
     for (session, member) in members {
         // The drops before this frame travel with it, so the gap is told
         // where it happened; if it does not fit either, they stay counted.
-        let missed = member.count.swap(0, Ordering::AcqRel);
+        let missed = member.count.swap(0, Ordering::AcqRel) + lost_by_feed;
         match member.queue.try_send((room.clone(), frame.clone(), missed)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -429,6 +448,7 @@ fn deliver(state: &Mutex<State>, exchange: &str, data: Vec<u8>) {
             Err(TrySendError::Closed(_)) => {}
         }
     }
+    acker
 }
 
 #[cfg(test)]
