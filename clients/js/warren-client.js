@@ -675,10 +675,7 @@ export class WarrenClient {
         // live messages wait for the page, so nothing comes twice or out of
         // order (and they are acknowledged once they are passed on).
         if (sub && sub.catchingUp) { sub.catchingUp.push(f); return; }
-        if (sub) {
-          this.#emit('message', f);
-          if (typeof f.id === 'string') sub.lastId = f.id;
-        }
+        if (sub) this.#passOn(sub, f);
         return this.#delivered(f); // acknowledged even if we left the room
       }
       case 'direct':
@@ -752,23 +749,36 @@ export class WarrenClient {
     if (!sub) return;
     const messages = Array.isArray(f.messages) ? f.messages : [];
     this.#emit('history', { room: f.room, messages, complete: f.complete === true });
-    const ids = new Set();
     for (const m of messages) {
       if (!m || m.type !== 'message') continue;
-      this.#emit('message', { ...m, history: true });
-      if (typeof m.id === 'string') { sub.lastId = m.id; this.#lastId = m.id; ids.add(m.id); }
+      if (this.#passOn(sub, { ...m, history: true }) && typeof m.id === 'string') this.#lastId = m.id;
     }
-    // The live messages that came while the page was on its way: those it
-    // did not hold, after it.
+    // The live messages that came while the page was on its way, after it
+    // (those it held already are not passed on twice).
     const held = sub.catchingUp;
     sub.catchingUp = null;
     for (const f of held || []) {
-      if (!ids.has(f.id)) {
-        this.#emit('message', f);
-        if (typeof f.id === 'string') sub.lastId = f.id;
-      }
+      this.#passOn(sub, f);
       this.#delivered(f);
     }
+  }
+
+  /**
+   * A room's message to the listeners, unless its id was passed on lately
+   * (a history page may hold messages already seen live: one asked `since`
+   * an id the server no longer holds starts from the oldest it keeps).
+   * Whether it was passed on.
+   */
+  #passOn(sub, m) {
+    if (typeof m.id === 'string') {
+      if (sub.recent.has(m.id)) return false;
+      sub.recent.add(m.id);
+      // The oldest id goes once 1,024 are remembered.
+      if (sub.recent.size > 1024) sub.recent.delete(sub.recent.values().next().value);
+      sub.lastId = m.id;
+    }
+    this.#emit('message', m);
+    return true;
   }
 
   #onWelcome(f) {
@@ -932,7 +942,7 @@ export class WarrenClient {
     }
     if (!sub) {
       const history = Number.isInteger(options.history) && options.history > 0 ? options.history : undefined;
-      sub = { state: 'pending', members: new Set(), total: 0, everSubscribed: false, waiters: [], history, lastId: undefined };
+      sub = { state: 'pending', members: new Set(), total: 0, everSubscribed: false, waiters: [], history, lastId: undefined, recent: new Set() };
       this.#rooms.set(room, sub);
       if (this.#state === 'connected') this.#sendSubscribe(room);
     }
