@@ -56,6 +56,27 @@ async function until(check, what) {
   })(), what);
 }
 
+/**
+ * Alice (connected through `cutter`) and bob in `room`: bob sends n0…n19,
+ * alice gets them, her connection is cut, bob sends n20…n49 while she is
+ * away, and she is let back. What alice has seen (growing), her session
+ * before the cut, and her `resumed` event.
+ */
+async function cutMidStream(alice, bob, cutter, room) {
+  const seen = collect(alice, room);
+  await Promise.all([alice.subscribe(room), alice.connect(), bob.subscribe(room), bob.connect()]);
+  for (let i = 0; i < 20; i++) await bob.send(room, `n${i}`);
+  await until(() => seen.length === 20, 'the first 20');
+  const session = alice.session;
+  const lost = next(alice, 'disconnected');
+  cutter.cut();
+  await lost;
+  for (let i = 20; i < 50; i++) await bob.send(room, `n${i}`);
+  const resumed = next(alice, 'resumed');
+  cutter.letThrough();
+  return { seen, session, resumed: await resumed };
+}
+
 for (const bus of BUSES) {
   describe(`on the ${bus} bus`, () => {
     test('a dropped connection resumes, and what was sent meanwhile arrives once, in order', async () => {
@@ -65,19 +86,7 @@ for (const bus of BUSES) {
       const alice = new WarrenClient({ url: cutter.url, user: unique('alice'), backoff: FAST });
       const bob = new WarrenClient({ url: server.url, user: unique('bob') });
       try {
-        const seen = collect(alice, room);
-        await Promise.all([alice.subscribe(room), alice.connect(), bob.subscribe(room), bob.connect()]);
-        for (let i = 0; i < 20; i++) await bob.send(room, `n${i}`);
-        await until(() => seen.length === 20, 'the first 20');
-        const session = alice.session;
-
-        const lost = next(alice, 'disconnected');
-        cutter.cut();
-        await lost;
-        for (let i = 20; i < 50; i++) await bob.send(room, `n${i}`);
-        const resumed = next(alice, 'resumed');
-        cutter.letThrough();
-        const r = await resumed;
+        const { seen, session, resumed: r } = await cutMidStream(alice, bob, cutter, room);
         assert.equal(r.recovered, true);
         assert.equal(alice.session, session, 'the same session');
         assert.deepEqual(r.rooms, [room]);
@@ -131,19 +140,8 @@ describe('with per-node fanout (the queue keeps no room messages)', () => {
     const alice = new WarrenClient({ url: cutter.url, user: unique('alice'), backoff: FAST });
     const bob = new WarrenClient({ url: server.url, user: unique('bob') });
     try {
-      const seen = collect(alice, room);
-      await Promise.all([alice.subscribe(room), alice.connect(), bob.subscribe(room), bob.connect()]);
-      for (let i = 0; i < 20; i++) await bob.send(room, `n${i}`);
-      await until(() => seen.length === 20, 'the first 20');
-
-      const lost = next(alice, 'disconnected');
-      cutter.cut();
-      await lost;
-      for (let i = 20; i < 50; i++) await bob.send(room, `n${i}`);
-      const resumed = next(alice, 'resumed');
-      cutter.letThrough();
-      // Live traffic while the history page is on its way.
-      const r = await resumed;
+      const { seen, resumed: r } = await cutMidStream(alice, bob, cutter, room);
+      // Live traffic while the history page may still be on its way.
       for (let i = 50; i < 60; i++) await bob.send(room, `n${i}`);
       assert.equal(r.recovered, false, 'rooms come from history in this mode');
       await until(() => seen.at(-1) === 'n59', 'the live messages');

@@ -25,7 +25,7 @@ use tracing::debug;
 use tungstenite::Utf8Bytes;
 
 use super::node_fanout::RoomFrame;
-use super::{Names, PREFETCH, unavailable};
+use super::{Names, PREFETCH, delivered_text, unavailable};
 use crate::bus::acks::{AckError, ClientAcks, Receipt, Settled};
 use crate::bus::dropped::Dropped;
 use crate::bus::gaps::{Gaps, gap_frame};
@@ -261,10 +261,7 @@ impl AmqpInbox {
             delivery.routing_key.as_str(),
             &delivery.properties,
         );
-        // Only Warren publishes to these exchanges, and only serde_json
-        // output; a foreign non-UTF-8 message is replaced, not trusted.
-        let text = String::from_utf8(delivery.data)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        let text = delivered_text(delivery.data);
         if let Some(replay) = &mut self.replay {
             // A drop between redelivered messages was the old connection's
             // to report; they only set where the numbers stand.

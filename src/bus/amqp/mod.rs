@@ -621,6 +621,13 @@ fn reply_code(e: &lapin::Error) -> Option<u16> {
     }
 }
 
+/// A delivery's body as text. Only Warren publishes to its exchanges, and
+/// only serde_json output; a foreign non-UTF-8 message is replaced, not
+/// trusted.
+fn delivered_text(data: Vec<u8>) -> String {
+    String::from_utf8(data).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 fn unavailable(e: lapin::Error) -> BusError {
     BusError::Unavailable(e.to_string())
 }

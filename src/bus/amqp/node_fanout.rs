@@ -40,7 +40,7 @@ use tungstenite::Utf8Bytes;
 
 use super::history_link::StreamSpec;
 use super::publisher::{bind_room, unbind_room};
-use super::{Names, bounded_queue, consume, declare_exclusive, unavailable};
+use super::{Names, bounded_queue, consume, declare_exclusive, delivered_text, unavailable};
 use crate::bus::BusError;
 use crate::bus::dropped::Dropped;
 use crate::bus::gaps::Gaps;
@@ -203,17 +203,12 @@ impl NodeFanout {
     /// Join a room the feed is bound to already, without a round trip.
     fn join_bound(&self, exchange: &str, session: &SessionId, member: &FeedMember) -> bool {
         let mut state = self.state.lock().unwrap();
-        match state.rooms.get_key_value(exchange) {
-            Some((exchange, _)) => {
-                let exchange = exchange.clone();
-                let joined = Member::of(member, &exchange);
-                if let Some(members) = state.rooms.get_mut(&exchange) {
-                    members.insert(session.clone(), joined);
-                }
-                true
-            }
-            None => false,
-        }
+        let Some((exchange, mut members)) = state.rooms.remove_entry(exchange) else {
+            return false;
+        };
+        members.insert(session.clone(), Member::of(member, &exchange));
+        state.rooms.insert(exchange, members);
+        true
     }
 
     /// Stop delivering `exchange`'s messages to `session`; the last member
@@ -420,11 +415,7 @@ fn deliver(state: &Mutex<State>, delivery: lapin::message::Delivery) -> Acker {
         ..
     } = delivery;
     let exchange = exchange.as_str();
-    // Only Warren publishes to room exchanges, and only serde_json output; a
-    // foreign non-UTF-8 message is replaced, not trusted.
-    let text = String::from_utf8(data)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-    let frame = Utf8Bytes::from(text);
+    let frame = Utf8Bytes::from(delivered_text(data));
     let mut state = state.lock().unwrap();
     // What the feed itself lost (its queue on the broker is bounded too) is
     // every member's loss.
