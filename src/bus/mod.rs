@@ -205,12 +205,13 @@ impl Bus {
 
     /// Resolves when [`Bus::history`] holds every room message published
     /// before the call (at once on the embedded bus, which records as it
-    /// publishes). Bounded by [`BROKER_TIMEOUT`].
-    pub async fn history_caught_up(&self) -> Result<(), BusError> {
+    /// publishes), with where a page meeting live traffic must end. Bounded
+    /// by [`BROKER_TIMEOUT`].
+    pub async fn history_caught_up(&self) -> Result<history::Cut, BusError> {
         match self {
-            Bus::Memory(_) => Ok(()),
+            Bus::Memory(_) => Ok(history::Cut::NOW),
             // No history kept: no stream, no reader, nothing to wait for.
-            Bus::Amqp(bus) if !bus.rings().enabled() => Ok(()),
+            Bus::Amqp(bus) if !bus.rings().enabled() => Ok(history::Cut::NOW),
             Bus::Amqp(bus) => {
                 bus.rings()
                     .wait_for_marker(|id| async move { bus.put_marker(&id).await })

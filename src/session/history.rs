@@ -3,8 +3,8 @@
 //! traffic, with nothing missing between the two and nothing twice.
 //!
 //! The queue is bound before the page is taken, and the page waits until the
-//! node's history has caught up with the broker ([`crate::bus::history`]), so
-//! nothing falls between them. A message published in between is in both:
+//! node's history has caught up with the broker and ends there
+//! ([`crate::bus::history`]), so nothing falls between them. A message published in between is in both:
 //! its id is remembered, and its live copy dropped when it comes.
 
 use std::ops::ControlFlow;
@@ -15,7 +15,7 @@ use tungstenite::Utf8Bytes;
 use super::events::{Session, on_broker};
 use super::rooms::STUCK;
 use super::{SessionEnd, Transport};
-use crate::bus::history::Page;
+use crate::bus::history::{Cut, Page};
 use crate::bus::{BusError, SessionLink};
 use crate::names::RoomName;
 use crate::protocol::client::HistoryRequest;
@@ -32,18 +32,20 @@ impl<T: Transport, P: SessionLink> Session<'_, T, P> {
         request: HistoryRequest,
         reference: Option<String>,
     ) -> ControlFlow<SessionEnd> {
-        match on_broker(self.node, self.node.bus.history_caught_up()).await? {
-            Ok(()) => {}
+        let cut = match on_broker(self.node, self.node.bus.history_caught_up()).await? {
+            Ok(cut) => cut,
             Err(BusError::TimedOut) => return self.broker_lost(STUCK, reference).await,
             Err(e) => {
                 warn!(error = %e, %room, "history could not catch up");
                 // Whatever the node has is still history; say it may be short.
+                Cut::NOW
             }
-        }
+        };
         let per_room = self.node.config.history_per_room;
+        let history = self.node.bus.history();
         let mut page = match request {
-            HistoryRequest::Last(n) => self.node.bus.history().last(room, n.min(per_room), None),
-            HistoryRequest::Since(id) => self.node.bus.history().since(room, &id, per_room),
+            HistoryRequest::Last(n) => history.last(room, n.min(per_room), None, cut),
+            HistoryRequest::Since(id) => history.since(room, &id, per_room, cut),
         };
         if per_room == 0 {
             page.complete = false;

@@ -15,10 +15,12 @@
 //! no duplicate. A session binds its queue to the room first, so everything
 //! published from then on reaches it live; then it puts a
 //! marker into the stream and waits for this node's reader to reach it
-//! ([`Rings::wait_for_marker`]), so
-//! the rings hold everything published before the bind. A message published
-//! between the two arrives both ways: the session drops the live copy of any
-//! message the page held.
+//! ([`Rings::wait_for_marker`]), so the rings hold everything published before
+//! the bind. The page ends at the marker (a [`Cut`]), not at whatever the
+//! reader has read since, because what was published after the marker comes
+//! live, and a page reaching past it would put those messages ahead of older
+//! live ones. A message published between the bind and the marker arrives
+//! both ways: the session drops the live copy of any message the page held.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -63,9 +65,27 @@ impl Page {
     }
 }
 
+/// Where a page of history ends: everything the rings had recorded when a
+/// marker came back, or everything they hold now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cut(Option<u64>);
+
+impl Cut {
+    /// Everything recorded so far, whenever the page is taken.
+    pub const NOW: Cut = Cut(None);
+}
+
+/// One kept message: its place among everything the rings recorded, its id and
+/// its frame.
+struct Kept {
+    seq: u64,
+    id: Box<str>,
+    frame: Utf8Bytes,
+}
+
 /// One room's last messages.
 struct Ring {
-    messages: VecDeque<(Box<str>, Utf8Bytes)>,
+    messages: VecDeque<Kept>,
     /// Whether the ring ever dropped a message to make room.
     overflowed: bool,
 }
@@ -73,24 +93,47 @@ struct Ring {
 impl Ring {
     fn page(&self, range: std::ops::Range<usize>, complete: bool) -> Page {
         Page {
-            messages: self.messages.range(range).map(|(_, m)| m.clone()).collect(),
+            messages: self
+                .messages
+                .range(range)
+                .map(|k| k.frame.clone())
+                .collect(),
             complete,
         }
     }
+
+    /// How many kept messages lie at or before `cut`.
+    fn end_at(&self, cut: Cut) -> usize {
+        match cut.0 {
+            None => self.messages.len(),
+            Some(upto) => self.messages.partition_point(|k| k.seq <= upto),
+        }
+    }
+
+    fn position(&self, id: &str) -> Option<usize> {
+        self.messages.iter().position(|k| *k.id == *id)
+    }
+}
+
+#[derive(Default)]
+struct Rooms {
+    rooms: HashMap<Box<str>, Ring>,
+    /// Messages recorded, in every room, since the node started.
+    recorded: u64,
 }
 
 /// Every room's last messages, as this node has read them.
 pub struct Rings {
-    rooms: Mutex<HashMap<Box<str>, Ring>>,
+    kept: Mutex<Rooms>,
     per_room: usize,
     /// Markers put into the stream, waiting for the reader to reach them.
-    markers: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    markers: Mutex<HashMap<String, oneshot::Sender<Cut>>>,
 }
 
 impl Rings {
     pub fn new(per_room: usize) -> Arc<Self> {
         Arc::new(Self {
-            rooms: Mutex::new(HashMap::new()),
+            kept: Mutex::new(Rooms::default()),
             per_room,
             markers: Mutex::new(HashMap::new()),
         })
@@ -113,8 +156,10 @@ impl Rings {
         let Some(room) = frame_room(frame) else {
             return;
         };
-        let mut rooms = self.rooms.lock().unwrap();
-        let ring = rooms.entry(room.into()).or_insert_with(|| Ring {
+        let mut kept = self.kept.lock().unwrap();
+        kept.recorded += 1;
+        let seq = kept.recorded;
+        let ring = kept.rooms.entry(room.into()).or_insert_with(|| Ring {
             messages: VecDeque::new(),
             overflowed: false,
         });
@@ -122,24 +167,28 @@ impl Rings {
             ring.messages.pop_front();
             ring.overflowed = true;
         }
-        ring.messages.push_back((id.into(), frame.clone()));
+        ring.messages.push_back(Kept {
+            seq,
+            id: id.into(),
+            frame: frame.clone(),
+        });
     }
 
-    /// The last `limit` messages of `room`, or the last `limit` before the
-    /// message `before` (which must be kept, else the page is empty and
-    /// incomplete).
-    pub fn last(&self, room: &RoomName, limit: usize, before: Option<&str>) -> Page {
-        let rooms = self.rooms.lock().unwrap();
-        let Some(ring) = rooms.get(room.as_str()) else {
+    /// The last `limit` messages of `room` up to `cut`, or the last `limit`
+    /// before the message `before` (which must be kept, else the page is empty
+    /// and incomplete).
+    pub fn last(&self, room: &RoomName, limit: usize, before: Option<&str>, cut: Cut) -> Page {
+        let kept = self.kept.lock().unwrap();
+        let Some(ring) = kept.rooms.get(room.as_str()) else {
             return Page {
                 messages: Vec::new(),
                 complete: true,
             };
         };
         let end = match before {
-            None => ring.messages.len(),
-            Some(before) => match ring.messages.iter().position(|(id, _)| **id == *before) {
-                Some(at) => at,
+            None => ring.end_at(cut),
+            Some(before) => match ring.position(before) {
+                Some(at) => at.min(ring.end_at(cut)),
                 None => return Page::default(),
             },
         };
@@ -147,29 +196,30 @@ impl Rings {
         ring.page(start..end, start > 0 || !ring.overflowed)
     }
 
-    /// At most `limit` messages of `room` after the message `since`, oldest
-    /// first. When `since` is no longer kept, the oldest kept are given and the
-    /// page says it is incomplete.
-    pub fn since(&self, room: &RoomName, since: &str, limit: usize) -> Page {
-        let rooms = self.rooms.lock().unwrap();
-        let Some(ring) = rooms.get(room.as_str()) else {
+    /// At most `limit` messages of `room` after the message `since` and up to
+    /// `cut`, oldest first. When `since` is no longer kept, the oldest kept are
+    /// given and the page says it is incomplete.
+    pub fn since(&self, room: &RoomName, since: &str, limit: usize, cut: Cut) -> Page {
+        let kept = self.kept.lock().unwrap();
+        let Some(ring) = kept.rooms.get(room.as_str()) else {
             return Page {
                 messages: Vec::new(),
                 complete: false,
             };
         };
-        let (start, complete) = match ring.messages.iter().position(|(id, _)| **id == *since) {
+        let (start, complete) = match ring.position(since) {
             Some(at) => (at + 1, true),
             None => (0, false),
         };
-        let end = (start + limit).min(ring.messages.len());
+        let end = (start + limit).min(ring.end_at(cut)).max(start);
         ring.page(start..end, complete)
     }
 
     /// Resolves when the rings hold every message published before the call:
     /// `put` puts a marker with the id it is given into the stream, and the
-    /// reader reads it back. Bounded by [`super::BROKER_TIMEOUT`].
-    pub async fn wait_for_marker<F, Fut>(&self, put: F) -> Result<(), BusError>
+    /// reader reads it back. The cut is where the marker was. Bounded by
+    /// [`super::BROKER_TIMEOUT`].
+    pub async fn wait_for_marker<F, Fut>(&self, put: F) -> Result<Cut, BusError>
     where
         F: FnOnce(String) -> Fut,
         Fut: std::future::Future<Output = Result<(), BusError>>,
@@ -189,10 +239,10 @@ impl Rings {
         result
     }
 
-    /// The reader reached the marker `id`.
+    /// The reader reached the marker `id`, after everything it has recorded.
     pub(super) fn marker_seen(&self, id: &str) {
         if let Some(waiter) = self.markers.lock().unwrap().remove(id) {
-            let _ = waiter.send(());
+            let _ = waiter.send(Cut(Some(self.kept.lock().unwrap().recorded)));
         }
     }
 }
@@ -228,23 +278,48 @@ mod tests {
             rings.record(frame);
         }
         rings.record(&message(&other, 9));
-        let page = rings.last(&lobby, 10, None);
+        let page = rings.last(&lobby, 10, None, Cut::NOW);
         assert_eq!(ids(&page), ["m2", "m3", "m4"]);
         assert!(!page.complete, "m0 and m1 were dropped");
-        let page = rings.last(&lobby, 2, None);
+        let page = rings.last(&lobby, 2, None, Cut::NOW);
         assert_eq!(ids(&page), ["m3", "m4"]);
         assert!(page.complete);
-        assert_eq!(ids(&rings.last(&lobby, 10, Some("m4"))), ["m2", "m3"]);
-        assert_eq!(ids(&rings.last(&other, 10, None)), ["m9"]);
-        let unknown = rings.last(&lobby, 10, Some("nope"));
+        assert_eq!(
+            ids(&rings.last(&lobby, 10, Some("m4"), Cut::NOW)),
+            ["m2", "m3"]
+        );
+        assert_eq!(ids(&rings.last(&other, 10, None, Cut::NOW)), ["m9"]);
+        let unknown = rings.last(&lobby, 10, Some("nope"), Cut::NOW);
         assert!(unknown.messages.is_empty() && !unknown.complete);
-        assert_eq!(ids(&rings.since(&lobby, "m2", 1)), ["m3"]);
-        let gone = rings.since(&lobby, "m0", 10);
+        assert_eq!(ids(&rings.since(&lobby, "m2", 1, Cut::NOW)), ["m3"]);
+        let gone = rings.since(&lobby, "m0", 10, Cut::NOW);
         assert_eq!((ids(&gone), gone.complete), (vec!["m2", "m3", "m4"], false));
         assert_eq!(
-            rings.last(&lobby, 2, None).to_json_array(),
+            rings.last(&lobby, 2, None, Cut::NOW).to_json_array(),
             format!("[{},{}]", sent[3], sent[4])
         );
+    }
+
+    #[test]
+    fn a_page_ends_where_the_marker_was() {
+        let rings = Rings::new(10);
+        let lobby = RoomName::parse("lobby").unwrap();
+        let other = RoomName::parse("other").unwrap();
+        rings.record(&message(&lobby, 0));
+        rings.record(&message(&other, 1));
+        rings.record(&message(&lobby, 2));
+        let (tx, mut cut) = oneshot::channel();
+        rings.markers.lock().unwrap().insert("k".into(), tx);
+        rings.marker_seen("k");
+        let cut = cut.try_recv().unwrap();
+        // Read after the marker: these come live, so no page may hold them.
+        rings.record(&message(&lobby, 3));
+        rings.record(&message(&lobby, 4));
+        assert_eq!(ids(&rings.last(&lobby, 10, None, cut)), ["m0", "m2"]);
+        assert_eq!(ids(&rings.last(&lobby, 1, None, cut)), ["m2"]);
+        assert_eq!(ids(&rings.since(&lobby, "m0", 10, cut)), ["m2"]);
+        assert!(rings.since(&lobby, "m3", 10, cut).messages.is_empty());
+        assert_eq!(ids(&rings.last(&lobby, 1, None, Cut::NOW)), ["m4"]);
     }
 
     #[test]
@@ -255,9 +330,9 @@ mod tests {
             r#"{"type":"direct","id":"d","from":"a","to":"b","text":"t","ts":1}"#,
         ));
         rings.record(&Utf8Bytes::from("not json"));
-        assert!(rings.rooms.lock().unwrap().is_empty());
+        assert!(rings.kept.lock().unwrap().rooms.is_empty());
         let off = Rings::new(0);
         off.record(&message(&RoomName::parse("r").unwrap(), 1));
-        assert!(off.rooms.lock().unwrap().is_empty());
+        assert!(off.kept.lock().unwrap().rooms.is_empty());
     }
 }
