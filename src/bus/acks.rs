@@ -109,6 +109,11 @@ impl<T> ClientAcks<T> {
         })
     }
 
+    /// The seq of the last delivery stamped (0 before the first).
+    pub fn last_stamped(&self) -> u64 {
+        self.last
+    }
+
     /// Whether the connection holds [`ACK_WINDOW`] unacknowledged deliveries.
     pub fn is_full(&self) -> bool {
         self.pending.len() >= usize::from(ACK_WINDOW)

@@ -26,11 +26,16 @@
 //! would be a publisher of one message per destination, whose number is always
 //! 1 and can never show a gap.
 //!
+//! A session that may be resumed leaves a [`ParkNote`] when its socket drops:
+//! where its numbers stood, so that the inbox resuming it (on any node) goes on
+//! counting from there, and what the queue dropped while nobody read it is
+//! told too (`bus/amqp/lease.rs` keeps the note on the broker).
+//!
 //! What this cannot see, so `missed` is a lower bound: drops of a publisher's
 //! messages before the first of its messages this inbox saw in that room (they
 //! cannot be told from messages published before the session subscribed),
-//! drops of HTTP publishes, and, after a resume, drops before the first
-//! delivery of each publisher on the new connection (its inbox starts afresh).
+//! drops of HTTP publishes, and drops while parked when the note is missing (a
+//! resume that took it failed, and the next try starts afresh).
 //!
 //! Memory: an inbox remembers at most [`REMEMBERED`] (publisher, destination)
 //! pairs, in two generations: when the newer fills, the older is forgotten and
@@ -120,44 +125,109 @@ impl Numbering {
     }
 }
 
-/// One inbox's last number seen per (publisher, destination), and the drops
-/// found that the metrics have not counted yet.
+/// A (publisher, destination) pair, as [`Gaps`] keys it.
+pub type Pair = (i64, u64);
+
+/// One numbered delivery: its pair and its number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Number {
+    pub pair: Pair,
+    pub seq: i64,
+}
+
+/// What [`Gaps::observe`] found in one delivery.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Messages of the same pair dropped just before it.
+    pub missed: u64,
+    /// Its numbers, if it has any.
+    pub number: Option<Number>,
+}
+
+/// One inbox's last number seen per (publisher, destination), and where a
+/// parked session's numbers stood (see [`ParkNote`]).
 #[derive(Default)]
 pub struct Gaps {
-    newer: HashMap<(i64, u64), i64>,
-    older: HashMap<(i64, u64), i64>,
-    uncounted: u64,
+    newer: HashMap<Pair, i64>,
+    older: HashMap<Pair, i64>,
+    /// A resumed session's numbers from before its socket dropped: each used
+    /// once, the first time its pair is heard from again.
+    parked: HashMap<Pair, i64>,
 }
 
 impl Gaps {
     /// How many messages of the same publisher and destination were dropped
-    /// just before this delivery (0 for a message without numbers).
+    /// just before this delivery (none for a message without numbers), and
+    /// its numbers.
     pub fn observe(
         &mut self,
         exchange: &str,
         routing_key: &str,
         properties: &BasicProperties,
-    ) -> u64 {
+    ) -> Observed {
         let Some((publisher, seq)) = numbers(properties) else {
-            return 0;
+            return Observed::default();
         };
         let copy = properties.correlation_id().is_some();
         let key = (publisher, destination(exchange, routing_key, copy));
+        let number = Some(Number { pair: key, seq });
         let last = match self.newer.get_mut(&key) {
             Some(last) => std::mem::replace(last, (*last).max(seq)),
             None => {
-                let last = self.older.remove(&key);
+                let last = self.older.remove(&key).or_else(|| self.parked.remove(&key));
                 self.remember(key, last.map_or(seq, |l| l.max(seq)));
                 match last {
                     Some(last) => last,
                     // The first heard from this publisher here: no baseline.
-                    None => return 0,
+                    None => return Observed { missed: 0, number },
                 }
             }
         };
         let missed = u64::try_from(seq.saturating_sub(last).saturating_sub(1)).unwrap_or(0);
-        self.uncounted += missed;
-        missed
+        Observed { missed, number }
+    }
+
+    /// Where the numbers stand for a session whose socket dropped: the last
+    /// seen of each pair, except that a pair with deliveries the client had
+    /// not acknowledged (`unacked`, oldest first) stands just before the first
+    /// of them, since those come again.
+    pub fn park(&self, unacked: impl IntoIterator<Item = (Number, Option<String>)>) -> ParkNote {
+        let mut stood: HashMap<Pair, i64> = self
+            .parked
+            .iter()
+            .chain(&self.older)
+            .chain(&self.newer)
+            .map(|(pair, seq)| (*pair, *seq))
+            .collect();
+        let unacked: Vec<(Number, Option<String>)> = unacked.into_iter().collect();
+        let mut firsts = std::collections::HashSet::new();
+        for (number, _) in &unacked {
+            if firsts.insert(number.pair) {
+                stood.insert(number.pair, number.seq - 1);
+            }
+        }
+        ParkNote { stood, unacked }
+    }
+
+    /// A resumed session's numbers from its [`ParkNote`]. `last_id`, the last
+    /// message the client says it processed, settles the unacknowledged
+    /// deliveries up to it: their drops were no loss to the client.
+    pub fn resume_from(&mut self, note: ParkNote, last_id: Option<&str>) {
+        let ParkNote { mut stood, unacked } = note;
+        if let Some(at) = last_id.and_then(|id| {
+            unacked
+                .iter()
+                .position(|(_, unacked_id)| unacked_id.as_deref() == Some(id))
+        }) {
+            for (number, _) in &unacked[..=at] {
+                stood.insert(number.pair, number.seq);
+            }
+        }
+        self.parked = stood;
+        if self.parked.len() > REMEMBERED {
+            // Bounded like the rest; a pair left out starts afresh.
+            self.parked = self.parked.drain().take(REMEMBERED).collect();
+        }
     }
 
     fn remember(&mut self, key: (i64, u64), seq: i64) {
@@ -169,16 +239,119 @@ impl Gaps {
 
     /// Forget every publisher's count for `exchange`: the session subscribes
     /// to it (again), and what was published while it was not bound is not
-    /// missed.
+    /// missed. A resumed session's parked numbers stay: its queue stayed bound.
     pub fn forget(&mut self, exchange: &str) {
         let room = destination(exchange, "", false);
         self.newer.retain(|(_, d), _| *d != room);
         self.older.retain(|(_, d), _| *d != room);
     }
 
-    /// Drops found since the last call, for the metrics.
-    pub fn take_uncounted(&mut self) -> u64 {
-        std::mem::take(&mut self.uncounted)
+    /// Whether `pair` numbers messages to the room whose exchange is `exchange`.
+    pub fn is_room_of(pair: Pair, exchange: &str) -> bool {
+        pair.1 == destination(exchange, "", false)
+    }
+
+    /// The session left `exchange`: its parked numbers there no longer hold.
+    pub fn left(&mut self, exchange: &str) {
+        let room = destination(exchange, "", false);
+        self.parked.retain(|(_, d), _| *d != room);
+        self.forget(exchange);
+    }
+}
+
+/// Where a parked session's numbers stood when its socket dropped, and the
+/// deliveries its client had not acknowledged (with their ids), so that the
+/// session that resumes it, on any node, can tell what its queue dropped
+/// meanwhile. It travels through the broker as bytes ([`Self::to_bytes`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ParkNote {
+    stood: HashMap<Pair, i64>,
+    unacked: Vec<(Number, Option<String>)>,
+}
+
+/// The first byte of a note: its layout's version.
+const NOTE_VERSION: u8 = 1;
+
+impl ParkNote {
+    /// `version, count, (publisher, destination, seq)*, count, (publisher,
+    /// destination, seq, id length, id)*`, integers little-endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![NOTE_VERSION];
+        out.extend(
+            u32::try_from(self.stood.len())
+                .unwrap_or(u32::MAX)
+                .to_le_bytes(),
+        );
+        for ((publisher, destination), seq) in &self.stood {
+            out.extend(publisher.to_le_bytes());
+            out.extend(destination.to_le_bytes());
+            out.extend(seq.to_le_bytes());
+        }
+        out.extend(
+            u32::try_from(self.unacked.len())
+                .unwrap_or(u32::MAX)
+                .to_le_bytes(),
+        );
+        for (number, id) in &self.unacked {
+            out.extend(number.pair.0.to_le_bytes());
+            out.extend(number.pair.1.to_le_bytes());
+            out.extend(number.seq.to_le_bytes());
+            let id = id.as_deref().unwrap_or("").as_bytes();
+            out.extend(u16::try_from(id.len()).unwrap_or(0).to_le_bytes());
+            out.extend(&id[..usize::from(u16::try_from(id.len()).unwrap_or(0))]);
+        }
+        out
+    }
+
+    /// The note in `bytes`, or `None` when they are not one.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let mut read = NoteReader(bytes);
+        if read.take::<1>()? != [NOTE_VERSION] {
+            return None;
+        }
+        let mut note = ParkNote::default();
+        for _ in 0..read.u32()? {
+            let pair = (read.i64()?, read.u64()?);
+            note.stood.insert(pair, read.i64()?);
+        }
+        for _ in 0..read.u32()? {
+            let pair = (read.i64()?, read.u64()?);
+            let seq = read.i64()?;
+            let len = usize::from(u16::from_le_bytes(read.take::<2>()?));
+            let id = std::str::from_utf8(read.slice(len)?).ok()?;
+            let id = (!id.is_empty()).then(|| id.to_owned());
+            note.unacked.push((Number { pair, seq }, id));
+        }
+        read.0.is_empty().then_some(note)
+    }
+}
+
+struct NoteReader<'a>(&'a [u8]);
+
+impl NoteReader<'_> {
+    fn slice(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.slice(N)?.try_into().ok()
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
+    }
+
+    fn i64(&mut self) -> Option<i64> {
+        self.take().map(i64::from_le_bytes)
     }
 }
 
@@ -245,22 +418,21 @@ mod tests {
         let numbering = Numbering::default();
         let sent = lobby(&numbering, 10);
         let mut gaps = Gaps::default();
-        let mut seen = |i: usize| gaps.observe(LOBBY, "", &sent[i]);
+        let mut seen = |i: usize| gaps.observe(LOBBY, "", &sent[i]).missed;
         assert_eq!(seen(0), 0);
         assert_eq!(seen(1), 0);
         assert_eq!(seen(5), 3, "2, 3 and 4 were dropped");
         assert_eq!(seen(3), 0, "a redelivery is no gap");
         assert_eq!(seen(6), 0, "nor does it lower what was seen");
         assert_eq!(seen(9), 2);
-        assert_eq!(gaps.take_uncounted(), 5);
-        assert_eq!(gaps.take_uncounted(), 0);
     }
 
     #[test]
     fn publishers_and_destinations_are_counted_apart() {
         let (alice, bob) = (Numbering::default(), Numbering::default());
         let mut gaps = Gaps::default();
-        let mut observe = |p: BasicProperties, exchange, key| gaps.observe(exchange, key, &p);
+        let mut observe =
+            |p: BasicProperties, exchange, key| gaps.observe(exchange, key, &p).missed;
         assert_eq!(observe(numbered(&alice, LOBBY, "", false), LOBBY, ""), 0);
         assert_eq!(observe(numbered(&bob, LOBBY, "", false), LOBBY, ""), 0);
         // Alice's message to carol and her copies for her own tabs: not seen here.
@@ -279,18 +451,21 @@ mod tests {
         numbered(&alice, DIRECT, "alice", true);
         let to_self = numbered(&alice, DIRECT, "alice", false);
         numbered(&alice, DIRECT, "alice", true);
-        assert_eq!(gaps.observe(DIRECT, "alice", &to_self), 0);
+        assert_eq!(gaps.observe(DIRECT, "alice", &to_self).missed, 0);
         let to_self = numbered(&alice, DIRECT, "alice", false);
-        assert_eq!(gaps.observe(DIRECT, "alice", &to_self), 0);
+        assert_eq!(gaps.observe(DIRECT, "alice", &to_self).missed, 0);
     }
 
     #[test]
     fn unnumbered_messages_and_first_sightings_are_no_gap() {
         let mut gaps = Gaps::default();
-        assert_eq!(gaps.observe(LOBBY, "", &BasicProperties::default()), 0);
+        assert_eq!(
+            gaps.observe(LOBBY, "", &BasicProperties::default()).missed,
+            0
+        );
         let sent = lobby(&Numbering::default(), 5);
         assert_eq!(
-            gaps.observe(LOBBY, "", &sent[4]),
+            gaps.observe(LOBBY, "", &sent[4]).missed,
             0,
             "published before the session could know"
         );
@@ -303,7 +478,7 @@ mod tests {
         let mut gaps = Gaps::default();
         gaps.observe(LOBBY, "", &sent[0]);
         gaps.forget(LOBBY);
-        assert_eq!(gaps.observe(LOBBY, "", &sent[4]), 0);
+        assert_eq!(gaps.observe(LOBBY, "", &sent[4]).missed, 0);
     }
 
     #[test]
@@ -321,7 +496,11 @@ mod tests {
             }
             assert!(gaps.newer.len() + gaps.older.len() <= REMEMBERED);
         }
-        assert_eq!(gaps.observe(LOBBY, "", &sent[3]), 1, "still remembered");
+        assert_eq!(
+            gaps.observe(LOBBY, "", &sent[3]).missed,
+            1,
+            "still remembered"
+        );
     }
 
     #[test]
@@ -334,6 +513,49 @@ mod tests {
         let again = numbers(&numbered(&numbering, LOBBY, "", false)).unwrap();
         assert_ne!(again.0, first.0);
         assert_eq!(again.1, 1);
+    }
+
+    /// Bob's session parks having seen alice's 1..=6 in the lobby and
+    /// acknowledged 1..=3; his queue then drops 4..=9 and the resumed session
+    /// first gets 10.
+    fn parked_and_resumed(last_id: Option<&str>) -> u64 {
+        let alice = Numbering::default();
+        let sent = lobby(&alice, 10);
+        let mut before = Gaps::default();
+        let mut unacked = Vec::new();
+        for (i, properties) in sent.iter().enumerate().take(6) {
+            let observed = before.observe(LOBBY, "", properties);
+            if i >= 3 {
+                unacked.push((observed.number.unwrap(), Some(format!("m{}", i + 1))));
+            }
+        }
+        let note = ParkNote::from_bytes(&before.park(unacked).to_bytes()).unwrap();
+        let mut after = Gaps::default();
+        after.resume_from(note, last_id);
+        after.forget(LOBBY);
+        after.observe(LOBBY, "", &sent[9]).missed
+    }
+
+    #[test]
+    fn a_resumed_session_counts_what_its_queue_dropped_while_parked() {
+        assert_eq!(parked_and_resumed(None), 6, "4 to 9: the client has none");
+        assert_eq!(parked_and_resumed(Some("m5")), 4, "it processed 4 and 5");
+        assert_eq!(parked_and_resumed(Some("m6")), 3);
+        assert_eq!(parked_and_resumed(Some("elsewhere")), 6);
+        assert!(ParkNote::from_bytes(b"").is_none());
+        assert!(ParkNote::from_bytes(&[NOTE_VERSION, 1, 0, 0, 0]).is_none());
+    }
+
+    #[test]
+    fn leaving_a_room_drops_its_parked_numbers() {
+        let alice = Numbering::default();
+        let sent = lobby(&alice, 5);
+        let mut before = Gaps::default();
+        before.observe(LOBBY, "", &sent[0]);
+        let mut after = Gaps::default();
+        after.resume_from(before.park([]), None);
+        after.left(LOBBY);
+        assert_eq!(after.observe(LOBBY, "", &sent[4]).missed, 0);
     }
 
     #[test]

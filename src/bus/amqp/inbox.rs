@@ -10,10 +10,12 @@
 //! until that id shows up and then dropped, or let through when it does not.
 //!
 //! Where the queue dropped messages (it was full), a `gap` frame goes out in
-//! their place, found by the publishers' numbers ([`crate::bus::gaps`]).
+//! their place, found by the publishers' numbers ([`crate::bus::gaps`]). A
+//! session that may be resumed leaves a [`ParkNote`] when it ends, where its
+//! numbers stood, so that drops while the session is parked are told too.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -28,7 +30,7 @@ use super::node_fanout::RoomFrame;
 use super::{Names, PREFETCH, delivered_text, unavailable};
 use crate::bus::acks::{AckError, ClientAcks, Receipt, Settled};
 use crate::bus::dropped::Dropped;
-use crate::bus::gaps::{Gaps, gap_frame};
+use crate::bus::gaps::{Gaps, Number, Observed, ParkNote, gap_frame};
 use crate::bus::{AckMode, BusError};
 use crate::names::{RoomName, SessionId, UserId};
 use crate::protocol::frame_head;
@@ -56,9 +58,8 @@ pub struct AmqpInbox {
     /// With per-node fanout: the room frames the node's feed hands this
     /// session (the consumer then carries only direct messages).
     room_frames: Option<(mpsc::Receiver<RoomFrame>, Arc<Dropped>)>,
-    /// Room frames the node's feed could not queue, told since
-    /// [`Self::take_missed`].
-    feed_missed: u64,
+    /// Messages told missed (gap frames) since [`Self::take_missed`].
+    told_missed: u64,
     /// Who acknowledges: with client acks, each frame gets a seq and its acker
     /// (none for a room frame of the node's feed, acked by the node) waits
     /// here for the client's `ack_upto`.
@@ -87,12 +88,26 @@ pub struct AmqpInbox {
     names: Names,
     /// The last number seen per publisher and destination, to find drops.
     gaps: Gaps,
+    /// When the session may be resumed: its numbered deliveries not yet
+    /// acknowledged, oldest first, and where its note goes when it ends.
+    parking: Option<(VecDeque<Unacked>, ParkSlot)>,
+}
+
+/// Where an ended session's inbox leaves its [`ParkNote`] for its lease.
+pub(super) type ParkSlot = Arc<Mutex<Option<ParkNote>>>;
+
+/// A numbered delivery handed out and not yet acknowledged.
+struct Unacked {
+    /// Its seq on the connection (0 when the server acknowledges).
+    client_seq: u64,
+    number: Number,
+    frame: Utf8Bytes,
 }
 
 /// Redelivered messages held back while looking for the client's last id.
 struct Replay {
     last_id: String,
-    held: Vec<(String, Acker)>,
+    held: Vec<(String, Acker, Observed)>,
 }
 
 /// What one delivery turned out to be.
@@ -114,7 +129,7 @@ impl AmqpInbox {
         Self {
             consumer,
             room_frames,
-            feed_missed: 0,
+            told_missed: 0,
             client_acks: (acks == AckMode::Client).then(|| ClientAcks::new(user)),
             replay: None,
             ready: VecDeque::new(),
@@ -128,15 +143,29 @@ impl AmqpInbox {
             session: session.clone(),
             names: names.clone(),
             gaps: Gaps::default(),
+            parking: None,
         }
     }
 
-    /// A resumed session: what comes again up to `last_id` was processed.
-    pub(super) fn skip_through(&mut self, last_id: &str) {
-        self.replay = Some(Replay {
-            last_id: last_id.to_owned(),
-            held: Vec::new(),
-        });
+    /// A session that may be resumed: it leaves its [`ParkNote`] in `slot`
+    /// when it ends.
+    pub(super) fn parks_into(mut self, slot: Option<ParkSlot>) -> Self {
+        self.parking = slot.map(|slot| (VecDeque::new(), slot));
+        self
+    }
+
+    /// A resumed session: what comes again up to `last_id` was processed, and
+    /// the numbers stand where the parked session's `note` left them.
+    pub(super) fn resumed(&mut self, last_id: Option<&str>, note: Option<ParkNote>) {
+        if let Some(note) = note {
+            self.gaps.resume_from(note, last_id);
+        }
+        if let Some(last_id) = last_id {
+            self.replay = Some(Replay {
+                last_id: last_id.to_owned(),
+                held: Vec::new(),
+            });
+        }
     }
 
     /// Deliver `room`'s messages from now on.
@@ -152,6 +181,7 @@ impl AmqpInbox {
         if let Some((_, dropped)) = &self.room_frames {
             dropped.forget(&exchange);
         }
+        self.gaps.left(&exchange);
         self.following.remove(&exchange);
     }
 
@@ -256,24 +286,23 @@ impl AmqpInbox {
             self.skip(delivery.acker);
             return Ok(Taken::Skipped);
         }
-        let missed = self.gaps.observe(
+        let observed = self.gaps.observe(
             delivery.exchange.as_str(),
             delivery.routing_key.as_str(),
             &delivery.properties,
         );
         let text = delivered_text(delivery.data);
         if let Some(replay) = &mut self.replay {
-            // A drop between redelivered messages was the old connection's
-            // to report; they only set where the numbers stand.
             if delivery.redelivered {
                 let last =
                     frame_head(&text).and_then(|(_, id)| id) == Some(replay.last_id.as_str());
-                replay.held.push((text, delivery.acker));
+                replay.held.push((text, delivery.acker, observed));
                 if last {
-                    // Everything held was processed before the socket dropped.
+                    // Everything held was processed before the socket
+                    // dropped, so nothing dropped between them was missed.
                     let processed = std::mem::take(&mut replay.held);
                     self.replay = None;
-                    for (_, acker) in processed {
+                    for (_, acker, _) in processed {
                         self.skip(acker);
                     }
                 } else if replay.held.len() >= usize::from(PREFETCH) {
@@ -283,17 +312,27 @@ impl AmqpInbox {
             }
             self.end_replay();
         }
-        if missed > 0 || !self.ready.is_empty() {
-            // Not stamped: a gap frame takes no seq and needs no ack.
-            if missed > 0 {
-                let room = self.names.room_of(delivery.exchange.as_str());
-                self.ready.push_back(gap_frame(room, missed));
-            }
-            let frame = self.hand_out(text, delivery.acker);
+        if observed.missed > 0 || !self.ready.is_empty() {
+            self.tell_missed(delivery.exchange.as_str(), observed.missed);
+            let frame = self.hand_out(text, delivery.acker, observed.number);
             self.ready.push_back(frame);
             return Ok(Taken::Skipped);
         }
-        Ok(Taken::Frame(self.hand_out(text, delivery.acker)))
+        Ok(Taken::Frame(self.hand_out(
+            text,
+            delivery.acker,
+            observed.number,
+        )))
+    }
+
+    /// A gap frame for `missed` messages before the next frame, if any.
+    /// Not stamped: a gap frame takes no seq and needs no ack.
+    fn tell_missed(&mut self, exchange: &str, missed: u64) {
+        if missed > 0 {
+            self.told_missed += missed;
+            let room = self.names.room_of(exchange);
+            self.ready.push_back(gap_frame(room, missed));
+        }
     }
 
     /// A room frame from the node's feed: handed out if the session follows
@@ -311,7 +350,7 @@ impl AmqpInbox {
         };
         if missed > 0 {
             // The gap first, where the frames were lost; the frame after it.
-            self.feed_missed += missed;
+            self.told_missed += missed;
             self.ready.push_back(frame);
             return Ok(Some(gap_frame(self.names.room_of(&exchange), missed)));
         }
@@ -336,7 +375,7 @@ impl AmqpInbox {
         for (exchange, missed) in dropped.drain() {
             let Some(exchange) = exchange else { continue };
             if self.following.contains(&*exchange) {
-                self.feed_missed += missed;
+                self.told_missed += missed;
                 let gap = gap_frame(self.names.room_of(&exchange), missed);
                 self.ready.push_back(gap);
                 told = true;
@@ -347,30 +386,53 @@ impl AmqpInbox {
 
     /// Drops found since the last call, for the metrics.
     pub fn take_missed(&mut self) -> u64 {
-        self.gaps.take_uncounted() + std::mem::take(&mut self.feed_missed)
+        std::mem::take(&mut self.told_missed)
     }
 
     /// `last_id` was not among the redelivered messages: they are all new to
-    /// the client, in their order.
+    /// the client, in their order, with what was dropped between them.
     fn end_replay(&mut self) {
         if let Some(replay) = self.replay.take() {
-            for (text, acker) in replay.held {
-                let frame = self.hand_out(text, acker);
+            for (text, acker, observed) in replay.held {
+                if let Some(number) = observed.number {
+                    let exchange = self.exchange_of(number);
+                    self.tell_missed(&exchange, observed.missed);
+                }
+                let frame = self.hand_out(text, acker, observed.number);
                 self.ready.push_back(frame);
             }
         }
     }
 
+    /// The exchange a held delivery came from, for its gap frame: a room the
+    /// session follows, else the direct exchange.
+    fn exchange_of(&self, number: Number) -> String {
+        self.following
+            .iter()
+            .find(|exchange| Gaps::is_room_of(number.pair, exchange))
+            .cloned()
+            .unwrap_or_else(|| self.direct_exchange.clone())
+    }
+
     /// A delivery on its way to the client: stamped with its seq when the
-    /// client acknowledges, else remembered for the server's next ack.
-    fn hand_out(&mut self, text: String, acker: Acker) -> Utf8Bytes {
-        match &mut self.client_acks {
-            Some(acks) => acks.stamp(&text, Some(acker)),
+    /// client acknowledges, else remembered for the server's next ack; and,
+    /// when the session may be resumed, kept in mind until acknowledged.
+    fn hand_out(&mut self, text: String, acker: Acker, number: Option<Number>) -> Utf8Bytes {
+        let (frame, client_seq) = match &mut self.client_acks {
+            Some(acks) => (acks.stamp(&text, Some(acker)), acks.last_stamped()),
             None => {
                 self.unsettled = Some(acker);
-                Utf8Bytes::from(text)
+                (Utf8Bytes::from(text), 0)
             }
+        };
+        if let (Some((unacked, _)), Some(number)) = (&mut self.parking, number) {
+            unacked.push_back(Unacked {
+                client_seq,
+                number,
+                frame: frame.clone(),
+            });
         }
+        frame
     }
 
     /// A delivery the client never sees still holds prefetch credit: settle it.
@@ -405,6 +467,11 @@ impl AmqpInbox {
             return Err(AckError::NotAcking);
         };
         let Settled { mut kept, receipts } = acks.ack_upto(seq)?;
+        if let Some((unacked, _)) = &mut self.parking {
+            while unacked.front().is_some_and(|u| u.client_seq <= seq) {
+                unacked.pop_front();
+            }
+        }
         self.ack_skipped().await;
         // The newest broker delivery settles every one before it; room frames
         // of the node's feed have nothing to settle here.
@@ -451,10 +518,27 @@ impl AmqpInbox {
     async fn ack(&mut self) {
         self.unsettled_count = 0;
         self.unsettled_since = None;
+        if let Some((unacked, _)) = &mut self.parking {
+            unacked.clear();
+        }
         if let Some(acker) = self.unsettled.take()
             && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
         {
             debug!(error = %e, "ack failed; the channel is gone");
+        }
+    }
+}
+
+impl Drop for AmqpInbox {
+    /// Leave the note for the lease, which keeps it with the queue if the
+    /// session is parked.
+    fn drop(&mut self) {
+        if let Some((unacked, slot)) = &self.parking {
+            let unacked = unacked.iter().map(|u| {
+                let id = frame_head(&u.frame).and_then(|(_, id)| id.map(str::to_owned));
+                (u.number, id)
+            });
+            *slot.lock().unwrap() = Some(self.gaps.park(unacked));
         }
     }
 }

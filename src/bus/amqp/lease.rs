@@ -2,8 +2,10 @@
 //! channel, and their release: the slot always goes; the connection queue
 //! goes too, or, when it is resumable and the session may come back, stays
 //! for the grace (`x-expires` deletes it after), with everything the client
-//! had not acknowledged back in it. With per-node fanout the session also
-//! leaves the rooms of the node's feed.
+//! had not acknowledged back in it, and beside it the session's park note
+//! (`<prefix>.note.<user>.<session>`, see [`crate::bus::gaps::ParkNote`]) for
+//! the session that resumes it. With per-node fanout the session also leaves
+//! the rooms of the node's feed.
 
 use std::sync::Arc;
 
@@ -11,8 +13,10 @@ use lapin::Channel;
 use lapin::options::QueueDeleteOptions;
 use tracing::{debug, warn};
 
-use super::RELEASE_TIMEOUT;
+use super::inbox::ParkSlot;
 use super::node_fanout::NodeFanout;
+use super::publisher::publish_to_queue;
+use super::{RELEASE_TIMEOUT, declare_queue};
 use crate::bus::Release;
 use crate::bus::pool::PooledConnection;
 use crate::names::SessionId;
@@ -23,11 +27,18 @@ pub(super) struct LeaseState {
     /// What to delete, in the order declared: the slot first, then the
     /// connection's queue. Deleted in reverse, so the slot frees last.
     pub(super) queues: Vec<String>,
-    /// Whether the connection's queue outlives its channel (`x-expires`), so
-    /// it may be kept for a resume.
-    pub(super) resumable: bool,
+    /// When the connection's queue outlives its channel (`x-expires`), so it
+    /// may be kept for a resume: where its inbox leaves its park note, the
+    /// note's queue, and how long that lives unread.
+    pub(super) parking: Option<Parking>,
     /// With per-node fanout: the node's feed, whose rooms the session leaves.
     pub(super) node_fanout: Option<(Arc<NodeFanout>, SessionId)>,
+}
+
+pub(super) struct Parking {
+    pub(super) slot: ParkSlot,
+    pub(super) note_queue: String,
+    pub(super) note_args: lapin::types::FieldTable,
 }
 
 pub struct AmqpLease {
@@ -55,10 +66,12 @@ impl AmqpLease {
 
     pub async fn release(mut self, queue: Release) {
         if let Some(mut state) = self.state.take() {
-            if queue == Release::KeepForResume && state.resumable {
+            if queue == Release::KeepForResume && state.parking.is_some() {
                 // Only the slot goes; closing the channel puts what the client
                 // had not acknowledged back in the queue, in order.
                 state.queues.truncate(1);
+            } else {
+                state.parking = None;
             }
             // A broker that stopped answering must not hold the session (and
             // shutdown) forever; the exclusive queue dies with its connection,
@@ -86,6 +99,24 @@ impl Drop for AmqpLease {
     }
 }
 
+/// Put the parked session's note in its queue, on the session's channel: the
+/// channel closes after it, and a resume waits for that, so the note is there
+/// before the resume looks. Without one a resume starts its numbers afresh.
+async fn leave_note(channel: &Channel, parking: Parking) {
+    let Some(note) = parking.slot.lock().unwrap().take() else {
+        return;
+    };
+    let queue = parking.note_queue.as_str();
+    let left = async {
+        declare_queue(channel, queue, false, parking.note_args).await?;
+        publish_to_queue(channel, queue, &note.to_bytes()).await
+    }
+    .await;
+    if let Err(e) = left {
+        debug!(%queue, error = %e, "could not leave the park note");
+    }
+}
+
 /// Delete the queues and close the channel. If the session's channel is already
 /// dead but its connection lives, the exclusive queues live too: delete them
 /// through a fresh channel. If the connection is dead, the broker has deleted them.
@@ -94,11 +125,14 @@ pub(super) async fn release(state: LeaseState) {
         conn,
         channel,
         queues,
-        resumable: _,
+        parking,
         node_fanout,
     } = state;
     if let Some((fanout, session)) = node_fanout {
         fanout.forget(&session).await;
+    }
+    if let Some(parking) = parking {
+        leave_note(&channel, parking).await;
     }
     let mut channel = Some(channel);
     for queue in queues.iter().rev() {

@@ -11,6 +11,9 @@
 //!   exclusive queue deleted with the session. It is bounded (`x-max-length`,
 //!   `x-overflow: drop-head`): a client too slow to keep up loses its oldest
 //!   messages instead of growing the broker's memory.
+//! - `<prefix>.note.<user>.<session>`: while a session is parked for a resume,
+//!   where the numbers of its deliveries stood ([`crate::bus::gaps::ParkNote`]),
+//!   read once by the resume.
 //! - `<prefix>.room.<room>`: a fanout exchange per room, auto-deleted when its
 //!   last queue unbinds, so empty rooms leave nothing behind. Subscribing binds
 //!   the connection's queue to it; unsubscribing unbinds it.
@@ -44,8 +47,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer, ExchangeKind};
@@ -65,9 +68,11 @@ pub use lease::AmqpLease;
 pub use presence_link::AmqpPresenceLink;
 pub use publisher::{AmqpConfirm, AmqpLink};
 
+use super::gaps::ParkNote;
 use super::history::Rings;
 use history_link::StreamSpec;
-use lease::LeaseState;
+use inbox::ParkSlot;
+use lease::{LeaseState, Parking};
 
 use super::pool::{Pool, PooledConnection};
 use super::{BusError, Inbox, Lease, Link, Opening, Release, Resume, Subscription, TAKEOVER_WAITS};
@@ -142,6 +147,11 @@ impl Names {
     /// One of a user's session slots.
     pub fn slot_queue(&self, user: &UserId, slot: u16) -> String {
         format!("{}.slot.{user}.{slot}", self.prefix)
+    }
+
+    /// Where a parked session's numbers stood, for the session resuming it.
+    pub fn note_queue(&self, user: &UserId, session: &SessionId) -> String {
+        format!("{}.note.{user}.{session}", self.prefix)
     }
 
     /// The stream every room's messages are kept in, for history.
@@ -322,12 +332,20 @@ impl AmqpBus {
         // From here the channel (and, once declared, the queues) is leased: if
         // the caller gives up (the open timed out), dropping the lease deletes
         // the queues and closes the channel.
+        let park_slot = self.resume_grace.map(|_| ParkSlot::default());
         let mut lease = AmqpLease {
             state: Some(LeaseState {
                 conn: conn.clone(),
                 channel: channel.clone(),
                 queues: vec![self.names.slot_queue(user, slot)],
-                resumable: self.resume_grace.is_some(),
+                parking: park_slot
+                    .clone()
+                    .zip(self.resume_grace)
+                    .map(|(slot, grace)| Parking {
+                        slot,
+                        note_queue: self.names.note_queue(user, session),
+                        note_args: resumable_queue(1, grace),
+                    }),
                 node_fanout: self
                     .node_fanout
                     .as_ref()
@@ -359,9 +377,18 @@ impl AmqpBus {
             .await
         {
             Ok(consumer) => {
-                if resume.is_some() {
-                    lease.add_queue(queue.clone());
-                }
+                // The last await of a resume: only then is the queue the
+                // lease's (see above).
+                let note = match resume {
+                    Some(_) => {
+                        let note = self
+                            .take_note(&conn, &self.names.note_queue(user, session))
+                            .await;
+                        lease.add_queue(queue.clone());
+                        note
+                    }
+                    None => None,
+                };
                 debug!(%queue, %user, slot, channel = channel.id(), resumed = resume.is_some(), "opened");
                 let (member, room_frames) = match &self.node_fanout {
                     Some(fanout) => {
@@ -381,12 +408,10 @@ impl AmqpBus {
                     session,
                     acks,
                     user,
-                );
-                if let Some(Resume {
-                    last_id: Some(last_id),
-                }) = resume
-                {
-                    inbox.skip_through(last_id);
+                )
+                .parks_into(park_slot);
+                if let Some(Resume { last_id }) = resume {
+                    inbox.resumed(last_id.as_deref(), note);
                 }
                 Ok(Subscription {
                     link: Link::Amqp(Box::new(AmqpLink {
@@ -419,6 +444,30 @@ impl AmqpBus {
                 warn!(%queue, error = %e, "opening a session's queue failed");
                 lease.release(Release::Delete).await;
                 Err(unavailable(e))
+            }
+        }
+    }
+
+    /// The note a parked session left for the session resuming it, taken
+    /// (it is read once). On a channel of its own: a session parked before
+    /// it could leave one has none, and a missing queue closes the channel.
+    async fn take_note(&self, conn: &Arc<PooledConnection>, queue: &str) -> Option<ParkNote> {
+        let taken = on_short_channel(conn, |channel| async move {
+            let got = channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await?;
+            channel
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await?;
+            Ok(got)
+        })
+        .await;
+        match taken {
+            Ok(Some(got)) => ParkNote::from_bytes(&got.delivery.data),
+            Ok(None) => None,
+            Err(e) => {
+                debug!(%queue, error = %e, "no park note; numbers start afresh");
+                None
             }
         }
     }

@@ -421,7 +421,8 @@ fn deliver(state: &Mutex<State>, delivery: lapin::message::Delivery) -> Acker {
     // every member's loss.
     let lost_by_feed = state
         .gaps
-        .observe(exchange, routing_key.as_str(), &properties);
+        .observe(exchange, routing_key.as_str(), &properties)
+        .missed;
     let Some((room, members)) = state.rooms.get_key_value(exchange) else {
         return acker;
     };
