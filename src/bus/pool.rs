@@ -77,7 +77,14 @@ impl PooledConnection {
     /// nobody is left to take is closed there, and only then uncounted: the
     /// count never falls below the channels really open on the connection
     /// (it did, and a storm of abandoned opens ran into lapin's channel limit).
+    ///
+    /// On a connection already lost, or lost while the channel opens, it fails
+    /// at once: lapin's open would wait for an answer that never comes, and
+    /// whoever waits may hold something others need (the feed's turn did).
     pub async fn open_counted(self: &Arc<Self>) -> lapin::Result<CountedChannel> {
+        if self.lost.is_cancelled() || !self.is_connected() {
+            return Err(connection_lost());
+        }
         self.channels.fetch_add(1, Ordering::Relaxed);
         let conn = self.clone();
         let opening = tokio::spawn(async move {
@@ -92,7 +99,13 @@ impl PooledConnection {
                 }
             }
         });
-        match opening.await {
+        // Given up on, the open finishes in its task, and a channel nobody
+        // takes is closed there.
+        let opened = tokio::select! {
+            opened = opening => opened,
+            () = self.lost.cancelled() => return Err(connection_lost()),
+        };
+        match opened {
             Ok(opened) => opened,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(std::io::Error::other(e).into()),
@@ -412,6 +425,15 @@ pub fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// The error of an operation on a connection the pool knows is lost.
+fn connection_lost() -> lapin::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "the broker connection was lost",
+    )
+    .into()
 }
 
 #[cfg(test)]

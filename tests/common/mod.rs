@@ -154,6 +154,11 @@ pub fn config(bus: BusKind, prefix: &str) -> Config {
 }
 
 pub async fn start(config: Config) -> RunningServer {
+    // `RUST_LOG=warren=debug cargo test … -- --nocapture` shows the servers' logs.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let server = RunningServer::start(config).await.expect("server starts");
     assert!(
         server.node().bus.readiness().is_ok(),
