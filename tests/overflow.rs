@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 on_both_buses!(
     a_flood_past_a_full_queue_adds_up,
+    a_flood_posted_over_http_adds_up_too,
     a_room_that_keeps_up_has_no_gap,
     direct_messages_dropped_while_parked_are_told_after_the_resume,
 );
@@ -109,10 +110,16 @@ async fn flood(alice: &mut Client, bob: &mut Client, to: Value) -> (Read, Read) 
         }
     }
 
+    (mine, read_flood(bob, kind, room.as_deref()).await)
+}
+
+/// Bob reads a flood of [`FLOOD`] to him, acknowledging as he reads: every
+/// message sent is received, in order, or counted missed where it was lost.
+async fn read_flood(bob: &mut Client, kind: &str, room: Option<&str>) -> Read {
     let mut his = Read::default();
     while his.accounted() < FLOOD {
         let frame = next_json(&mut bob.socket).await;
-        assert!(take(&mut his, &frame, kind, room.as_deref()), "{frame}");
+        assert!(take(&mut his, &frame, kind, room), "{frame}");
         if let Some(seq) = frame["seq"].as_u64() {
             send_json(&mut bob.socket, json!({"type":"ack_upto","seq":seq})).await;
         }
@@ -127,7 +134,7 @@ async fn flood(alice: &mut Client, bob: &mut Client, to: Value) -> (Read, Read) 
         !his.gaps.is_empty(),
         "a queue of {QUEUE_MAX_LENGTH} behind a window of 256 must drop some of {FLOOD}"
     );
-    (mine, his)
+    his
 }
 
 async fn a_flood_past_a_full_queue_adds_up(bus: BusKind) {
@@ -148,6 +155,47 @@ async fn a_flood_past_a_full_queue_adds_up(bus: BusKind) {
     assert_eq!(dropped_total(addr).await, in_room);
 
     let (_, his) = flood(&mut alice, &mut bob, json!({"type":"direct","to":"bob"})).await;
+    assert_eq!(
+        dropped_total(addr).await,
+        in_room + his.gaps.iter().sum::<u64>()
+    );
+    server.shutdown().await;
+}
+
+/// As [`a_flood_past_a_full_queue_adds_up`], with the flood posted over
+/// HTTP: to the room through the server API, and to bob with alice's posting
+/// token.
+async fn a_flood_posted_over_http_adds_up_too(bus: BusKind) {
+    let mut config = config(bus, &unique_prefix("httpflood"));
+    config.queue_max_length = QUEUE_MAX_LENGTH;
+    let server = start(config).await;
+    let addr = server.local_addr();
+    let alice = connect_user(addr, "alice").await;
+    let token = alice.welcome["token"].as_str().unwrap().to_owned();
+    let mut bob = connect_with(addr, "room=flood&user=bob&acks=client").await;
+
+    for n in 0..FLOOD {
+        assert_eq!(
+            api_post(addr, "flood", Some("alice"), &n.to_string()).await,
+            202
+        );
+    }
+    let his = read_flood(&mut bob, "message", Some("flood")).await;
+    let in_room = his.gaps.iter().sum::<u64>();
+    assert_eq!(dropped_total(addr).await, in_room);
+
+    let client = reqwest::Client::new();
+    for n in 0..FLOOD {
+        let status = client
+            .post(format!("http://{addr}/users/bob/messages"))
+            .json(&json!({"from":"alice","text":n.to_string(),"token":token}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 202);
+    }
+    let his = read_flood(&mut bob, "direct", None).await;
     assert_eq!(
         dropped_total(addr).await,
         in_room + his.gaps.iter().sum::<u64>()

@@ -22,9 +22,9 @@
 //!   difference minus one, just before it. A number that is not greater (a
 //!   resumed queue giving again what was not acknowledged) is no gap.
 //!
-//! HTTP publishes carry no numbers: each opens a channel of its own, so each
-//! would be a publisher of one message per destination, whose number is always
-//! 1 and can never show a gap.
+//! HTTP publishes are numbered the same way: a node publishes them all on one
+//! channel of its own, a publisher like any session's link
+//! (`bus/amqp/sessionless.rs`).
 //!
 //! A session that may be resumed leaves a [`ParkNote`] when its socket drops:
 //! where its numbers stood, so that the inbox resuming it (on any node) goes on
@@ -33,9 +33,9 @@
 //!
 //! What this cannot see, so `missed` is a lower bound: drops of a publisher's
 //! messages before the first of its messages this inbox saw in that room (they
-//! cannot be told from messages published before the session subscribed),
-//! drops of HTTP publishes, and drops while parked when the note is missing (a
-//! resume that took it failed, and the next try starts afresh).
+//! cannot be told from messages published before the session subscribed), and
+//! drops while parked when the note is missing (a resume that took it failed,
+//! and the next try starts afresh).
 //!
 //! Memory: an inbox remembers at most [`REMEMBERED`] (publisher, destination)
 //! pairs, in two generations: when the newer fills, the older is forgotten and

@@ -73,6 +73,7 @@ use super::history::Rings;
 use history_link::StreamSpec;
 use inbox::ParkSlot;
 use lease::{LeaseState, Parking};
+use sessionless::HttpChannel;
 
 use super::pool::{Pool, PooledConnection};
 use super::{BusError, Inbox, Lease, Link, Opening, Release, Resume, Subscription, TAKEOVER_WAITS};
@@ -231,6 +232,8 @@ pub struct AmqpBus {
     opening: Arc<Semaphore>,
     /// With `--room-fanout per-node`: the node's feed of room messages.
     node_fanout: Option<Arc<NodeFanout>>,
+    /// The node's channel for HTTP publishes.
+    http: Arc<HttpChannel>,
 }
 
 impl AmqpBus {
@@ -261,6 +264,7 @@ impl AmqpBus {
             rings,
             opening: Arc::new(Semaphore::new(OPENS_AT_ONCE)),
             node_fanout,
+            http: Arc::default(),
         }
     }
 

@@ -185,6 +185,18 @@ pub(super) async fn publish_to_exchange(
     publish_with(channel, exchange, payload, BasicProperties::default()).await
 }
 
+/// As [`publish_to_exchange`], numbered by `numbering`.
+pub(super) async fn numbered_to_exchange(
+    channel: &Channel,
+    exchange: &str,
+    payload: &[u8],
+    numbering: &Numbering,
+) -> lapin::Result<PublisherConfirm> {
+    let properties =
+        BasicProperties::default().with_headers(numbering.headers(exchange, "", false));
+    publish_with(channel, exchange, payload, properties).await
+}
+
 /// As [`publish_to_exchange`], with `properties` (a link's numbering headers).
 async fn publish_with(
     channel: &Channel,

@@ -1,32 +1,66 @@
-//! Publishing and asking without a session: HTTP POSTs publish on a
-//! short-lived channel of their own, and the probes ask the broker which of a
-//! user's session slots are held.
+//! Publishing and asking without a session: HTTP POSTs publish on the node's
+//! one channel for them ([`HttpChannel`]), and the probes ask the broker which
+//! of a user's session slots are held.
 //!
-//! What they publish is not numbered for gap detection (`bus::gaps`): a
-//! channel that publishes one message per destination and closes could never
-//! show a gap.
+//! What HTTP POSTs publish is numbered for gap detection (`bus::gaps`) like a
+//! session's publishes: one channel keeps them in order, which numbers need,
+//! and numbers are taken in the order they go out on it.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind, PublisherConfirm};
+use tracing::debug;
 
-use super::publisher::{AmqpConfirm, DirectCopy, publish_direct, publish_to_exchange};
+use super::publisher::{AmqpConfirm, DirectCopy, numbered_to_exchange, publish_direct};
 use super::{AmqpBus, NOT_FOUND, RESOURCE_LOCKED, on_short_channel, reply_code, unavailable};
 use crate::bus::BusError;
+use crate::bus::gaps::Numbering;
+use crate::bus::pool::PooledConnection;
 use crate::names::{RoomName, SessionId, UserId};
 
+/// The node's channel for HTTP publishes, opened at the first and again after
+/// it is lost, in confirm mode, with its numbering. A new channel numbers
+/// afresh under a new publisher id: what the old one numbered but never
+/// published must not look dropped.
+#[derive(Default)]
+pub struct HttpChannel {
+    open: tokio::sync::Mutex<Option<OpenHttpChannel>>,
+}
+
+struct OpenHttpChannel {
+    conn: Arc<PooledConnection>,
+    channel: Channel,
+    numbering: Numbering,
+}
+
+/// What an HTTP POST publishes.
+enum HttpPublish {
+    Room {
+        exchange: String,
+    },
+    Direct {
+        exchange: String,
+        to: UserId,
+        from: UserId,
+    },
+}
+
 impl AmqpBus {
-    /// Publish on a short-lived channel of its own: a passive declare of a missing
-    /// exchange closes the channel it runs on, which must not be a session's.
+    /// Publish a POST's message to `room`. Whether the room has anyone in it
+    /// is asked on a short channel of its own: a passive declare of a missing
+    /// exchange closes the channel it runs on.
     pub async fn publish_room(&self, room: &RoomName, payload: Bytes) -> Result<(), BusError> {
         let exchange = self.names.room_exchange(room);
-        self.publish_alone(|channel| async move {
-            let exists = channel
+        let conn = self.connection()?;
+        let name = exchange.clone();
+        let exists = on_short_channel(&conn, |channel| async move {
+            channel
                 .exchange_declare(
-                    exchange.as_str().into(),
+                    name.as_str().into(),
                     ExchangeKind::Fanout,
                     ExchangeDeclareOptions {
                         passive: true,
@@ -34,18 +68,17 @@ impl AmqpBus {
                     },
                     FieldTable::default(),
                 )
-                .await;
-            match exists {
-                // Nobody is in the room: there is no one to deliver to.
-                Err(e) if reply_code(&e) == Some(NOT_FOUND) => return Ok(None),
-                Err(e) => return Err(e),
-                Ok(()) => {}
-            }
-            publish_to_exchange(&channel, &exchange, &payload)
                 .await
-                .map(Some)
         })
-        .await
+        .await;
+        match exists {
+            // Nobody is in the room: there is no one to deliver to.
+            Err(e) if reply_code(&e) == Some(NOT_FOUND) => return Ok(()),
+            Err(e) => return Err(unavailable(e)),
+            Ok(()) => {}
+        }
+        self.publish_http(HttpPublish::Room { exchange }, payload)
+            .await
     }
 
     /// A direct message to every connection of `to`, and a copy to every
@@ -56,33 +89,93 @@ impl AmqpBus {
         from: &UserId,
         payload: Bytes,
     ) -> Result<(), BusError> {
-        let exchange = self.names.direct_exchange();
-        self.publish_alone(|channel| async move {
-            let confirm = publish_direct(
-                &channel,
-                &exchange,
-                to,
-                &payload,
-                DirectCopy::Recipient,
-                None,
-                None,
-            )
-            .await?;
-            if from != to {
-                publish_direct(
-                    &channel,
-                    &exchange,
-                    from,
-                    &payload,
-                    DirectCopy::Sender,
-                    None,
-                    None,
-                )
-                .await?;
+        let publish = HttpPublish::Direct {
+            exchange: self.names.direct_exchange(),
+            to: to.clone(),
+            from: from.clone(),
+        };
+        self.publish_http(publish, payload).await
+    }
+
+    /// Publish on the node's [`HttpChannel`], and wait for the broker's
+    /// confirm. The numbering and the publish run in a task of their own, so
+    /// that a caller who gives up cannot leave a number taken and its message
+    /// unpublished.
+    async fn publish_http(&self, publish: HttpPublish, payload: Bytes) -> Result<(), BusError> {
+        let bus = self.clone();
+        let published = tokio::spawn(async move {
+            let mut open = bus.http.open.lock().await;
+            if open
+                .as_ref()
+                .is_none_or(|open| !open.channel.status().connected())
+            {
+                if let Some(lost) = open.take() {
+                    lost.conn.channel_closed();
+                }
+                *open = Some(bus.open_http_channel().await?);
             }
-            Ok(Some(confirm))
+            let OpenHttpChannel {
+                channel, numbering, ..
+            } = open.as_ref().expect("just opened");
+            let published = match &publish {
+                HttpPublish::Room { exchange } => {
+                    numbered_to_exchange(channel, exchange, &payload, numbering).await
+                }
+                HttpPublish::Direct { exchange, to, from } => {
+                    let confirm = publish_direct(
+                        channel,
+                        exchange,
+                        to,
+                        &payload,
+                        DirectCopy::Recipient,
+                        None,
+                        Some(numbering),
+                    )
+                    .await;
+                    if from != to && confirm.is_ok() {
+                        // Numbered with the messages to `from`: without an
+                        // origin, a receiver cannot tell a copy from those.
+                        publish_direct(
+                            channel,
+                            exchange,
+                            from,
+                            &payload,
+                            DirectCopy::Sender,
+                            None,
+                            Some(numbering),
+                        )
+                        .await
+                        .map(drop)
+                        .map_err(unavailable)?;
+                    }
+                    confirm
+                }
+            };
+            published.map_err(unavailable)
+        });
+        match published.await {
+            Ok(confirm) => AmqpConfirm(confirm?).await,
+            Err(e) => Err(BusError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn open_http_channel(&self) -> Result<OpenHttpChannel, BusError> {
+        let conn = self.connection()?;
+        let channel = conn.open_channel().await.map_err(unavailable)?;
+        if let Err(e) = channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+        {
+            debug!(error = %e, "the channel for HTTP publishes failed to open");
+            let _ = channel.close(200, "failed".into()).await;
+            conn.channel_closed();
+            return Err(unavailable(e));
+        }
+        Ok(OpenHttpChannel {
+            conn,
+            channel,
+            numbering: Numbering::default(),
         })
-        .await
     }
 
     pub(super) async fn publish_alone<F, Fut>(&self, publish: F) -> Result<(), BusError>
