@@ -131,6 +131,14 @@ pub(super) async fn release(state: LeaseState) {
     if let Some((fanout, session)) = node_fanout {
         fanout.forget(&session).await;
     }
+    if !conn.is_connected() {
+        // Nothing to ask a broker that is gone (lapin would wait for its
+        // answer): it deleted the exclusive queues with the connection, and a
+        // resumable queue expires on its own. Its client resumes without a note.
+        conn.channel_closed();
+        debug!(?queues, "released with the connection");
+        return;
+    }
     if let Some(parking) = parking {
         leave_note(&channel, parking).await;
     }
