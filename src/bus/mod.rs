@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use thiserror::Error;
+use tracing::debug;
 
 use crate::config::Config;
 use crate::names::{RoomName, SessionId, UserId};
@@ -200,6 +201,24 @@ impl Bus {
         match self {
             Bus::Memory(bus) => bus.rings(),
             Bus::Amqp(bus) => bus.rings(),
+        }
+    }
+
+    /// A marker in the history stream before a subscribe that asks for the
+    /// last messages binds ([`history`]): `None` on the embedded bus (it
+    /// records as it publishes), with no history kept, or when it could not be
+    /// put (the page then ends where the subscribe's second marker does).
+    pub async fn history_mark(&self) -> Option<history::Marker> {
+        match self {
+            Bus::Amqp(bus) if bus.rings().enabled() => {
+                let put = bus
+                    .rings()
+                    .put_marker(|id| async move { bus.put_marker(&id).await })
+                    .await;
+                put.inspect_err(|e| debug!(error = %e, "no marker before the bind"))
+                    .ok()
+            }
+            _ => None,
         }
     }
 

@@ -3,8 +3,9 @@
 //! traffic, with nothing missing between the two and nothing twice.
 //!
 //! The queue is bound before the page is taken, and the page waits until the
-//! node's history has caught up with the broker and ends there
-//! ([`crate::bus::history`]), so nothing falls between them. A message published in between is in both:
+//! node's history has caught up with the broker and ends there; a page of the
+//! last messages starts from a marker put before the bind
+//! ([`crate::bus::history`]). So nothing falls between page and live traffic. A message published in between is in both:
 //! its id is remembered, and its live copy dropped when it comes.
 
 use std::ops::ControlFlow;
@@ -15,7 +16,7 @@ use tungstenite::Utf8Bytes;
 use super::events::{Session, on_broker};
 use super::rooms::STUCK;
 use super::{SessionEnd, Transport};
-use crate::bus::history::{Cut, Page};
+use crate::bus::history::{Cut, Marker, Page};
 use crate::bus::{BusError, SessionLink};
 use crate::names::RoomName;
 use crate::protocol::client::HistoryRequest;
@@ -31,6 +32,7 @@ impl<T: Transport, P: SessionLink> Session<'_, T, P> {
         room: &RoomName,
         request: HistoryRequest,
         reference: Option<String>,
+        marked: Option<Marker>,
     ) -> ControlFlow<SessionEnd> {
         let cut = match on_broker(self.node, self.node.bus.history_caught_up()).await? {
             Ok(cut) => cut,
@@ -43,8 +45,14 @@ impl<T: Transport, P: SessionLink> Session<'_, T, P> {
         };
         let per_room = self.node.config.history_per_room;
         let history = self.node.bus.history();
+        // The marker put before the bind was read before the one just waited
+        // for, so its cut is known by now.
+        let bound_from = match marked {
+            Some(marker) => marker.cut().await.unwrap_or(cut),
+            None => cut,
+        };
         let mut page = match request {
-            HistoryRequest::Last(n) => history.last(room, n.min(per_room), None, cut),
+            HistoryRequest::Last(n) => history.last_then(room, n.min(per_room), bound_from, cut),
             HistoryRequest::Since(id) => history.since(room, &id, per_room, cut),
         };
         if per_room == 0 {

@@ -111,6 +111,7 @@ impl<T: Transport, P: SessionLink> Session<'_, T, P> {
             let error = crate::handshake::forbidden_room(&room);
             return self.refuse(Rejected { error, reference }).await;
         }
+        let mut marked = None;
         if !self.rooms.contains(&room) {
             let limit = self.node.config.max_rooms_per_connection;
             if self.rooms.subscribed.len() >= limit {
@@ -120,6 +121,13 @@ impl<T: Transport, P: SessionLink> Session<'_, T, P> {
                 );
                 return self.refuse(Rejected { error, reference }).await;
             }
+            // Before the bind: where the page of the last messages must reach.
+            marked = match history {
+                // Bounded by the broker timeout; without it the page ends
+                // where the second marker does, as before.
+                Some(HistoryRequest::Last(_)) => self.node.bus.history_mark().await,
+                _ => None,
+            };
             match on_broker(self.node, self.link.bind(&room)).await? {
                 Ok(()) => {}
                 Err(BusError::TimedOut) => return self.broker_lost(STUCK, reference).await,
@@ -142,7 +150,7 @@ impl<T: Transport, P: SessionLink> Session<'_, T, P> {
             self.write_frame(&frame).await?;
         }
         match history {
-            Some(request) => self.send_history(&room, request, reference).await,
+            Some(request) => self.send_history(&room, request, reference, marked).await,
             None => ControlFlow::Continue(()),
         }
     }

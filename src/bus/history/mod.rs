@@ -21,6 +21,12 @@
 //! live, and a page reaching past it would put those messages ahead of older
 //! live ones. A message published between the bind and the marker arrives
 //! both ways: the session drops the live copy of any message the page held.
+//!
+//! A page of the last N must also reach back past the bind: when more than N
+//! messages came between the bind and the marker, the last N before the marker
+//! would start after the first live ones. So a subscribe asking for the last
+//! N puts a first marker *before* it binds ([`Rings::put_marker`]): the page
+//! is the last N before that one, then everything up to the second.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -73,6 +79,25 @@ pub struct Cut(Option<u64>);
 impl Cut {
     /// Everything recorded so far, whenever the page is taken.
     pub const NOW: Cut = Cut(None);
+}
+
+/// A marker in the stream, on its way to this node's reader.
+pub struct Marker {
+    seen: oneshot::Receiver<Cut>,
+}
+
+impl Marker {
+    /// Where the reader read it. Bounded by [`super::BROKER_TIMEOUT`]. (Once
+    /// read, a marker's entry is gone; one that never comes back leaves its
+    /// entry behind, a few bytes, until the node stops.)
+    pub async fn cut(self) -> Result<Cut, BusError> {
+        super::bounded(async {
+            self.seen
+                .await
+                .map_err(|_| BusError::Unavailable("the history reader stopped".into()))
+        })
+        .await
+    }
 }
 
 /// One kept message: its place among everything the rings recorded, its id and
@@ -174,6 +199,22 @@ impl Rings {
         });
     }
 
+    /// The last `limit` messages of `room` up to `from`, then every one after
+    /// it up to `cut`: all a session bound between the two may get live.
+    pub fn last_then(&self, room: &RoomName, limit: usize, from: Cut, cut: Cut) -> Page {
+        let kept = self.kept.lock().unwrap();
+        let Some(ring) = kept.rooms.get(room.as_str()) else {
+            return Page {
+                messages: Vec::new(),
+                complete: true,
+            };
+        };
+        let from = ring.end_at(from);
+        let start = from.saturating_sub(limit);
+        let end = ring.end_at(cut).max(from);
+        ring.page(start..end, start > 0 || !ring.overflowed)
+    }
+
     /// The last `limit` messages of `room` up to `cut`, or the last `limit`
     /// before the message `before` (which must be kept, else the page is empty
     /// and incomplete).
@@ -224,19 +265,27 @@ impl Rings {
         F: FnOnce(String) -> Fut,
         Fut: std::future::Future<Output = Result<(), BusError>>,
     {
+        self.put_marker(put).await?.cut().await
+    }
+
+    /// Put a marker into the stream (`put` puts one with the id it is given),
+    /// without waiting for the reader to reach it. Bounded by
+    /// [`super::BROKER_TIMEOUT`].
+    pub async fn put_marker<F, Fut>(&self, put: F) -> Result<Marker, BusError>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(), BusError>>,
+    {
         let id = crate::names::SessionId::random().to_string();
         let (tx, seen) = oneshot::channel();
         self.markers.lock().unwrap().insert(id.clone(), tx);
-        let waited = async {
-            put(id.clone()).await?;
-            seen.await
-                .map_err(|_| BusError::Unavailable("the history reader stopped".into()))
-        };
-        let result = super::bounded(waited).await;
-        if result.is_err() {
-            self.markers.lock().unwrap().remove(&id);
+        match super::bounded(put(id.clone())).await {
+            Ok(()) => Ok(Marker { seen }),
+            Err(e) => {
+                self.markers.lock().unwrap().remove(&id);
+                Err(e)
+            }
         }
-        result
     }
 
     /// The reader reached the marker `id`, after everything it has recorded.
@@ -320,6 +369,29 @@ mod tests {
         assert_eq!(ids(&rings.since(&lobby, "m0", 10, cut)), ["m2"]);
         assert!(rings.since(&lobby, "m3", 10, cut).messages.is_empty());
         assert_eq!(ids(&rings.last(&lobby, 1, None, Cut::NOW)), ["m4"]);
+    }
+
+    #[test]
+    fn a_page_of_the_last_n_reaches_back_past_the_bind() {
+        let rings = Rings::new(10);
+        let lobby = RoomName::parse("lobby").unwrap();
+        let cut_here = |rings: &Rings, id: &str| {
+            let (tx, mut cut) = oneshot::channel();
+            rings.markers.lock().unwrap().insert(id.into(), tx);
+            rings.marker_seen(id);
+            cut.try_recv().unwrap()
+        };
+        (0..3).for_each(|n| rings.record(&message(&lobby, n)));
+        let before_bind = cut_here(&rings, "before");
+        // Published while the session bound: it may get these live.
+        (3..6).for_each(|n| rings.record(&message(&lobby, n)));
+        let after_bind = cut_here(&rings, "after");
+        rings.record(&message(&lobby, 6));
+        let page = rings.last_then(&lobby, 2, before_bind, after_bind);
+        assert_eq!(ids(&page), ["m1", "m2", "m3", "m4", "m5"]);
+        assert!(page.complete);
+        let all = rings.last_then(&lobby, 10, before_bind, after_bind);
+        assert_eq!(ids(&all), ["m0", "m1", "m2", "m3", "m4", "m5"]);
     }
 
     #[test]
