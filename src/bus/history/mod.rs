@@ -113,6 +113,8 @@ struct Ring {
     messages: VecDeque<Kept>,
     /// Whether the ring ever dropped a message to make room.
     overflowed: bool,
+    /// The place of the last message it dropped (0: none).
+    dropped_upto: u64,
 }
 
 impl Ring {
@@ -187,10 +189,13 @@ impl Rings {
         let ring = kept.rooms.entry(room.into()).or_insert_with(|| Ring {
             messages: VecDeque::new(),
             overflowed: false,
+            dropped_upto: 0,
         });
-        if ring.messages.len() >= self.per_room {
-            ring.messages.pop_front();
+        if ring.messages.len() >= self.per_room
+            && let Some(dropped) = ring.messages.pop_front()
+        {
             ring.overflowed = true;
+            ring.dropped_upto = dropped.seq;
         }
         ring.messages.push_back(Kept {
             seq,
@@ -200,7 +205,10 @@ impl Rings {
     }
 
     /// The last `limit` messages of `room` up to `from`, then every one after
-    /// it up to `cut`: all a session bound between the two may get live.
+    /// it up to `cut`: all a session bound between the two may get live. If
+    /// the ring has already dropped some of those after `from` (more came
+    /// while the session bound than the ring keeps), no page can meet the
+    /// live messages: it is empty, and incomplete.
     pub fn last_then(&self, room: &RoomName, limit: usize, from: Cut, cut: Cut) -> Page {
         let kept = self.kept.lock().unwrap();
         let Some(ring) = kept.rooms.get(room.as_str()) else {
@@ -209,6 +217,9 @@ impl Rings {
                 complete: true,
             };
         };
+        if from.0.is_some_and(|from| ring.dropped_upto > from) {
+            return Page::default();
+        }
         let from = ring.end_at(from);
         let start = from.saturating_sub(limit);
         let end = ring.end_at(cut).max(from);
@@ -392,6 +403,16 @@ mod tests {
         assert!(page.complete);
         let all = rings.last_then(&lobby, 10, before_bind, after_bind);
         assert_eq!(ids(&all), ["m0", "m1", "m2", "m3", "m4", "m5"]);
+
+        // More came while a session bound than the ring keeps: what it lost
+        // would fall between the page and the live messages.
+        let small = Rings::new(3);
+        small.record(&message(&lobby, 0));
+        let before_bind = cut_here(&small, "before");
+        (1..5).for_each(|n| small.record(&message(&lobby, n)));
+        let after_bind = cut_here(&small, "after");
+        let page = small.last_then(&lobby, 2, before_bind, after_bind);
+        assert!(page.messages.is_empty() && !page.complete);
     }
 
     #[test]
