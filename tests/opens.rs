@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Each open is what a storm's reconnect costs the bus: `Bus::open` (slot,
-//! channel, the connection's queue, its direct binding, the consumer) and the
-//! bind to the URL's room, as the storm's clients (`?room=storm`) ask. The
+//! channel, the connection's queue, its direct binding, the consumer, and the
+//! bind to the URL's room, as the storm's clients ask with `?room=storm`). The
 //! node is configured as `tests/haproxy.rs` runs it (2 pooled connections,
 //! the default resume grace, no history). Opens are timed in rounds of
 //! `WARREN_OPENS` (1,000) sessions, `WARREN_OPENS_AT_ONCE` (64) at a time;
@@ -23,7 +23,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use warren::bus::{AckMode, Bus, Opening, Release, SessionLink, Subscription};
+use warren::bus::{AckMode, Bus, Opening, Release, Subscription};
 use warren::names::{RoomName, SessionId, UserId};
 
 use common::fault::env_count;
@@ -58,14 +58,9 @@ async fn open_one(bus: &Bus, user: &UserId, room: &RoomName) -> Subscription {
         slot: 0,
         acks: AckMode::Server,
         resume: None,
+        room: Some(room),
     };
-    let subscription = bus.open(&opening).await.expect("the session opens");
-    subscription
-        .link
-        .bind(room)
-        .await
-        .expect("the session's queue is bound to the room");
-    subscription
+    bus.open(&opening).await.expect("the session opens")
 }
 
 #[tokio::test(flavor = "multi_thread")]
