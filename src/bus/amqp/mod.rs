@@ -425,6 +425,7 @@ impl AmqpBus {
                     .node_fanout
                     .as_ref()
                     .map(|fanout| (fanout.clone(), session.clone())),
+                consumer: None,
             }),
         };
         // A new queue is the lease's from its declare on. A resumed one only
@@ -448,6 +449,7 @@ impl AmqpBus {
             .await
         {
             Ok(consumer) => {
+                lease.hold_consumer(consumer.clone());
                 // The last await of a resume: only then is the queue the
                 // lease's (see above).
                 let note = match resume {
