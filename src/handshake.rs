@@ -282,7 +282,16 @@ pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, C
         let wanted = crate::bus::Resume {
             last_id: request.last_id.as_deref(),
         };
-        match open(node, &user, &request.session, acks, Some(wanted)).await {
+        match open(
+            node,
+            &user,
+            &request.session,
+            acks,
+            Some(wanted),
+            room.as_ref(),
+        )
+        .await
+        {
             Ok((claim, subscription)) => {
                 opened = Some((request.session.clone(), claim, subscription, true))
             }
@@ -294,7 +303,7 @@ pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, C
         Some(opened) => opened,
         None => {
             let session = SessionId::random();
-            let (claim, subscription) = open(node, &user, &session, acks, None)
+            let (claim, subscription) = open(node, &user, &session, acks, None, room.as_ref())
                 .await
                 .map_err(Opened::into_error)?;
             (session, claim, subscription, false)
@@ -305,10 +314,10 @@ pub async fn admit(node: &Arc<Node>, handshake: Handshake) -> Result<Admitted, C
     let rooms_recovered = recovered && node.bus.resumes_rooms();
     node.metrics
         .resumed(resume.as_ref().map(|_| rooms_recovered));
-    // A recovered queue is still bound to the rooms its old session had
-    // subscribed; binding them again costs little and covers a client that
-    // lists one the old session never got to bind.
-    for room in room.iter().chain(&restore) {
+    // The open bound the URL's room. A recovered queue is still bound to the
+    // rooms its old session had subscribed; binding them again costs little
+    // and covers a client that lists one the old session never got to bind.
+    for room in &restore {
         if let Err(e) = subscription.link.bind(room).await {
             warn!(error = %e, %user, %room, "binding the session's queue failed");
             // A recovered queue still holds what its client missed: keep it.
@@ -356,7 +365,7 @@ impl Opened {
 }
 
 /// Hold one of `user`'s session slots and open the session's queue (or take
-/// over the old one, resuming). A slot this node does not hold may be held by
+/// over the old one, resuming), bound to `room`. A slot this node does not hold may be held by
 /// another: the bus says so, and the next one is tried. When every slot is
 /// held, try again a few times (a reconnecting client races its old session's
 /// end) before refusing.
@@ -366,6 +375,7 @@ async fn open(
     session: &SessionId,
     acks: AckMode,
     resume: Option<crate::bus::Resume<'_>>,
+    room: Option<&RoomName>,
 ) -> Result<(Claim, Subscription), Opened> {
     let max = node.config.sessions_per_user;
     let mut retries = TAKEN_RETRIES.iter();
@@ -382,6 +392,7 @@ async fn open(
                 resume: resume
                     .as_ref()
                     .map(|r| crate::bus::Resume { last_id: r.last_id }),
+                room,
             };
             match node.bus.open(&opening).await {
                 Ok(subscription) => return Ok((claim, subscription)),

@@ -379,6 +379,7 @@ async fn a_resume_given_up_midway_leaves_the_queue_for_the_next_try() {
         slot,
         acks: AckMode::Client,
         resume,
+        room: None,
     };
     let first = bus.open(&opening(0, None)).await.unwrap();
     first.into_lease().release(Release::KeepForResume).await;

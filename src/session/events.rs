@@ -684,6 +684,7 @@ mod tests {
                 slot: 0,
                 acks: crate::bus::AckMode::Server,
                 resume: None,
+                room: None,
             })
             .await
             .unwrap();

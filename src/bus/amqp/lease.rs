@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
-use lapin::Channel;
 use lapin::options::QueueDeleteOptions;
+use lapin::{Channel, Consumer};
 use tracing::{debug, warn};
 
 use super::inbox::ParkSlot;
@@ -33,6 +33,13 @@ pub(super) struct LeaseState {
     pub(super) parking: Option<Parking>,
     /// With per-node fanout: the node's feed, whose rooms the session leaves.
     pub(super) node_fanout: Option<(Arc<NodeFanout>, SessionId)>,
+    /// A handle on the session's consumer, let go only once the channel is
+    /// closed: lapin cancels a consumer when its last handle goes, and a
+    /// cancel before the close leaves the queue without a consumer while
+    /// the channel still holds what it had not acknowledged. A resume that
+    /// sees no consumer then consumes newer messages before those come back.
+    /// Boxed: a consumer is large, and every session's task holds its lease.
+    pub(super) consumer: Option<Box<Consumer>>,
 }
 
 pub(super) struct Parking {
@@ -53,6 +60,14 @@ impl AmqpLease {
     pub(super) fn add_queue(&mut self, queue: String) {
         if let Some(state) = &mut self.state {
             state.queues.push(queue);
+        }
+    }
+
+    /// Hold the session's consumer until the channel closes (see
+    /// [`LeaseState::consumer`]).
+    pub(super) fn hold_consumer(&mut self, consumer: Consumer) {
+        if let Some(state) = &mut self.state {
+            state.consumer = Some(Box::new(consumer));
         }
     }
 
@@ -127,6 +142,7 @@ pub(super) async fn release(state: LeaseState) {
         queues,
         parking,
         node_fanout,
+        consumer,
     } = state;
     if let Some((fanout, session)) = node_fanout {
         fanout.forget(&session).await;
@@ -174,6 +190,7 @@ pub(super) async fn release(state: LeaseState) {
     if let Some(channel) = channel {
         let _ = channel.close(200, "session ended".into()).await;
     }
+    drop(consumer);
     conn.channel_closed();
     debug!(?queues, "released");
 }

@@ -76,7 +76,10 @@ use lease::{LeaseState, Parking};
 use sessionless::HttpChannel;
 
 use super::pool::{Pool, PooledConnection};
-use super::{BusError, Inbox, Lease, Link, Opening, Release, Resume, Subscription, TAKEOVER_WAITS};
+use super::{
+    BusError, Inbox, Lease, Link, Opening, Release, Resume, SessionLink, Subscription,
+    TAKEOVER_WAITS,
+};
 use crate::config::RoomFanout;
 use crate::names::{RoomName, SessionId, UserId};
 use node_fanout::NodeFanout;
@@ -218,6 +221,20 @@ pub struct AmqpSettings<'a> {
     pub room_fanout: RoomFanout,
 }
 
+/// Why [`AmqpBus::open_queue`] did not open, with everything it did undone.
+enum Unopened {
+    Bus(BusError),
+    /// The room's exchange, or the history stream, was not there to bind
+    /// to (see [`AmqpBus::open`]).
+    RoomVanished,
+}
+
+impl From<BusError> for Unopened {
+    fn from(e: BusError) -> Self {
+        Unopened::Bus(e)
+    }
+}
+
 #[derive(Clone)]
 pub struct AmqpBus {
     pool: Pool,
@@ -308,15 +325,8 @@ impl AmqpBus {
     /// (or, resuming, find the old one), and consume it.
     /// [`BusError::SlotTaken`] when another node holds the slot.
     pub async fn open(&self, opening: &Opening<'_>) -> Result<Subscription, BusError> {
-        let Opening {
-            session,
-            user,
-            slot,
-            acks,
-            ref resume,
-        } = *opening;
-        let queue = self.names.connection_queue(user, session);
-        if resume.is_some() {
+        let queue = self.names.connection_queue(opening.user, opening.session);
+        if opening.resume.is_some() {
             if self.resume_grace.is_none() {
                 return Err(BusError::SessionGone);
             }
@@ -331,8 +341,73 @@ impl AmqpBus {
                 "too many sessions opening at once; retry shortly".into(),
             ));
         };
+        // A new session's own queue is bound to its room on the session's
+        // channel, with the rest of the open: a short channel of its own
+        // cost the broker more than the rest of the open together (a
+        // channel is a few Erlang processes to start and to stop).
+        let room_exchange = opening
+            .room
+            .filter(|_| opening.resume.is_none() && self.node_fanout.is_none())
+            .map(|room| self.names.room_exchange(room));
+        let subscription = match self
+            .open_queue(opening, &queue, room_exchange.as_deref())
+            .await
+        {
+            Ok(subscription) if room_exchange.is_some() => return Ok(subscription),
+            Ok(subscription) => subscription,
+            Err(Unopened::RoomVanished) => {
+                // The room's exchange went (its last member left) between
+                // its declare and the bind, or the history stream is not
+                // declared yet; the open was undone. Open again and bind on
+                // short channels, where that is retried.
+                match self.open_queue(opening, &queue, None).await {
+                    Ok(subscription) => subscription,
+                    Err(Unopened::RoomVanished) => unreachable!("no room bound in this open"),
+                    Err(Unopened::Bus(e)) => return Err(e),
+                }
+            }
+            Err(Unopened::Bus(e)) => return Err(e),
+        };
+        let Some(room) = opening.room else {
+            return Ok(subscription);
+        };
+        match subscription.link.bind(room).await {
+            Ok(()) => Ok(subscription),
+            Err(e) => {
+                // A resumed queue still holds what its client missed: keep it.
+                let release = match opening.resume {
+                    Some(_) => Release::KeepForResume,
+                    None => Release::Delete,
+                };
+                subscription.into_lease().release(release).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Open the session's queue, as [`AmqpBus::open`] says, on a fresh
+    /// channel, bound to `room_exchange` too when one is given (a new
+    /// session's only).
+    async fn open_queue(
+        &self,
+        opening: &Opening<'_>,
+        queue: &str,
+        room_exchange: Option<&str>,
+    ) -> Result<Subscription, Unopened> {
+        let Opening {
+            session,
+            user,
+            slot,
+            acks,
+            ref resume,
+            ..
+        } = *opening;
+        let queue = queue.to_owned();
         let conn = self.connection()?;
-        let channel = conn.open_channel().await.map_err(unavailable)?;
+        let channel = conn
+            .open_channel()
+            .await
+            .map_err(|e| Unopened::Bus(unavailable(e)))?;
         // From here the channel (and, once declared, the queues) is leased: if
         // the caller gives up (the open timed out), dropping the lease deletes
         // the queues and closes the channel.
@@ -354,20 +429,9 @@ impl AmqpBus {
                     .node_fanout
                     .as_ref()
                     .map(|fanout| (fanout.clone(), session.clone())),
+                consumer: None,
             }),
         };
-        match declare_exclusive(&channel, &lease.queues()[0], FieldTable::default()).await {
-            Ok(()) => {}
-            Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => {
-                // The broker closed this channel: another connection holds the slot.
-                lease.forget_channel();
-                return Err(BusError::SlotTaken);
-            }
-            Err(e) => {
-                lease.release(Release::Delete).await;
-                return Err(unavailable(e));
-            }
-        }
         // A new queue is the lease's from its declare on. A resumed one only
         // once this open has it: an open given up part-way (its caller's
         // bound ran out) drops the lease, and a dropped lease deletes its
@@ -376,11 +440,20 @@ impl AmqpBus {
         if resume.is_none() {
             lease.add_queue(queue.clone());
         }
+        let slot_queue = lease.queues()[0].clone();
         match self
-            .declare_connection(&channel, &queue, user, resume.is_some())
+            .declare_session(
+                &channel,
+                &slot_queue,
+                &queue,
+                user,
+                resume.is_some(),
+                room_exchange,
+            )
             .await
         {
             Ok(consumer) => {
+                lease.hold_consumer(consumer.clone());
                 // The last await of a resume: only then is the queue the
                 // lease's (see above).
                 let note = match resume {
@@ -435,6 +508,17 @@ impl AmqpBus {
                     lease: Lease::Amqp(lease),
                 })
             }
+            Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => {
+                // Another connection holds the slot. The broker closed this
+                // channel at the slot's declare, and ran nothing sent after
+                // it: nothing was declared.
+                lease.forget_channel();
+                Err(BusError::SlotTaken.into())
+            }
+            Err(e) if room_exchange.is_some() && reply_code(&e) == Some(NOT_FOUND) => {
+                lease.release(Release::Delete).await;
+                Err(Unopened::RoomVanished)
+            }
             Err(e)
                 if resume.is_some()
                     && matches!(reply_code(&e), Some(NOT_FOUND | ACCESS_REFUSED)) =>
@@ -442,12 +526,12 @@ impl AmqpBus {
                 // Expired, or taken by another resume, since we looked: the
                 // lease holds only the slot.
                 lease.release(Release::Delete).await;
-                Err(BusError::SessionGone)
+                Err(BusError::SessionGone.into())
             }
             Err(e) => {
                 warn!(%queue, error = %e, "opening a session's queue failed");
                 lease.release(Release::Delete).await;
-                Err(unavailable(e))
+                Err(unavailable(e).into())
             }
         }
     }
@@ -494,52 +578,70 @@ impl AmqpBus {
         }
     }
 
-    async fn declare_connection(
+    /// Hold the slot `slot_queue` and open the session's `queue` on
+    /// `channel` (or, resuming, consume the old one), bound to
+    /// `room_exchange` when one is given, every method sent at once, so an
+    /// open waits one round trip, not one per method.
+    ///
+    /// `try_join!` polls its futures in order, and each sends its method on
+    /// its first poll, so they go out in this order; the broker runs a
+    /// channel's methods in order. When one fails the broker closes the
+    /// channel and discards the rest, and lapin fails every reply still
+    /// expected on it with that one error: the reply code is the failing
+    /// method's, whichever future reports it, and nothing after it was done.
+    async fn declare_session(
         &self,
         channel: &Channel,
+        slot_queue: &str,
         queue: &str,
         user: &UserId,
         resuming: bool,
+        room_exchange: Option<&str>,
     ) -> lapin::Result<Consumer> {
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions { global: false })
-            .await?;
+        let slot = declare_exclusive(channel, slot_queue, FieldTable::default());
+        let qos = channel.basic_qos(PREFETCH, BasicQosOptions { global: false });
         if resuming {
             // The queue, its bindings to its rooms and to the direct exchange
             // are all still there.
-            return consume(channel, queue, false, true).await;
+            let consume = consume(channel, queue, false, true);
+            let ((), (), consumer) = futures_util::try_join!(slot, qos, consume)?;
+            return Ok(consumer);
         }
         let direct = self.names.direct_exchange();
-        channel
-            .exchange_declare(
-                direct.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        match self.resume_grace {
-            Some(grace) => {
-                declare_queue(
-                    channel,
-                    queue,
-                    false,
-                    resumable_queue(self.queue_max_length, grace),
-                )
-                .await?;
-            }
-            None => declare_exclusive(channel, queue, bounded_queue(self.queue_max_length)).await?,
-        }
-        channel
-            .queue_bind(
-                queue.into(),
-                direct.as_str().into(),
-                user.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        consume(channel, queue, false, self.resume_grace.is_some()).await
+        let exchange = channel.exchange_declare(
+            direct.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        );
+        let declare = match self.resume_grace {
+            Some(grace) => declare_queue(
+                channel,
+                queue,
+                false,
+                resumable_queue(self.queue_max_length, grace),
+            ),
+            None => declare_queue(channel, queue, true, bounded_queue(self.queue_max_length)),
+        };
+        let bind_direct = bind(channel, queue, &direct, user.as_str());
+        let room = async {
+            let Some(exchange) = room_exchange else {
+                return Ok(());
+            };
+            let declare = declare_fanout(channel, exchange);
+            let bind_queue = bind(channel, queue, exchange, "");
+            let bind_history = async {
+                match &self.history {
+                    Some(stream) => bind(channel, &stream.name, exchange, "").await,
+                    None => Ok(()),
+                }
+            };
+            futures_util::try_join!(declare, bind_queue, bind_history).map(drop)
+        };
+        let consume = consume(channel, queue, false, self.resume_grace.is_some());
+        let ((), (), (), (), (), (), consumer) =
+            futures_util::try_join!(slot, qos, exchange, declare, bind_direct, room, consume)?;
+        Ok(consumer)
     }
 
     /// Declare this node's presence queue, bound to `<prefix>.presence`.

@@ -459,6 +459,7 @@ mod tests {
                 slot: 0,
                 acks: AckMode::Server,
                 resume: None,
+                room: None,
             })
             .await
             .unwrap();
