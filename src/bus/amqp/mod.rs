@@ -362,7 +362,11 @@ impl AmqpBus {
                 // short channels, where that is retried.
                 match self.open_queue(opening, &queue, None).await {
                     Ok(subscription) => subscription,
-                    Err(Unopened::RoomVanished) => unreachable!("no room bound in this open"),
+                    // No room is bound in this open, so it cannot vanish;
+                    // should that change, it fails like any other open.
+                    Err(Unopened::RoomVanished) => {
+                        return Err(BusError::Unavailable("the room vanished".into()));
+                    }
                     Err(Unopened::Bus(e)) => return Err(e),
                 }
             }
