@@ -238,8 +238,9 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
             },
             Some(Inbound::Text(text)) => {
                 match ClientFrame::parse(&text, self.node.config.max_text_bytes) {
-                    // Boxed: binding runs lapin's channel futures, large and
-                    // rare; inline, they would grow every idle session's task.
+                    // Boxed, like publishing below: binding runs lapin's
+                    // channel futures, large and rare; inline, they would grow
+                    // every idle session's task.
                     Ok(ClientFrame::Subscribe {
                         room,
                         reference,
@@ -267,9 +268,13 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                         reference,
                     }) => match self.rooms.target(room) {
                         Ok(room) if self.grant.permissions.may_write(&room) => {
-                            return self
-                                .publish(Destination::Room(room), text, reference, false)
-                                .await;
+                            return Box::pin(self.publish(
+                                Destination::Room(room),
+                                text,
+                                reference,
+                                false,
+                            ))
+                            .await;
                         }
                         Ok(room) => Rejected {
                             error: crate::handshake::forbidden_room(&room),
@@ -294,9 +299,13 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                         reference,
                         receipt,
                     }) => {
-                        return self
-                            .publish(Destination::User(to), text, reference, receipt)
-                            .await;
+                        return Box::pin(self.publish(
+                            Destination::User(to),
+                            text,
+                            reference,
+                            receipt,
+                        ))
+                        .await;
                     }
                     Err(rejected) => rejected,
                 }

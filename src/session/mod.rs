@@ -43,7 +43,15 @@ use crate::protocol::ServerFrame;
 /// Run an admitted session to its end. `open` starts the transport with the
 /// `welcome` frame as its first frame and returns its two halves; a transport
 /// that cannot even send `welcome` ends the session there.
-pub async fn serve<T, R, F>(node: Arc<Node>, admitted: Admitted, open: impl FnOnce(String) -> F)
+///
+/// Not an `async fn`: an async fn keeps its arguments for its whole life, so
+/// `admitted` would stay in every idle session's task beside the parts it is
+/// taken apart into. Taken apart here, each part is held once.
+pub fn serve<T, R, F>(
+    node: Arc<Node>,
+    admitted: Admitted,
+    open: impl FnOnce(String) -> F,
+) -> impl Future<Output = ()>
 where
     T: Transport,
     R: Stream<Item = Inbound> + Unpin,
@@ -59,51 +67,54 @@ where
         acks,
         resumed,
     } = admitted;
-    let open_sessions = node.metrics.connections(T::KIND);
-    open_sessions.inc();
-    info!("connected");
-    // A room the URL named is joined before `welcome`, which lists its members.
-    let mut joined = match &room {
-        Some(room) => Some(
-            node.presence
-                .join(room.as_str(), identity.user.as_str())
-                .await,
-        ),
-        None => None,
-    };
-    let welcome = welcome(&identity, room.as_ref(), joined.as_mut(), acks, &node);
-    let Subscription { link, inbox, lease } = subscription;
-    let (end, rooms) = match open(welcome).await {
-        Ok((outbound, inbound)) => {
-            let mut session = events::Session::new(&node, &identity, grant, outbound, link, inbox);
-            if let (Some(room), Some(joined)) = (room, joined) {
-                session.joined(room, joined);
+    async move {
+        let open_sessions = node.metrics.connections(T::KIND);
+        open_sessions.inc();
+        info!("connected");
+        // A room the URL named is joined before `welcome`, which lists its members.
+        let mut joined = match &room {
+            Some(room) => Some(
+                node.presence
+                    .join(room.as_str(), identity.user.as_str())
+                    .await,
+            ),
+            None => None,
+        };
+        let welcome = welcome(&identity, room.as_ref(), joined.as_mut(), acks, &node);
+        let Subscription { link, inbox, lease } = subscription;
+        let (end, rooms) = match open(welcome).await {
+            Ok((outbound, inbound)) => {
+                let mut session =
+                    events::Session::new(&node, &identity, grant, outbound, link, inbox);
+                if let (Some(room), Some(joined)) = (room, joined) {
+                    session.joined(room, joined);
+                }
+                let end = match resumed {
+                    Some(resumed) => match session.resumed(resumed).await {
+                        std::ops::ControlFlow::Continue(()) => session.run(inbound).await,
+                        std::ops::ControlFlow::Break(end) => end,
+                    },
+                    None => session.run(inbound).await,
+                };
+                (end, session.into_rooms())
             }
-            let end = match resumed {
-                Some(resumed) => match session.resumed(resumed).await {
-                    std::ops::ControlFlow::Continue(()) => session.run(inbound).await,
-                    std::ops::ControlFlow::Break(end) => end,
-                },
-                None => session.run(inbound).await,
-            };
-            (end, session.into_rooms())
-        }
-        Err(e) => (
-            SessionEnd::ClientGone(e.to_string()),
-            room.into_iter().collect(),
-        ),
-    };
-    let release = if T::RESUMABLE {
-        end.release()
-    } else {
-        Release::Delete
-    };
-    leave_rooms(&node, &identity, rooms, release).await;
-    lease.release(release).await;
-    drop(claim);
-    drop(address_slot);
-    open_sessions.dec();
-    info!(?end, "disconnected");
+            Err(e) => (
+                SessionEnd::ClientGone(e.to_string()),
+                room.into_iter().collect(),
+            ),
+        };
+        let release = if T::RESUMABLE {
+            end.release()
+        } else {
+            Release::Delete
+        };
+        leave_rooms(&node, &identity, rooms, release).await;
+        lease.release(release).await;
+        drop(claim);
+        drop(address_slot);
+        open_sessions.dec();
+        info!(?end, "disconnected");
+    }
 }
 
 /// Leave every room still subscribed. A session kept for a resume leaves

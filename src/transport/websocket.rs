@@ -121,25 +121,27 @@ fn accept(node: Arc<Node>, admitted: Admitted, upgrade: UpgradeRequest) -> Respo
         user = %admitted.identity.user,
         session = %admitted.identity.session
     );
+    // Boxed: the task keeps what it captured for its whole life, and `serve`
+    // takes `admitted` apart into its own state; inline, it would be held twice.
+    let admitted = Box::new(admitted);
     // Tracked from here, so shutdown waits for it even before the upgrade lands.
     let sessions = node.sessions.clone();
-    sessions.spawn(
-        async move {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    let max = node.config.max_frame_bytes;
-                    let io = TokioIo::new(upgraded);
-                    session::serve(node, admitted, |welcome| open(io, welcome, max)).await;
-                }
-                Err(e) => {
-                    // The client left between our 101 and its first byte.
-                    debug!(error = %e, "upgrade did not complete");
-                    admitted.abandon().await;
-                }
+    let session = async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let max = node.config.max_frame_bytes;
+                let io = TokioIo::new(upgraded);
+                session::serve(node, *admitted, |welcome| open(io, welcome, max)).await;
+            }
+            Err(e) => {
+                // The client left between our 101 and its first byte.
+                debug!(error = %e, "upgrade did not complete");
+                admitted.abandon().await;
             }
         }
-        .instrument(span),
-    );
+    }
+    .instrument(span);
+    sessions.spawn(session);
     switching_protocols(&key)
 }
 
