@@ -235,26 +235,36 @@ async fn a_killed_cluster_node_moves_its_sessions_to_the_survivors() {
 /// dropped), and service returns when the watermark is restored.
 #[tokio::test]
 async fn a_memory_alarm_refuses_publishes_explicitly_and_passes() {
+    const SENDERS: usize = 20;
     let _turn = ONE_AT_A_TIME.lock().await;
     let cluster = tokio::task::spawn_blocking(|| Cluster::start("alarm", 3))
         .await
         .unwrap();
-    let mut cfg = config(BusKind::Amqp, &unique_prefix("alarm"));
-    cfg.amqp_url = Some(cluster.urls[0].clone());
-    cfg.amqp_connections = 1;
-    let server = start(cfg).await;
-    let addr = server.local_addr();
+    let prefix = unique_prefix("alarm");
+    // A process of its own: its memory is the node's alone.
+    let node = Node::spawn(
+        &prefix,
+        "alarm-1",
+        "127.0.0.1:0",
+        &["--amqp-url", &cluster.urls[0]],
+    );
+    let addr = node.addr;
+    let pid = node.child.id();
+    let phase = Arc::new(AtomicUsize::new(CALM));
+    let stop = CancellationToken::new();
+    let peaks: Arc<[AtomicU64; RESTORED + 1]> = Arc::default();
+    let sampler = tokio::spawn(sample_rss(pid, phase.clone(), peaks.clone(), stop.clone()));
+    // Senders that keep trying through the alarm, as pages would.
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|i| tokio::spawn(keep_sending(addr, i, stop.clone())))
+        .collect();
     let mut client = connect(addr, "alarm", "a").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
 
+    phase.store(ALARMED, Ordering::Relaxed);
     cluster.run(&["ctl", "1", "set_vm_memory_high_watermark", "0.0001"]);
     let alarmed_at = Instant::now();
-    while get(addr, "/readyz").await.0 != 503 {
-        assert!(
-            alarmed_at.elapsed() < Duration::from_secs(15),
-            "the alarm never showed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    readyz_becomes(addr, 503).await;
     let seen = alarmed_at.elapsed();
     println!("memory alarm seen after {seen:?}");
     let sent_at = Instant::now();
@@ -272,17 +282,14 @@ async fn a_memory_alarm_refuses_publishes_explicitly_and_passes() {
     );
     let refused_after = sent_at.elapsed();
     println!("a message during the alarm refused after {refused_after:?}");
+    // The senders keep at it for a while under the alarm.
+    tokio::time::sleep(Duration::from_secs(10)).await;
 
     cluster.run(&["ctl", "1", "set_vm_memory_high_watermark", "0.4"]);
     let restored_at = Instant::now();
-    while get(addr, "/readyz").await.0 != 200 {
-        assert!(
-            restored_at.elapsed() < Duration::from_secs(30),
-            "never ready again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    readyz_becomes(addr, 200).await;
     let ready_again = restored_at.elapsed();
+    phase.store(RESTORED, Ordering::Relaxed);
     println!("ready again {ready_again:?} after the watermark was restored");
     let mut after = connect(addr, "alarm", "b").await;
     send_json(
@@ -292,16 +299,115 @@ async fn a_memory_alarm_refuses_publishes_explicitly_and_passes() {
     .await;
     let ack = next_matching(&mut after.socket, |f| f["ref"] == "f").await;
     assert_eq!(ack["type"], "ack", "{ack}");
-    server.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let (mut acked, mut refused) = (0, 0);
+    for sender in senders {
+        let (a, r) = sender.await.unwrap();
+        acked += a;
+        refused += r;
+    }
+    sampler.await.unwrap();
+    drop(node);
     drop(cluster);
+
+    let rss = |p: usize| peaks[p].load(Ordering::Relaxed);
+    println!(
+        "memory alarm: {SENDERS} senders, {acked} acked, {refused} refused; node peak RSS {} KiB before, {} KiB during, {} KiB after",
+        rss(CALM),
+        rss(ALARMED),
+        rss(RESTORED)
+    );
+    assert!(refused > 0, "the senders met the alarm");
+    // Bounded: sends that cannot be published are refused, not queued up.
+    assert!(
+        rss(ALARMED) <= rss(CALM) + 32 * 1024,
+        "RSS {} → {} KiB during the alarm",
+        rss(CALM),
+        rss(ALARMED)
+    );
     report(json!({
         "scenario": 4,
         "title": "a memory alarm (watermark 0.0001)",
-        "load": "1 client",
+        "load": format!("{SENDERS} clients sending 10 msg/s each, and one probe"),
         "recovery": format!("alarm seen {}; ready {} after the restore", secs(seen), secs(ready_again)),
-        "notes": format!("a message during the alarm refused (unavailable) after {}", secs(refused_after)),
+        "rss": format!(
+            "node peak {} MiB before, {} MiB during, {} MiB after",
+            rss(CALM) / 1024,
+            rss(ALARMED) / 1024,
+            rss(RESTORED) / 1024
+        ),
+        "notes": format!(
+            "a message during the alarm refused (unavailable) after {}; {acked} acked, {refused} refused in all",
+            secs(refused_after)
+        ),
         "pass": true,
     }));
+}
+
+/// Sample `pid`'s RSS every 100 ms until `stop`, keeping each phase's peak
+/// (the phase being `phase`'s index into `peaks`).
+async fn sample_rss<const N: usize>(
+    pid: u32,
+    phase: Arc<AtomicUsize>,
+    peaks: Arc<[AtomicU64; N]>,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    while !stop.is_cancelled() {
+        every.tick().await;
+        if let Some(rss) = common::process::rss_kib(pid) {
+            peaks[phase.load(Ordering::Relaxed)].fetch_max(rss, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Scenario 4's phases, for the node's RSS.
+const CALM: usize = 0;
+const ALARMED: usize = 1;
+const RESTORED: usize = 2;
+
+/// Send to room `alarm` ten times a second until `stop`, reconnecting (after a
+/// pause) whenever the connection ends or is refused: what was acked and what
+/// was refused `unavailable`.
+async fn keep_sending(addr: std::net::SocketAddr, i: usize, stop: CancellationToken) -> (u64, u64) {
+    let (mut acked, mut refused) = (0, 0);
+    let url = ws_url(addr, &format!("room=alarm&user=s{i}"));
+    while !stop.is_cancelled() {
+        let Ok((mut socket, _)) = tokio_tungstenite::connect_async(url.as_str()).await else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => {
+                    let _ = socket.close(None).await;
+                    break;
+                }
+                _ = tick.tick() => {
+                    let frame = json!({"type":"message","text":"x","ref":"r"});
+                    if socket.send(Message::text(frame.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+                frame = socket.next() => match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        let f: serde_json::Value = serde_json::from_str(&text).unwrap();
+                        match (f["type"].as_str(), f["code"].as_str()) {
+                            (Some("ack"), _) => acked += 1,
+                            (Some("error"), Some("unavailable")) => refused += 1,
+                            _ => {}
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    (acked, refused)
 }
 
 // ---------------------------------------------------------------------------
@@ -820,18 +926,7 @@ async fn a_client_that_stops_reading_is_dropped_and_the_room_keeps_its_pace() {
     let phase = Arc::new(AtomicUsize::new(WARMING));
     let stop = CancellationToken::new();
     let peaks: Arc<[AtomicU64; AFTER + 1]> = Arc::default();
-    let sampler = tokio::spawn({
-        let (phase, peaks, stop) = (phase.clone(), peaks.clone(), stop.clone());
-        async move {
-            let mut every = tokio::time::interval(Duration::from_millis(100));
-            while !stop.is_cancelled() {
-                every.tick().await;
-                if let Some(rss) = common::process::rss_kib(pid) {
-                    peaks[phase.load(Ordering::Relaxed)].fetch_max(rss, Ordering::Relaxed);
-                }
-            }
-        }
-    });
+    let sampler = tokio::spawn(sample_rss(pid, phase.clone(), peaks.clone(), stop.clone()));
     let readers: Vec<_> = (0..READERS)
         .map(|i| tokio::spawn(pace_keeper(i, addr, epoch, phase.clone(), stop.clone())))
         .collect();
