@@ -13,6 +13,7 @@ use bytes::Bytes;
 use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind, PublisherConfirm};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::publisher::{AmqpConfirm, DirectCopy, numbered_to_exchange, publish_direct};
@@ -100,11 +101,17 @@ impl AmqpBus {
     /// Publish on the node's [`HttpChannel`], and wait for the broker's
     /// confirm. The numbering and the publish run in a task of their own, so
     /// that a caller who gives up cannot leave a number taken and its message
-    /// unpublished.
+    /// unpublished. A caller who gave up while the task waited for the
+    /// channel (its POST was answered 503) is not published for later.
     async fn publish_http(&self, publish: HttpPublish, payload: Bytes) -> Result<(), BusError> {
         let bus = self.clone();
+        let waiting = CancellationToken::new();
+        let _gave_up_on_drop = waiting.clone().drop_guard();
         let published = tokio::spawn(async move {
             let mut open = bus.http.open.lock().await;
+            if waiting.is_cancelled() {
+                return Err(BusError::TimedOut);
+            }
             if open
                 .as_ref()
                 .is_none_or(|open| !open.channel.status().connected())
