@@ -246,11 +246,6 @@ impl Gaps {
         self.older.retain(|(_, d), _| *d != room);
     }
 
-    /// Whether `pair` numbers messages to the room whose exchange is `exchange`.
-    pub fn is_room_of(pair: Pair, exchange: &str) -> bool {
-        pair.1 == destination(exchange, "", false)
-    }
-
     /// The session left `exchange`: its parked numbers there no longer hold.
     pub fn left(&mut self, exchange: &str) {
         let room = destination(exchange, "", false);

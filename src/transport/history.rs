@@ -9,7 +9,6 @@ use std::sync::Arc;
 use warp::reply::{Reply, Response};
 
 use super::publish::bearer;
-use crate::bus::history::Cut;
 use crate::error::{ClientError, ErrorCode};
 use crate::handshake::forbidden_room;
 use crate::names::RoomName;
@@ -64,10 +63,7 @@ async fn page(
     // A page a little short is better than none: a stuck broker only means
     // the node may not have read the very latest messages.
     let caught_up = node.bus.history_caught_up().await.is_ok();
-    let page = node
-        .bus
-        .history()
-        .last(&room, limit.min(per_room), before, Cut::NOW);
+    let page = node.bus.history().last(&room, limit.min(per_room), before);
     let complete = page.complete && caught_up && per_room > 0;
     Ok(format!(
         r#"{{"room":{},"complete":{complete},"messages":{}}}"#,

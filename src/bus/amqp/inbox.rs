@@ -107,7 +107,16 @@ struct Unacked {
 /// Redelivered messages held back while looking for the client's last id.
 struct Replay {
     last_id: String,
-    held: Vec<(String, Acker, Observed)>,
+    held: Vec<Held>,
+}
+
+/// A redelivered message held back: its text, its acker, what its numbers
+/// showed, and the exchange it came from (for the gap frame before it).
+struct Held {
+    text: String,
+    acker: Acker,
+    observed: Observed,
+    exchange: ShortString,
 }
 
 /// What one delivery turned out to be.
@@ -296,14 +305,19 @@ impl AmqpInbox {
             if delivery.redelivered {
                 let last =
                     frame_head(&text).and_then(|(_, id)| id) == Some(replay.last_id.as_str());
-                replay.held.push((text, delivery.acker, observed));
+                replay.held.push(Held {
+                    text,
+                    acker: delivery.acker,
+                    observed,
+                    exchange: delivery.exchange,
+                });
                 if last {
                     // Everything held was processed before the socket
                     // dropped, so nothing dropped between them was missed.
                     let processed = std::mem::take(&mut replay.held);
                     self.replay = None;
-                    for (_, acker, _) in processed {
-                        self.skip(acker);
+                    for held in processed {
+                        self.skip(held.acker);
                     }
                 } else if replay.held.len() >= usize::from(PREFETCH) {
                     self.end_replay();
@@ -393,25 +407,12 @@ impl AmqpInbox {
     /// the client, in their order, with what was dropped between them.
     fn end_replay(&mut self) {
         if let Some(replay) = self.replay.take() {
-            for (text, acker, observed) in replay.held {
-                if let Some(number) = observed.number {
-                    let exchange = self.exchange_of(number);
-                    self.tell_missed(&exchange, observed.missed);
-                }
-                let frame = self.hand_out(text, acker, observed.number);
+            for held in replay.held {
+                self.tell_missed(held.exchange.as_str(), held.observed.missed);
+                let frame = self.hand_out(held.text, held.acker, held.observed.number);
                 self.ready.push_back(frame);
             }
         }
-    }
-
-    /// The exchange a held delivery came from, for its gap frame: a room the
-    /// session follows, else the direct exchange.
-    fn exchange_of(&self, number: Number) -> String {
-        self.following
-            .iter()
-            .find(|exchange| Gaps::is_room_of(number.pair, exchange))
-            .cloned()
-            .unwrap_or_else(|| self.direct_exchange.clone())
     }
 
     /// A delivery on its way to the client: stamped with its seq when the
