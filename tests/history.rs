@@ -231,6 +231,31 @@ async fn history_needs_a_token_that_may_read_the_room() {
     assert_eq!(status, 200);
 }
 
+/// The reader acknowledges the stream in bursts; the broker gives it credit
+/// for 1,000 unacknowledged deliveries. A node that starts after 2,500 room
+/// messages must read through all of them, and its page then ends at the last.
+#[tokio::test]
+async fn on_rabbitmq_a_node_reads_a_long_stream_past_its_credit() {
+    let prefix = unique_prefix("histlong");
+    let _stream = HistoryStream::of(BusKind::Amqp, &prefix);
+    let first = start(with_history(BusKind::Amqp, &prefix)).await;
+    let mut alice = connect(first.local_addr(), "long", "alice").await;
+    send_acked(&mut alice, 0, 2500).await;
+
+    let second = start(with_history(BusKind::Amqp, &prefix)).await;
+    let mut carol = connect_user(second.local_addr(), "carol").await;
+    send_json(
+        &mut carol.socket,
+        json!({"type":"subscribe","room":"long","history":50}),
+    )
+    .await;
+    let history = next_matching(&mut carol.socket, |f| f["type"] == "history").await;
+    assert_eq!(texts(&history["messages"]), numbered(2450..2500));
+    assert_eq!(history["complete"], true);
+    drop(alice);
+    first.shutdown().await;
+}
+
 #[tokio::test]
 async fn on_rabbitmq_history_outlives_the_node() {
     let prefix = unique_prefix("histrestart");

@@ -12,10 +12,13 @@
 //! - [`scenario`]: the fan-out and the connections scenarios.
 //! - [`proc_stats`]: CPU seconds and RSS of the server, the broker and the bench
 //!   itself, from `/proc`.
+//! - [`broker_counters`]: RabbitMQ's own count of messages in and deliveries
+//!   out over a run.
 //! - [`report`]: the human table, the JSON line, medians and ratios.
 //! - [`render`]: turns saved JSON lines into the Markdown tables and the SVG chart
 //!   of `docs/BENCHMARKS.md`.
 
+mod broker_counters;
 mod cli;
 mod payload;
 mod proc_stats;

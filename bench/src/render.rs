@@ -58,22 +58,22 @@ fn print_sweep(summaries: &[Summary]) {
         return;
     }
     let labels = labels(summaries);
-    let mut ns: Vec<usize> = sweep.iter().map(|s| s.clients).collect();
-    ns.sort_unstable();
-    ns.dedup();
-    println!("| N | {} |", labels.join(" | "));
+    let mut sizes: Vec<(usize, u32)> = sweep.iter().map(|s| (s.clients, s.messages)).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    println!("| N × M | {} |", labels.join(" | "));
     println!("|---:|{}", "---:|".repeat(labels.len()));
-    for n in ns {
+    for (n, m) in sizes {
         let cells: Vec<String> = labels
             .iter()
             .map(|label| {
                 sweep
                     .iter()
-                    .find(|s| s.clients == n && &s.label == label)
+                    .find(|s| s.clients == n && s.messages == m && &s.label == label)
                     .map_or("-".into(), |s| format!("{:.0}", s.deliveries_per_sec))
             })
             .collect();
-        println!("| {n} | {} |", cells.join(" | "));
+        println!("| {n} × {m} | {} |", cells.join(" | "));
     }
     println!();
 }
@@ -85,10 +85,10 @@ fn print_details(summaries: &[Summary]) {
     let baselines = baselines_in(summaries);
     let ratio_heads: String = baselines.iter().map(|b| format!(" ÷ {b} |")).collect();
     println!(
-        "| target | N × M | rate/client | runs | deliveries/s |{ratio_heads} connect s | p50 ms | p99 ms | max ms | lost / dup / reord | server CPU µs/delivery | broker CPU µs/delivery | clients' (bench) CPU µs/delivery | server peak RSS MiB | others' CPU s (max) |"
+        "| target | N × M | rate/client | runs | deliveries/s |{ratio_heads} connect s | p50 ms | p99 ms | max ms | lost / dup / reord | server CPU µs/delivery | broker CPU µs/delivery | clients' (bench) CPU µs/delivery | server peak RSS MiB | broker deliveries per message (queues + streams) | others' CPU s (max) |"
     );
     println!(
-        "|---|---|---|---:|---:|{}---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|{}---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
         "---:|".repeat(baselines.len() + 1)
     );
     let fmt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
@@ -102,7 +102,7 @@ fn print_details(summaries: &[Summary]) {
             })
             .collect();
         println!(
-            "| {} | {} × {} | {} | {} | {:.0} |{} {:.2} | {:.2} | {:.2} | {:.2} | {} / {} / {} | {} | {} | {} | {} | {} |",
+            "| {} | {} × {} | {} | {} | {:.0} |{} {:.2} | {:.2} | {:.2} | {:.2} | {} / {} / {} | {} | {} | {} | {} | {} | {} |",
             s.label,
             s.clients,
             s.messages,
@@ -121,6 +121,10 @@ fn print_details(summaries: &[Summary]) {
             fmt(s.broker_us_per_delivery, 2),
             fmt(s.bench_us_per_delivery, 2),
             fmt(s.server_peak_rss_kib.map(|k| k as f64 / 1024.0), 1),
+            s.broker_deliveries_per_message
+                .map_or("-".into(), |(queues, streams)| format!(
+                    "{queues:.2} + {streams:.2}"
+                )),
             fmt(s.other_cpu_secs, 1),
         );
     }
@@ -157,9 +161,31 @@ fn print_connections(runs: &[ConnectionsReport]) {
     println!();
 }
 
+/// The messages per client most sweep runs used: the chart's runs. A larger
+/// room run with fewer messages each (`1000x10`) is a different load and
+/// stays in the tables only.
+fn main_messages(sweep: &[&Summary]) -> u32 {
+    let mut counts: Vec<(u32, usize)> = Vec::new();
+    for s in sweep {
+        match counts.iter_mut().find(|(m, _)| *m == s.messages) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((s.messages, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(_, count)| count)
+        .map_or(100, |(m, _)| m)
+}
+
 /// Deliveries/s by N, one line per target.
 fn chart(summaries: &[Summary], path: &std::path::Path) -> Result<()> {
     let sweep = sweep(summaries);
+    let messages = main_messages(&sweep);
+    let sweep: Vec<&Summary> = sweep
+        .into_iter()
+        .filter(|s| s.messages == messages)
+        .collect();
     let max_n = sweep.iter().map(|s| s.clients).max().unwrap_or(1) as f64;
     let max_y = sweep
         .iter()
@@ -179,7 +205,9 @@ fn chart(summaries: &[Summary], path: &std::path::Path) -> Result<()> {
         .build_cartesian_2d(0.0..max_n * 1.05, 0.0..max_y)?;
     chart
         .configure_mesh()
-        .x_desc("N clients (each sends 100; N² × 100 deliveries)")
+        .x_desc(format!(
+            "N clients (each sends {messages}; N² × {messages} deliveries)"
+        ))
         .y_desc("deliveries/s")
         .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
         .draw()?;

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::broker_counters::BrokerCounters;
+
 /// Latency percentiles, microseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Latency {
@@ -69,6 +71,10 @@ pub struct FanoutReport {
     pub other_cpu_secs: Option<f64>,
     /// Peak RSS of the Warren node(s) since they started, summed.
     pub server_peak_rss_kib: Option<u64>,
+    /// What RabbitMQ counted over the load: messages in, deliveries out
+    /// (`None` for Socket.IO, or when `rabbitmqctl` could not be run).
+    #[serde(default)]
+    pub broker_counters: Option<BrokerCounters>,
     pub timed_out: bool,
 }
 
@@ -84,6 +90,17 @@ impl FanoutReport {
     /// CPU microseconds per delivery of the bench itself: the clients.
     pub fn bench_us_per_delivery(&self) -> Option<f64> {
         self.per_delivery(Some(self.bench_cpu_secs))
+    }
+
+    /// Broker deliveries per message it received: out of queues, and out of
+    /// streams.
+    pub fn broker_deliveries_per_message(&self) -> Option<(f64, f64)> {
+        let c = self.broker_counters.filter(|c| c.received > 0)?;
+        let received = c.received as f64;
+        Some((
+            c.delivered as f64 / received,
+            c.delivered_from_streams as f64 / received,
+        ))
     }
 
     fn per_delivery(&self, secs: Option<f64>) -> Option<f64> {
@@ -192,6 +209,15 @@ pub fn print_fanout(r: &FanoutReport) {
                 .server_peak_rss_kib
                 .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))),
         ),
+        (
+            "broker: messages in, deliveries out",
+            opt(r.broker_counters.map(|c| {
+                format!(
+                    "{} in, {} out of queues + {} out of streams",
+                    c.received, c.delivered, c.delivered_from_streams
+                )
+            })),
+        ),
         ("timed out", r.timed_out.to_string()),
     ];
     for (name, value) in rows {
@@ -276,6 +302,9 @@ pub struct Summary {
     pub server_peak_rss_kib: Option<u64>,
     /// The largest CPU time other processes took during any of the runs.
     pub other_cpu_secs: Option<f64>,
+    /// Broker deliveries per message it received, out of queues and out of
+    /// streams.
+    pub broker_deliveries_per_message: Option<(f64, f64)>,
 }
 
 /// Group runs by (label, N, M, rate), in first-seen order of labels.
@@ -329,6 +358,12 @@ pub fn summarize(reports: &[FanoutReport]) -> Vec<Summary> {
                     .iter()
                     .filter_map(|r| r.other_cpu_secs)
                     .reduce(f64::max),
+                broker_deliveries_per_message: pick_opt(&|r| {
+                    r.broker_deliveries_per_message().map(|d| d.0)
+                })
+                .zip(pick_opt(&|r| {
+                    r.broker_deliveries_per_message().map(|d| d.1)
+                })),
             }
         })
         .collect()

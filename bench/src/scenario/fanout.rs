@@ -14,6 +14,7 @@ use futures_util::{FutureExt, StreamExt, TryStreamExt, stream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::broker_counters::{self, BrokerCounters};
 use crate::cli::{Args, Config, TargetKind};
 use crate::payload::{self, Received};
 use crate::proc_stats::{CpuWatch, find_broker, find_redis, wait_for_quiet};
@@ -126,6 +127,10 @@ async fn run_one(args: &Args, config: Config, watch: &CpuWatch) -> Result<Fanout
         )));
     }
 
+    // RabbitMQ's counters, read while every client is connected and idle (the
+    // Socket.IO peer's broker is Redis, which has none of them).
+    let counted = target != TargetKind::Socketio;
+    let counters_before = if counted { read_counters().await } else { None };
     let before = watch.snapshot();
     let _ = start_tx.send(true);
     let expected = (n * n) as u64 * u64::from(m);
@@ -134,6 +139,10 @@ async fn run_one(args: &Args, config: Config, watch: &CpuWatch) -> Result<Fanout
     let (tallies, timed_out) = wait(receivers, &stop_tx, &received, &bar, args.timeout()).await;
     let after = watch.snapshot();
     bar.finish_and_clear();
+    let counters = match counters_before {
+        Some(before) => read_counters().await.map(|after| after - before),
+        None => None,
+    };
 
     let mut outboxes = Vec::with_capacity(n);
     for sender in senders {
@@ -204,8 +213,16 @@ async fn run_one(args: &Args, config: Config, watch: &CpuWatch) -> Result<Fanout
         } else {
             None
         },
+        broker_counters: counters,
         timed_out,
     })
+}
+
+async fn read_counters() -> Option<BrokerCounters> {
+    tokio::task::spawn_blocking(broker_counters::read)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Wait for every receiver, or stop them at `timeout`; advances the bar meanwhile.

@@ -8,13 +8,13 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Consumer};
+use lapin::{Acker, Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use tungstenite::Utf8Bytes;
 
 use super::publisher::publish_to_queue;
-use super::{AmqpBus, unavailable};
+use super::{AmqpBus, burst, unavailable};
 use crate::bus::BusError;
 use crate::bus::history::Rings;
 use crate::protocol::frame_head;
@@ -30,6 +30,9 @@ pub struct StreamSpec {
 /// Stream deliveries the reader may hold unacknowledged (streams need acks
 /// for credit, nothing else).
 const READ_AHEAD: u16 = 1000;
+/// Deliveries recorded per wake-up before the reader acknowledges them (with
+/// `multiple`); under [`READ_AHEAD`], so the broker never waits for credit.
+const ACK_EVERY: usize = 256;
 /// How long the reader waits before trying again after losing the stream.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -163,32 +166,48 @@ async fn read(
     mut next: Option<i64>,
 ) -> Option<i64> {
     loop {
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             () = stop.cancelled() => return next,
             delivery = consumer.next() => delivery,
         };
-        let delivery = match delivery {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(e)) => {
-                warn!(error = %e, "lost the history stream; will read on from where it was");
-                return next;
+        let mut last: Option<Acker> = None;
+        let mut ended = false;
+        for delivery in burst(first, &mut consumer, ACK_EVERY) {
+            let delivery = match delivery {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => {
+                    warn!(error = %e, "lost the history stream; will read on from where it was");
+                    ended = true;
+                    break;
+                }
+                None => {
+                    ended = true;
+                    break;
+                }
+            };
+            if let Some(offset) = stream_offset(&delivery.properties) {
+                next = Some(offset + 1);
             }
-            None => return next,
-        };
-        if let Some(offset) = stream_offset(&delivery.properties) {
-            next = Some(offset + 1);
+            last = Some(delivery.acker);
+            let Ok(text) = String::from_utf8(delivery.data) else {
+                continue;
+            };
+            let frame = Utf8Bytes::from(text);
+            match frame_head(&frame) {
+                Some(("marker", Some(id))) => rings.marker_seen(id),
+                _ => rings.record(&frame),
+            }
         }
-        let Ok(text) = String::from_utf8(delivery.data) else {
-            continue;
-        };
-        let frame = Utf8Bytes::from(text);
-        match frame_head(&frame) {
-            Some(("marker", Some(id))) => rings.marker_seen(id),
-            _ => rings.record(&frame),
+        // Streams need acks only for credit: one `multiple` ack per burst.
+        // One per message cost each node a broker write and a wake-up of
+        // lapin's I/O thread per room message, more than per-node fanout's
+        // whole delivery.
+        if let Some(acker) = last {
+            let _ = acker.ack(BasicAckOptions { multiple: true }).await;
         }
-        // Streams need acks only for credit; one per message is cheap next to
-        // the fanout that delivered it to every session.
-        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        if ended {
+            return next;
+        }
     }
 }
 

@@ -46,6 +46,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicQosOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -783,10 +784,66 @@ fn reply_code(e: &lapin::Error) -> Option<u16> {
 /// A delivery's body as text. Only Warren publishes to its exchanges, and
 /// only serde_json output; a foreign non-UTF-8 message is replaced, not
 /// trusted.
+/// `first`, then what `stream` has ready now, up to `max` in all: what one
+/// wake-up handles. Nothing is taken from the stream that is not returned
+/// (taking one past `max` and dropping it lost a delivery per full burst).
+pub(super) fn burst<S: futures_util::Stream + Unpin>(
+    first: Option<S::Item>,
+    stream: &mut S,
+    max: usize,
+) -> Vec<Option<S::Item>> {
+    let mut items = vec![first];
+    while items.len() < max {
+        // `Some(None)`: the stream ended, which the caller must see too.
+        match stream.next().now_or_never() {
+            Some(next) => {
+                let ended = next.is_none();
+                items.push(next);
+                if ended {
+                    break;
+                }
+            }
+            None => break,
+        }
+    }
+    items
+}
+
 fn delivered_text(data: Vec<u8>) -> String {
     String::from_utf8(data).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 fn unavailable(e: lapin::Error) -> BusError {
     BusError::Unavailable(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_takes_up_to_its_size_and_loses_nothing() {
+        let mut stream = futures_util::stream::iter(1..=1000);
+        let mut seen = Vec::new();
+        let mut sizes = Vec::new();
+        loop {
+            let first = stream.next().now_or_never().flatten();
+            let Some(first) = first else { break };
+            let burst = burst(Some(first), &mut stream, 512);
+            sizes.push(burst.len());
+            seen.extend(burst.into_iter().flatten());
+        }
+        assert_eq!(seen, (1..=1000).collect::<Vec<_>>());
+        // The last burst ends with the stream's end.
+        assert_eq!(sizes, vec![512, 489]);
+    }
+
+    #[test]
+    fn a_burst_shows_the_end_of_the_stream() {
+        let mut stream = futures_util::stream::iter([2, 3]);
+        assert_eq!(
+            burst(Some(1), &mut stream, 512),
+            vec![Some(1), Some(2), Some(3), None]
+        );
+    }
 }

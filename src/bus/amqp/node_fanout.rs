@@ -30,7 +30,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicQosOptions};
 use lapin::{Acker, Channel, Consumer};
 use tokio::sync::mpsc;
@@ -40,7 +40,7 @@ use tungstenite::Utf8Bytes;
 
 use super::history_link::StreamSpec;
 use super::publisher::{bind_room, unbind_room};
-use super::{Names, bounded_queue, consume, declare_exclusive, delivered_text, unavailable};
+use super::{Names, bounded_queue, burst, consume, declare_exclusive, delivered_text, unavailable};
 use crate::bus::BusError;
 use crate::bus::dropped::Dropped;
 use crate::bus::gaps::Gaps;
@@ -379,31 +379,6 @@ async fn dispatch(state: Arc<Mutex<State>>, channel: Channel, mut consumer: Cons
     debug!(queue = %feed.queue, "the node's room feed ended");
 }
 
-/// `first`, then what `stream` has ready now, up to `max` in all: what one
-/// wake-up handles. Nothing is taken from the stream that is not returned
-/// (taking one past `max` and dropping it lost a delivery per full burst).
-fn burst<S: futures_util::Stream + Unpin>(
-    first: Option<S::Item>,
-    stream: &mut S,
-    max: usize,
-) -> Vec<Option<S::Item>> {
-    let mut items = vec![first];
-    while items.len() < max {
-        // `Some(None)`: the stream ended, which the caller must see too.
-        match stream.next().now_or_never() {
-            Some(next) => {
-                let ended = next.is_none();
-                items.push(next);
-                if ended {
-                    break;
-                }
-            }
-            None => break,
-        }
-    }
-    items
-}
-
 /// One delivery to every member of its room; its acker, to settle it.
 fn deliver(state: &Mutex<State>, delivery: lapin::message::Delivery) -> Acker {
     let lapin::message::Delivery {
@@ -441,35 +416,4 @@ fn deliver(state: &Mutex<State>, delivery: lapin::message::Delivery) -> Acker {
         }
     }
     acker
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_burst_takes_up_to_its_size_and_loses_nothing() {
-        let mut stream = futures_util::stream::iter(1..=1000);
-        let mut seen = Vec::new();
-        let mut sizes = Vec::new();
-        loop {
-            let first = stream.next().now_or_never().flatten();
-            let Some(first) = first else { break };
-            let burst = burst(Some(first), &mut stream, 512);
-            sizes.push(burst.len());
-            seen.extend(burst.into_iter().flatten());
-        }
-        assert_eq!(seen, (1..=1000).collect::<Vec<_>>());
-        // The last burst ends with the stream's end.
-        assert_eq!(sizes, vec![512, 489]);
-    }
-
-    #[test]
-    fn a_burst_shows_the_end_of_the_stream() {
-        let mut stream = futures_util::stream::iter([2, 3]);
-        assert_eq!(
-            burst(Some(1), &mut stream, 512),
-            vec![Some(1), Some(2), Some(3), None]
-        );
-    }
 }
