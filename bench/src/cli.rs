@@ -63,6 +63,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "raw")]
     pub amqp_client: AmqpClient,
 
+    /// How the raw amqp client numbers its messages as Warren does (a link id
+    /// and a number per message, which the broker copies into every delivery):
+    /// not at all, in Warren's two headers, or in the `message-id` property.
+    /// What the numbering costs, apart from everything else Warren does. The
+    /// label gains `-headers` or `-msgid`.
+    #[arg(long, value_enum, default_value = "none")]
+    pub amqp_numbering: AmqpNumbering,
+
     /// Whether Warren clients ask for client acks (`?acks=client`, then
     /// `ack_upto` every 64 deliveries or 100 ms); several run as separate
     /// configurations.
@@ -208,6 +216,27 @@ pub enum AmqpClient {
     Lapin,
 }
 
+/// How the raw amqp client carries Warren's numbering of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AmqpNumbering {
+    /// No properties at all.
+    None,
+    /// Warren's headers: `x-warren-pub` and `x-warren-seq`, 64-bit integers.
+    Headers,
+    /// The `message-id` property: `<link id in hex>.<number>`.
+    MessageId,
+}
+
+impl AmqpNumbering {
+    fn suffix(self) -> &'static str {
+        match self {
+            AmqpNumbering::None => "",
+            AmqpNumbering::Headers => "headers",
+            AmqpNumbering::MessageId => "msgid",
+        }
+    }
+}
+
 /// Whether a Warren client acknowledges what it receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WarrenAcks {
@@ -301,6 +330,9 @@ impl Args {
                 if mode != AmqpMode::Warren && self.amqp_client == AmqpClient::Lapin =>
             {
                 format!("amqp-{}-lapin", mode.name())
+            }
+            (_, Config::Amqp(mode)) if self.amqp_numbering != AmqpNumbering::None => {
+                format!("amqp-{}-{}", mode.name(), self.amqp_numbering.suffix())
             }
             (_, Config::Amqp(mode)) => format!("amqp-{}", mode.name()),
             (_, Config::Stomp) => "stomp".into(),

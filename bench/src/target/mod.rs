@@ -127,6 +127,7 @@ impl Room {
                     room,
                     mode,
                     args.amqp_client,
+                    args.amqp_numbering,
                 )
                 .await?,
             ),

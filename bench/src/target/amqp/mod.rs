@@ -38,7 +38,7 @@ use lapin::{
 };
 
 use super::{Client, Inbox as AnyInbox, Outbox as AnyOutbox};
-use crate::cli::{AmqpClient, AmqpMode};
+use crate::cli::{AmqpClient, AmqpMode, AmqpNumbering};
 use crate::payload;
 
 /// Warren's `PREFETCH`, `ACK_EVERY` and `ACK_DELAY` (src/bus/amqp.rs).
@@ -58,6 +58,8 @@ pub struct Room {
     raw: Vec<Arc<raw::Connection>>,
     exchange: String,
     mode: AmqpMode,
+    /// How the raw client's messages carry Warren's numbering.
+    numbering: AmqpNumbering,
 }
 
 impl Room {
@@ -67,6 +69,7 @@ impl Room {
         room: String,
         mode: AmqpMode,
         client: AmqpClient,
+        numbering: AmqpNumbering,
     ) -> Result<Self> {
         let raw = client == AmqpClient::Raw && mode != AmqpMode::Warren;
         let connections = connections.max(1);
@@ -91,6 +94,7 @@ impl Room {
             raw: raw_connections,
             exchange,
             mode,
+            numbering,
         })
     }
 
@@ -114,6 +118,7 @@ impl Room {
                     connection: raw.clone(),
                     channel,
                     exchange: self.exchange.clone(),
+                    numbering: self.numbering,
                 })),
                 inbox: AnyInbox::Amqp(Inbox::Raw(RawInbox {
                     deliveries,
@@ -210,8 +215,15 @@ impl Outbox {
             Outbox::Lapin(o) => o.send(room, sender, seq, text).await,
             Outbox::Raw(o) => {
                 let body = payload::broker_document(room, sender, seq, text);
+                // As Warren numbers: its link's id, and a number per message.
+                let (link, number) = (sender as i64, i64::from(seq) + 1);
+                let numbering = match o.numbering {
+                    AmqpNumbering::None => None,
+                    AmqpNumbering::Headers => Some(raw::Numbering::Headers(link, number)),
+                    AmqpNumbering::MessageId => Some(raw::Numbering::MessageId(link, number)),
+                };
                 o.connection
-                    .publish(o.channel, &o.exchange, body.as_bytes())
+                    .publish(o.channel, &o.exchange, body.as_bytes(), numbering)
                     .await
             }
         }
@@ -238,6 +250,7 @@ pub struct RawOutbox {
     connection: Arc<raw::Connection>,
     channel: u16,
     exchange: String,
+    numbering: AmqpNumbering,
 }
 
 pub enum Inbox {

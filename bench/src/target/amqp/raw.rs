@@ -13,8 +13,9 @@
 //!
 //! It speaks only what the bench needs: the handshake (PLAIN, no heartbeats),
 //! `channel.open`, `basic.qos`, `queue.declare` (exclusive, auto-delete,
-//! server-named), `queue.bind`, `basic.consume`, `basic.publish` (no properties),
-//! `basic.ack` and `connection.close`. Anything else the broker sends during
+//! server-named), `queue.bind`, `basic.consume`, `basic.publish` (no properties,
+//! or Warren's numbering in headers or `message-id`), `basic.ack` and
+//! `connection.close`. Anything else the broker sends during
 //! setup (a `channel.close`, say) fails that setup step with the broker's text.
 
 use std::sync::{Arc, Mutex as StdMutex};
@@ -218,8 +219,15 @@ impl Connection {
         Ok((channel, deliveries))
     }
 
-    /// Publish `body` to `exchange` on `channel`, without properties.
-    pub async fn publish(&self, channel: u16, exchange: &str, body: &[u8]) -> Result<()> {
+    /// Publish `body` to `exchange` on `channel`: without properties, or with
+    /// Warren's numbering.
+    pub async fn publish(
+        &self,
+        channel: u16,
+        exchange: &str,
+        body: &[u8],
+        numbering: Option<Numbering>,
+    ) -> Result<()> {
         let mut args = BytesMut::new();
         args.put_u16(0);
         put_short(&mut args, exchange);
@@ -230,7 +238,17 @@ impl Connection {
         header.put_u16(BASIC_PUBLISH.0);
         header.put_u16(0); // weight
         header.put_u64(body.len() as u64);
-        header.put_u16(0); // no properties
+        match numbering {
+            None => header.put_u16(0), // no properties
+            Some(Numbering::Headers(link, number)) => {
+                header.put_u16(PROPERTY_HEADERS);
+                put_numbering(&mut header, link, number);
+            }
+            Some(Numbering::MessageId(link, number)) => {
+                header.put_u16(PROPERTY_MESSAGE_ID);
+                put_short(&mut header, &format!("{link:x}.{number}"));
+            }
+        }
         put_frame(&mut frames, FRAME_HEADER, channel, &header);
         put_frame(&mut frames, FRAME_BODY, channel, body);
         self.writer.lock().await.write_all(&frames).await?;
@@ -390,6 +408,31 @@ fn close_text(payload: &[u8]) -> String {
         .unwrap_or_default()
 }
 
+/// Warren's numbering of a message: its link's id and its number.
+pub enum Numbering {
+    /// In two headers, as Warren publishes.
+    Headers(i64, i64),
+    /// In the `message-id` property.
+    MessageId(i64, i64),
+}
+
+/// `basic` property flags: a headers table follows; a message id follows.
+const PROPERTY_HEADERS: u16 = 1 << 13;
+const PROPERTY_MESSAGE_ID: u16 = 1 << 7;
+
+/// A field table of Warren's two numbering headers, as signed 64-bit
+/// integers (`l`), the types Warren's publisher uses.
+fn put_numbering(buf: &mut BytesMut, publisher: i64, seq: i64) {
+    let mut table = BytesMut::new();
+    for (name, value) in [("x-warren-pub", publisher), ("x-warren-seq", seq)] {
+        put_short(&mut table, name);
+        table.put_u8(b'l');
+        table.put_i64(value);
+    }
+    buf.put_u32(table.len() as u32);
+    buf.put_slice(&table);
+}
+
 fn put_short(buf: &mut BytesMut, s: &str) {
     buf.put_u8(s.len() as u8);
     buf.put_slice(s.as_bytes());
@@ -473,6 +516,19 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbering_headers_are_a_field_table_of_two_long_longs() {
+        let mut buf = BytesMut::new();
+        put_numbering(&mut buf, 7, -2);
+        let mut expected = BytesMut::new();
+        expected.put_u32(2 * (1 + 12 + 1 + 8));
+        expected.put_slice(b"\x0cx-warren-publ");
+        expected.put_i64(7);
+        expected.put_slice(b"\x0cx-warren-seql");
+        expected.put_i64(-2);
+        assert_eq!(buf, expected);
+    }
 
     #[test]
     fn reads_the_bench_url() {
