@@ -70,8 +70,8 @@ impl AmqpLink {
             self.confirm_from_now().await?;
         }
         let exchange = self.names.room_exchange(room);
-        let properties =
-            BasicProperties::default().with_headers(self.numbering.headers(&exchange, "", false));
+        let properties = BasicProperties::default()
+            .with_message_id(self.numbering.message_id(&exchange, "", false));
         publish_with(&self.channel, &exchange, &payload, properties)
             .await
             .map(AmqpConfirm)
@@ -193,11 +193,11 @@ pub(super) async fn numbered_to_exchange(
     numbering: &Numbering,
 ) -> lapin::Result<PublisherConfirm> {
     let properties =
-        BasicProperties::default().with_headers(numbering.headers(exchange, "", false));
+        BasicProperties::default().with_message_id(numbering.message_id(exchange, "", false));
     publish_with(channel, exchange, payload, properties).await
 }
 
-/// As [`publish_to_exchange`], with `properties` (a link's numbering headers).
+/// As [`publish_to_exchange`], with `properties` (a link's numbering).
 async fn publish_with(
     channel: &Channel,
     exchange: &str,
@@ -258,8 +258,11 @@ pub(super) async fn publish_direct(
 ) -> lapin::Result<PublisherConfirm> {
     let mut properties = BasicProperties::default();
     if let Some(numbering) = numbering {
-        properties =
-            properties.with_headers(numbering.headers(exchange, to.as_str(), origin.is_some()));
+        properties = properties.with_message_id(numbering.message_id(
+            exchange,
+            to.as_str(),
+            origin.is_some(),
+        ));
     }
     if let Some(origin) = origin {
         properties = properties.with_correlation_id(origin.as_str().into());
