@@ -175,12 +175,10 @@ async fn read(
         for delivery in burst(first, &mut consumer, ACK_EVERY) {
             let delivery = match delivery {
                 Some(Ok(delivery)) => delivery,
-                Some(Err(e)) => {
-                    warn!(error = %e, "lost the history stream; will read on from where it was");
-                    ended = true;
-                    break;
-                }
-                None => {
+                end => {
+                    if let Some(Err(e)) = end {
+                        warn!(error = %e, "lost the history stream; will read on from where it was");
+                    }
                     ended = true;
                     break;
                 }

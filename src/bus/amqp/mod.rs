@@ -781,9 +781,6 @@ fn reply_code(e: &lapin::Error) -> Option<u16> {
     }
 }
 
-/// A delivery's body as text. Only Warren publishes to its exchanges, and
-/// only serde_json output; a foreign non-UTF-8 message is replaced, not
-/// trusted.
 /// `first`, then what `stream` has ready now, up to `max` in all: what one
 /// wake-up handles. Nothing is taken from the stream that is not returned
 /// (taking one past `max` and dropping it lost a delivery per full burst).
@@ -809,6 +806,9 @@ pub(super) fn burst<S: futures_util::Stream + Unpin>(
     items
 }
 
+/// A delivery's body as text. Only Warren publishes to its exchanges, and
+/// only serde_json output; a foreign non-UTF-8 message is replaced, not
+/// trusted.
 fn delivered_text(data: Vec<u8>) -> String {
     String::from_utf8(data).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
