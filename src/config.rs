@@ -240,6 +240,15 @@ pub struct Config {
     #[arg(long, env = "WARREN_ECHO_ENDPOINT")]
     pub echo_endpoint: bool,
 
+    /// Microseconds a runtime thread naps before it blocks waiting for work
+    /// (0: never). Deliveries that arrive meanwhile, from every socket and from
+    /// the broker connections' I/O threads, are then handled in one pass and
+    /// written to each socket at once; a message waits at most this long more
+    /// per hop. In the card's mode the nap took a third off the node's CPU per
+    /// delivery (docs/BENCHMARKS.md, "The runtime's nap").
+    #[arg(long, env = "WARREN_NAP_US", default_value_t = 1000)]
+    pub nap_us: u64,
+
     /// Log format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

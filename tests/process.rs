@@ -95,6 +95,7 @@ fn help_documents_every_flag() {
         "--max-frame-bytes",
         "--allowed-origins",
         "--log-format",
+        "--nap-us",
         "WARREN_LISTEN",
         "AMQP_URL",
     ] {
@@ -157,6 +158,20 @@ async fn sigterm_drains_then_closes_with_1012_deletes_queues_and_exits_0() {
 #[tokio::test]
 async fn embedded_bus_needs_no_broker_and_sigint_exits_0() {
     let p = spawn(&["--log-format", "json"], None);
+    chat_then_interrupt(p).await;
+}
+
+/// The runtime's nap is on by default (the other tests here run with it);
+/// without it a node works the same.
+#[tokio::test]
+async fn a_node_whose_runtime_never_naps_delivers_and_exits_0() {
+    let p = spawn(&["--nap-us", "0"], None);
+    chat_then_interrupt(p).await;
+}
+
+/// Two users chat through `p`, then SIGINT closes their sockets with 1001 and
+/// the node exits 0.
+async fn chat_then_interrupt(p: Process) {
     let mut a = connect(p.addr, "solo", "judy").await;
     let mut b = connect(p.addr, "solo", "ken").await;
     send_json(
