@@ -1,5 +1,5 @@
-//! The `warren` binary: parse configuration, set up logging, run a node until
-//! SIGINT or SIGTERM, then shut it down gracefully.
+//! The `warren` binary: parse configuration, build the runtime, set up
+//! logging, run a node until SIGINT or SIGTERM, then shut it down gracefully.
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
