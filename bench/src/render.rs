@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 
 use crate::cli::RenderArgs;
-use crate::report::{ConnectionsReport, FanoutReport, Summary, baselines_in, ratio, summarize};
+use crate::report::{
+    ConnectionsReport, FanoutReport, Summary, baselines_in, ratio_cell, summarize,
+};
 
 pub fn run(args: &RenderArgs) -> Result<()> {
     let mut fanout = Vec::new();
@@ -97,8 +99,8 @@ fn print_details(summaries: &[Summary]) {
         let ratios: String = baselines
             .iter()
             .map(|b| {
-                let r = if warren { ratio(summaries, s, b) } else { None };
-                format!(" {} |", fmt(r, 2))
+                let cell = warren.then(|| ratio_cell(summaries, s, b)).flatten();
+                format!(" {} |", cell.as_deref().unwrap_or("-"))
             })
             .collect();
         println!(

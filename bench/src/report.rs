@@ -369,17 +369,25 @@ pub fn summarize(reports: &[FanoutReport]) -> Vec<Summary> {
         .collect()
 }
 
-/// Warren's median deliveries/s over a baseline's, at the same N, M and rate.
-pub fn ratio(summaries: &[Summary], of: &Summary, baseline: &str) -> Option<f64> {
-    summaries
-        .iter()
-        .find(|s| {
-            s.label == baseline
-                && s.clients == of.clients
-                && s.messages == of.messages
-                && s.rate == of.rate
-        })
-        .map(|b| of.deliveries_per_sec / b.deliveries_per_sec)
+/// Warren against a baseline at the same N, M and rate, as a table cell.
+/// Unpaced: median deliveries/s over the baseline's (higher is better).
+/// Paced (`--rate`), where both deliver the same rate by construction: p50 and
+/// p99 latency over the baseline's (lower is better).
+pub fn ratio_cell(summaries: &[Summary], of: &Summary, baseline: &str) -> Option<String> {
+    let b = summaries.iter().find(|s| {
+        s.label == baseline
+            && s.clients == of.clients
+            && s.messages == of.messages
+            && s.rate == of.rate
+    })?;
+    Some(match of.rate {
+        None => format!("{:.2}", of.deliveries_per_sec / b.deliveries_per_sec),
+        Some(_) => format!(
+            "p50 {:.2}, p99 {:.2}",
+            of.p50_us / b.p50_us,
+            of.p99_us / b.p99_us
+        ),
+    })
 }
 
 /// The baselines Warren's figures are divided by, where the runs include them.
@@ -410,7 +418,7 @@ pub fn print_comparison(reports: &[FanoutReport]) {
         "bench µs/d",
     );
     for b in &baselines {
-        print!(" {:>14}", format!("÷ {b}"));
+        print!(" {:>20}", format!("÷ {b}"));
     }
     println!();
     for s in &summaries {
@@ -430,12 +438,74 @@ pub fn print_comparison(reports: &[FanoutReport]) {
         );
         for b in &baselines {
             let cell = if s.label.starts_with("warren") {
-                ratio(&summaries, s, b).map_or("-".into(), |r| format!("{r:.2}"))
+                ratio_cell(&summaries, s, b).unwrap_or_else(|| "-".into())
             } else {
                 "-".into()
             };
-            print!(" {cell:>14}");
+            print!(" {cell:>20}");
         }
         println!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(label: &str, rate: Option<f64>, per_sec: f64, p50_ms: f64, p99_ms: f64) -> Summary {
+        Summary {
+            label: label.into(),
+            clients: 100,
+            messages: 30,
+            rate,
+            runs: 3,
+            deliveries_per_sec: per_sec,
+            connect_secs: 0.1,
+            p50_us: p50_ms * 1000.0,
+            p99_us: p99_ms * 1000.0,
+            max_us: p99_ms * 1000.0,
+            lost: 0,
+            duplicated: 0,
+            reordered: 0,
+            server_us_per_delivery: None,
+            broker_us_per_delivery: None,
+            bench_us_per_delivery: None,
+            server_peak_rss_kib: None,
+            other_cpu_secs: None,
+            broker_deliveries_per_message: None,
+        }
+    }
+
+    #[test]
+    fn an_unpaced_run_compares_throughput() {
+        let runs = [
+            summary("warren-1n", None, 30_000.0, 900.0, 1500.0),
+            summary("amqp-ack", None, 40_000.0, 700.0, 1000.0),
+        ];
+        assert_eq!(
+            ratio_cell(&runs, &runs[0], "amqp-ack").as_deref(),
+            Some("0.75")
+        );
+    }
+
+    #[test]
+    fn a_paced_run_compares_latency_since_the_rates_are_equal() {
+        let runs = [
+            summary("warren-1n", Some(1.0), 10_000.0, 7.0, 19.0),
+            summary("amqp-noack", Some(1.0), 10_000.0, 3.5, 5.0),
+        ];
+        assert_eq!(
+            ratio_cell(&runs, &runs[0], "amqp-noack").as_deref(),
+            Some("p50 2.00, p99 3.80")
+        );
+    }
+
+    #[test]
+    fn no_baseline_at_that_size_or_rate_gives_no_cell() {
+        let runs = [
+            summary("warren-1n", Some(1.0), 10_000.0, 7.0, 19.0),
+            summary("amqp-noack", None, 60_000.0, 3.5, 5.0),
+        ];
+        assert_eq!(ratio_cell(&runs, &runs[0], "amqp-noack"), None);
     }
 }
