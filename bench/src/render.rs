@@ -95,13 +95,9 @@ fn print_details(summaries: &[Summary]) {
     );
     let fmt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
     for s in summaries {
-        let warren = s.label.starts_with("warren");
         let ratios: String = baselines
             .iter()
-            .map(|b| {
-                let cell = warren.then(|| ratio_cell(summaries, s, b)).flatten();
-                format!(" {} |", cell.as_deref().unwrap_or("-"))
-            })
+            .map(|b| format!(" {} |", ratio_cell(summaries, s, b)))
             .collect();
         println!(
             "| {} | {} × {} | {} | {} | {:.0} |{} {:.2} | {:.2} | {:.2} | {:.2} | {} / {} / {} | {} | {} | {} | {} | {} | {} |",

@@ -369,25 +369,29 @@ pub fn summarize(reports: &[FanoutReport]) -> Vec<Summary> {
         .collect()
 }
 
-/// Warren against a baseline at the same N, M and rate, as a table cell.
+/// A Warren row against a baseline at the same N, M and rate, as a table
+/// cell ("-" for another target's row, or no such baseline run).
 /// Unpaced: median deliveries/s over the baseline's (higher is better).
 /// Paced (`--rate`), where both deliver the same rate by construction: p50 and
 /// p99 latency over the baseline's (lower is better).
-pub fn ratio_cell(summaries: &[Summary], of: &Summary, baseline: &str) -> Option<String> {
-    let b = summaries.iter().find(|s| {
+pub fn ratio_cell(summaries: &[Summary], of: &Summary, baseline: &str) -> String {
+    let baseline = summaries.iter().find(|s| {
         s.label == baseline
             && s.clients == of.clients
             && s.messages == of.messages
             && s.rate == of.rate
-    })?;
-    Some(match of.rate {
+    });
+    let Some(b) = baseline.filter(|_| of.label.starts_with("warren")) else {
+        return "-".into();
+    };
+    match of.rate {
         None => format!("{:.2}", of.deliveries_per_sec / b.deliveries_per_sec),
         Some(_) => format!(
             "p50 {:.2}, p99 {:.2}",
             of.p50_us / b.p50_us,
             of.p99_us / b.p99_us
         ),
-    })
+    }
 }
 
 /// The baselines Warren's figures are divided by, where the runs include them.
@@ -437,12 +441,7 @@ pub fn print_comparison(reports: &[FanoutReport]) {
             us(s.bench_us_per_delivery),
         );
         for b in &baselines {
-            let cell = if s.label.starts_with("warren") {
-                ratio_cell(&summaries, s, b).unwrap_or_else(|| "-".into())
-            } else {
-                "-".into()
-            };
-            print!(" {cell:>20}");
+            print!(" {:>20}", ratio_cell(&summaries, s, b));
         }
         println!();
     }
@@ -482,10 +481,9 @@ mod tests {
             summary("warren-1n", None, 30_000.0, 900.0, 1500.0),
             summary("amqp-ack", None, 40_000.0, 700.0, 1000.0),
         ];
-        assert_eq!(
-            ratio_cell(&runs, &runs[0], "amqp-ack").as_deref(),
-            Some("0.75")
-        );
+        assert_eq!(ratio_cell(&runs, &runs[0], "amqp-ack"), "0.75");
+        // A baseline's own row is not compared.
+        assert_eq!(ratio_cell(&runs, &runs[1], "amqp-ack"), "-");
     }
 
     #[test]
@@ -495,8 +493,8 @@ mod tests {
             summary("amqp-noack", Some(1.0), 10_000.0, 3.5, 5.0),
         ];
         assert_eq!(
-            ratio_cell(&runs, &runs[0], "amqp-noack").as_deref(),
-            Some("p50 2.00, p99 3.80")
+            ratio_cell(&runs, &runs[0], "amqp-noack"),
+            "p50 2.00, p99 3.80"
         );
     }
 
@@ -506,6 +504,6 @@ mod tests {
             summary("warren-1n", Some(1.0), 10_000.0, 7.0, 19.0),
             summary("amqp-noack", None, 60_000.0, 3.5, 5.0),
         ];
-        assert_eq!(ratio_cell(&runs, &runs[0], "amqp-noack"), None);
+        assert_eq!(ratio_cell(&runs, &runs[0], "amqp-noack"), "-");
     }
 }
