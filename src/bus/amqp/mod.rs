@@ -585,15 +585,23 @@ impl AmqpBus {
 
     /// Hold the slot `slot_queue` and open the session's `queue` on
     /// `channel` (or, resuming, consume the old one), bound to
-    /// `room_exchange` when one is given, every method sent at once, so an
-    /// open waits one round trip, not one per method.
+    /// `room_exchange` when one is given, the methods sent in batches of at
+    /// most four, so an open waits three round trips, not one per method.
+    ///
+    /// Not all at once: lapin keeps a queue of expected replies per channel
+    /// (260 bytes each) that keeps, for the channel's life, the capacity of
+    /// the most ever in flight on it. Nine at once left 4 KiB with every
+    /// session; four, its smallest allocation, leave 1 KiB
+    /// (docs/CAPACITY.md). Its later methods wait one at a time (rooms are
+    /// bound on short channels).
     ///
     /// `try_join!` polls its futures in order, and each sends its method on
     /// its first poll, so they go out in this order; the broker runs a
     /// channel's methods in order. When one fails the broker closes the
     /// channel and discards the rest, and lapin fails every reply still
     /// expected on it with that one error: the reply code is the failing
-    /// method's, whichever future reports it, and nothing after it was done.
+    /// method's, whichever future reports it, and nothing after it was done
+    /// (no later batch is sent).
     async fn declare_session(
         &self,
         channel: &Channel,
@@ -643,10 +651,9 @@ impl AmqpBus {
             };
             futures_util::try_join!(declare, bind_queue, bind_history).map(drop)
         };
-        let consume = consume(channel, queue, false, self.resume_grace.is_some());
-        let ((), (), (), (), (), (), consumer) =
-            futures_util::try_join!(slot, qos, exchange, declare, bind_direct, room, consume)?;
-        Ok(consumer)
+        futures_util::try_join!(slot, qos, exchange, declare)?;
+        futures_util::try_join!(bind_direct, room)?;
+        consume(channel, queue, false, self.resume_grace.is_some()).await
     }
 
     /// Declare this node's presence queue, bound to `<prefix>.presence`.
