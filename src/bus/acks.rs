@@ -1,7 +1,7 @@
 //! Client acknowledgements (`acks=client`): each delivery gets the next
 //! per-connection `seq`, and stays the bus's responsibility until the client
 //! sends `ack_upto` with that seq or a later one. Shared by both buses: what
-//! each keeps per unacknowledged delivery (`T`) is its own (RabbitMQ's acker,
+//! each keeps per unacknowledged delivery (`T`) is its own (RabbitMQ's delivery tag,
 //! the embedded bus's frame to deliver again). A direct message to this
 //! connection's user that asked for a receipt yields a [`Receipt`] when it is
 //! acknowledged.

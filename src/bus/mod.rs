@@ -579,10 +579,10 @@ impl Inbox {
     /// Tell the bus every frame received so far (`handed_over` since the last
     /// call) has been handed to the socket, so it may send more (the AMQP
     /// prefetch window). With [`AckMode::Client`] only the client settles.
-    pub async fn settle(&mut self, handed_over: usize) {
+    pub fn settle(&mut self, handed_over: usize) {
         match self {
             Inbox::Memory(_) => {}
-            Inbox::Amqp(i) => i.settle(handed_over).await,
+            Inbox::Amqp(i) => i.settle(handed_over),
         }
     }
 
@@ -597,10 +597,10 @@ impl Inbox {
 
     /// The client processed every delivery up to `seq` ([`AckMode::Client`]):
     /// the receipts that owes.
-    pub async fn ack_upto(&mut self, seq: u64) -> Result<Vec<acks::Receipt>, acks::AckError> {
+    pub fn ack_upto(&mut self, seq: u64) -> Result<Vec<acks::Receipt>, acks::AckError> {
         match self {
             Inbox::Memory(i) => i.ack_upto(seq),
-            Inbox::Amqp(i) => i.ack_upto(seq).await,
+            Inbox::Amqp(i) => i.ack_upto(seq),
         }
     }
 }

@@ -192,7 +192,7 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
         let count = batch.len();
         self.write(batch).await?;
         self.metrics().delivered(T::KIND, count as u64);
-        self.inbox.settle(count).await;
+        self.inbox.settle(count);
         Continue(())
     }
 
@@ -254,7 +254,7 @@ impl<'a, T: Transport, P: SessionLink> Session<'a, T, P> {
                     Ok(ClientFrame::Refresh { token, reference }) => {
                         return Box::pin(self.refresh(token, reference)).await;
                     }
-                    Ok(ClientFrame::AckUpto { seq }) => match self.inbox.ack_upto(seq).await {
+                    Ok(ClientFrame::AckUpto { seq }) => match self.inbox.ack_upto(seq) {
                         Ok(receipts) if receipts.is_empty() => return Continue(()),
                         Ok(receipts) => return Box::pin(self.send_receipts(receipts)).await,
                         Err(e) => Rejected {

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicAckOptions;
-use lapin::types::ShortString;
-use lapin::{Acker, BasicProperties, Consumer};
+use lapin::types::{DeliveryTag, ShortString};
+use lapin::{BasicProperties, Channel, Consumer};
 use tokio::sync::mpsc;
 use tracing::debug;
 use tungstenite::Utf8Bytes;
@@ -55,24 +55,26 @@ const REPLAY_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct AmqpInbox {
     consumer: Consumer,
+    /// The session's channel, which its acks go out on (see [`Self::send_ack`]).
+    channel: Channel,
     /// With per-node fanout: the room frames the node's feed hands this
     /// session (the consumer then carries only direct messages).
     room_frames: Option<(mpsc::Receiver<RoomFrame>, Arc<Dropped>)>,
     /// Messages told missed (gap frames) since [`Self::take_missed`].
     told_missed: u64,
-    /// Who acknowledges: with client acks, each frame gets a seq and its acker
-    /// (none for a room frame of the node's feed, acked by the node) waits
-    /// here for the client's `ack_upto`.
-    client_acks: Option<ClientAcks<Option<Acker>>>,
+    /// Who acknowledges: with client acks, each frame gets a seq and its
+    /// delivery tag (none for a room frame of the node's feed, acked by the
+    /// node) waits here for the client's `ack_upto`.
+    client_acks: Option<ClientAcks<Option<DeliveryTag>>>,
     /// A resumed session's redelivered messages, held back until `last_id`.
     replay: Option<Replay>,
     /// Frames ready to hand out before the consumer's next.
     ready: VecDeque<Utf8Bytes>,
-    /// With client acks: skipped deliveries, to ack at the next await.
-    skipped: Vec<Acker>,
+    /// With client acks: skipped deliveries, to ack before the next wait.
+    skipped: Vec<DeliveryTag>,
     /// The newest delivery handed to the socket but not yet acknowledged; acking
     /// it with `multiple` settles everything before it too.
-    unsettled: Option<Acker>,
+    unsettled: Option<DeliveryTag>,
     /// How many deliveries that ack would settle, and since when the oldest waits.
     unsettled_count: u32,
     unsettled_since: Option<tokio::time::Instant>,
@@ -110,11 +112,11 @@ struct Replay {
     held: Vec<Held>,
 }
 
-/// A redelivered message held back: its text, its acker, what its numbers
-/// showed, and the exchange it came from (for the gap frame before it).
+/// A redelivered message held back: its text, its delivery tag, what its
+/// numbers showed, and the exchange it came from (for the gap frame before it).
 struct Held {
     text: String,
-    acker: Acker,
+    tag: DeliveryTag,
     observed: Observed,
     exchange: ShortString,
 }
@@ -126,8 +128,10 @@ enum Taken {
 }
 
 impl AmqpInbox {
+    /// The first argument is the session's consumer and the channel it
+    /// consumes on (its acks go out there).
     pub(super) fn new(
-        consumer: Consumer,
+        (consumer, channel): (Consumer, Channel),
         room_frames: Option<(mpsc::Receiver<RoomFrame>, Arc<Dropped>)>,
         lost: tokio_util::sync::CancellationToken,
         names: &Names,
@@ -137,6 +141,7 @@ impl AmqpInbox {
     ) -> Self {
         Self {
             consumer,
+            channel,
             room_frames,
             told_missed: 0,
             client_acks: (acks == AckMode::Client).then(|| ClientAcks::new(user)),
@@ -204,7 +209,7 @@ impl AmqpInbox {
             if self.tell_feed_drops() {
                 continue;
             }
-            self.ack_skipped().await;
+            self.ack_skipped();
             let since = self.unsettled_since;
             let ack_due = async move {
                 match since {
@@ -236,7 +241,7 @@ impl AmqpInbox {
                 _ = self.lost.cancelled() => {
                     return Err(BusError::Unavailable("the broker connection was lost".into()));
                 }
-                () = ack_due => self.ack().await,
+                () = ack_due => self.ack(),
                 () = tokio::time::sleep(REPLAY_PAUSE), if holding => self.end_replay(),
             }
         }
@@ -292,7 +297,7 @@ impl AmqpInbox {
             }
         };
         if !self.wanted(&delivery.exchange, &delivery.properties) {
-            self.skip(delivery.acker);
+            self.skip(delivery.delivery_tag);
             return Ok(Taken::Skipped);
         }
         let observed = self.gaps.observe(
@@ -307,7 +312,7 @@ impl AmqpInbox {
                     frame_head(&text).and_then(|(_, id)| id) == Some(replay.last_id.as_str());
                 replay.held.push(Held {
                     text,
-                    acker: delivery.acker,
+                    tag: delivery.delivery_tag,
                     observed,
                     exchange: delivery.exchange,
                 });
@@ -317,7 +322,7 @@ impl AmqpInbox {
                     let processed = std::mem::take(&mut replay.held);
                     self.replay = None;
                     for held in processed {
-                        self.skip(held.acker);
+                        self.skip(held.tag);
                     }
                 } else if replay.held.len() >= usize::from(PREFETCH) {
                     self.end_replay();
@@ -328,13 +333,13 @@ impl AmqpInbox {
         }
         if observed.missed > 0 || !self.ready.is_empty() {
             self.tell_missed(delivery.exchange.as_str(), observed.missed);
-            let frame = self.hand_out(text, delivery.acker, observed.number);
+            let frame = self.hand_out(text, delivery.delivery_tag, observed.number);
             self.ready.push_back(frame);
             return Ok(Taken::Skipped);
         }
         Ok(Taken::Frame(self.hand_out(
             text,
-            delivery.acker,
+            delivery.delivery_tag,
             observed.number,
         )))
     }
@@ -409,7 +414,7 @@ impl AmqpInbox {
         if let Some(replay) = self.replay.take() {
             for held in replay.held {
                 self.tell_missed(held.exchange.as_str(), held.observed.missed);
-                let frame = self.hand_out(held.text, held.acker, held.observed.number);
+                let frame = self.hand_out(held.text, held.tag, held.observed.number);
                 self.ready.push_back(frame);
             }
         }
@@ -418,11 +423,11 @@ impl AmqpInbox {
     /// A delivery on its way to the client: stamped with its seq when the
     /// client acknowledges, else remembered for the server's next ack; and,
     /// when the session may be resumed, kept in mind until acknowledged.
-    fn hand_out(&mut self, text: String, acker: Acker, number: Option<Number>) -> Utf8Bytes {
+    fn hand_out(&mut self, text: String, tag: DeliveryTag, number: Option<Number>) -> Utf8Bytes {
         let (frame, client_seq) = match &mut self.client_acks {
-            Some(acks) => (acks.stamp(&text, Some(acker)), acks.last_stamped()),
+            Some(acks) => (acks.stamp(&text, Some(tag)), acks.last_stamped()),
             None => {
-                self.unsettled = Some(acker);
+                self.unsettled = Some(tag);
                 (Utf8Bytes::from(text), 0)
             }
         };
@@ -437,33 +442,51 @@ impl AmqpInbox {
     }
 
     /// A delivery the client never sees still holds prefetch credit: settle it.
-    fn skip(&mut self, acker: Acker) {
+    fn skip(&mut self, tag: DeliveryTag) {
         match &self.client_acks {
             // Nothing the client has yet to acknowledge comes before it, so
             // acking it with `multiple` (at the next ack) settles only skips.
             None => {
-                self.unsettled = Some(acker);
+                self.unsettled = Some(tag);
                 self.count_unsettled(1);
             }
             // Acked alone, soon: the client may never send an `ack_upto` that
             // would cover it (it sees nothing to ack), and it must not hold
             // the window shut.
-            Some(_) => self.skipped.push(acker),
+            Some(_) => self.skipped.push(tag),
         }
     }
 
     /// Ack the skipped deliveries one by one, in order, and always before an
     /// `ack_upto`'s `multiple` ack: a tag acked twice closes the channel.
-    async fn ack_skipped(&mut self) {
-        for acker in self.skipped.drain(..) {
-            if let Err(e) = acker.ack(BasicAckOptions { multiple: false }).await {
-                debug!(error = %e, "ack failed; the channel is gone");
-            }
+    fn ack_skipped(&mut self) {
+        for tag in std::mem::take(&mut self.skipped) {
+            self.send_ack(tag, false);
+        }
+    }
+
+    /// Queue a `basic.ack` on the session's channel, in call order, without
+    /// waiting for it to be written: nothing a session does after an ack
+    /// depends on it, and an ack awaited inside a future that is dropped
+    /// (`recv` is one branch of the session's `select!`) must still go out
+    /// before any later one.
+    ///
+    /// Not through the delivery's `Acker`: lapin hands an acker's ack to a
+    /// task of its own, and two such tasks may run in either order (tokio runs
+    /// the newest spawned first). A `multiple` ack of a lower tag arriving after
+    /// one of a higher tag names an unknown tag, and the broker closes the
+    /// channel (`406 PRECONDITION_FAILED`); that happened to the bench's lapin
+    /// client whenever an ack's future was dropped. The channel queues its
+    /// frames at the first poll, in order.
+    fn send_ack(&self, tag: DeliveryTag, multiple: bool) {
+        let ack = self.channel.basic_ack(tag, BasicAckOptions { multiple });
+        if let Some(Err(e)) = ack.now_or_never() {
+            debug!(error = %e, "ack failed; the channel is gone");
         }
     }
 
     /// The client processed every delivery up to `seq`: the receipts owed.
-    pub async fn ack_upto(&mut self, seq: u64) -> Result<Vec<Receipt>, AckError> {
+    pub fn ack_upto(&mut self, seq: u64) -> Result<Vec<Receipt>, AckError> {
         let Some(acks) = &mut self.client_acks else {
             return Err(AckError::NotAcking);
         };
@@ -473,13 +496,11 @@ impl AmqpInbox {
                 unacked.pop_front();
             }
         }
-        self.ack_skipped().await;
+        self.ack_skipped();
         // The newest broker delivery settles every one before it; room frames
         // of the node's feed have nothing to settle here.
-        if let Some(acker) = kept.drain(..).rev().flatten().next()
-            && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
-        {
-            debug!(error = %e, "ack failed; the channel is gone");
+        if let Some(tag) = kept.drain(..).rev().flatten().next() {
+            self.send_ack(tag, true);
         }
         Ok(receipts)
     }
@@ -506,26 +527,24 @@ impl AmqpInbox {
 
     /// Everything taken so far is on the socket. Ack it once [`ACK_EVERY`]
     /// deliveries wait; fewer are acked by [`Self::recv`] after [`ACK_DELAY`].
-    pub async fn settle(&mut self, handed_over: usize) {
+    pub fn settle(&mut self, handed_over: usize) {
         if self.client_acks.is_some() || self.unsettled.is_none() {
             return;
         }
         self.count_unsettled(handed_over);
         if self.unsettled_count >= ACK_EVERY {
-            self.ack().await;
+            self.ack();
         }
     }
 
-    async fn ack(&mut self) {
+    fn ack(&mut self) {
         self.unsettled_count = 0;
         self.unsettled_since = None;
         if let Some((unacked, _)) = &mut self.parking {
             unacked.clear();
         }
-        if let Some(acker) = self.unsettled.take()
-            && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
-        {
-            debug!(error = %e, "ack failed; the channel is gone");
+        if let Some(tag) = self.unsettled.take() {
+            self.send_ack(tag, true);
         }
     }
 }

@@ -480,7 +480,7 @@ impl AmqpBus {
                     None => (None, None),
                 };
                 let mut inbox = AmqpInbox::new(
-                    consumer,
+                    (consumer, channel.clone()),
                     room_frames.map(|frames| {
                         let dropped = member.as_ref().map(|(_, m)| m.dropped.clone());
                         (frames, dropped.unwrap_or_default())
