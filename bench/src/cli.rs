@@ -214,6 +214,8 @@ pub enum AmqpClient {
     Raw,
     /// lapin, as Warren uses it.
     Lapin,
+    /// amqprs: what another well-kept client costs per delivery.
+    Amqprs,
 }
 
 /// How the raw amqp client carries Warren's numbering of a message.
@@ -330,6 +332,11 @@ impl Args {
                 if mode != AmqpMode::Warren && self.amqp_client == AmqpClient::Lapin =>
             {
                 format!("amqp-{}-lapin", mode.name())
+            }
+            (_, Config::Amqp(mode))
+                if mode != AmqpMode::Warren && self.amqp_client == AmqpClient::Amqprs =>
+            {
+                format!("amqp-{}-amqprs", mode.name())
             }
             (_, Config::Amqp(mode)) if self.amqp_numbering != AmqpNumbering::None => {
                 format!("amqp-{}-{}", mode.name(), self.amqp_numbering.suffix())

@@ -456,18 +456,20 @@ fn method_frame(channel: u16, (class, method): (u16, u16), args: &[u8]) -> Bytes
     frame
 }
 
-/// What an `amqp://user:password@host:port/vhost` URL names.
+/// What an `amqp://user:password@host:port/vhost` URL names (amqprs's own
+/// parser leaves the vhost percent-encoded, so [`super::amqprs`] reads it
+/// here too).
 #[derive(Debug, PartialEq, Eq)]
-struct Target {
-    user: String,
-    password: String,
-    host: String,
-    port: u16,
-    vhost: String,
+pub(super) struct Target {
+    pub(super) user: String,
+    pub(super) password: String,
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) vhost: String,
 }
 
 impl Target {
-    fn parse(url: &str) -> Result<Self> {
+    pub(super) fn parse(url: &str) -> Result<Self> {
         let rest = url
             .strip_prefix("amqp://")
             .ok_or_else(|| anyhow!("{url}: only amqp:// URLs"))?;
