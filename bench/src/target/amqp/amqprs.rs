@@ -2,7 +2,7 @@
 //! well-kept Rust AMQP client beside lapin, all on tokio tasks (lapin reads each
 //! connection on a thread of its own). It answers what a client's own cost per
 //! delivery would be if Warren used it instead of lapin (issue 14 §2; see
-//! docs/BENCHMARKS.md, "Which AMQP client").
+//! docs/BENCHMARKS.md, "2026-12-01: which AMQP client").
 //!
 //! The same topology and settlement as the other clients: per client a channel
 //! (spread over `--amqp-connections`), an exclusive server-named queue bound to

@@ -94,9 +94,10 @@ impl Room {
                 raw_connections.push(Arc::new(raw::Connection::open(url).await?));
             }
         }
-        let amqprs = match on_amqprs {
-            true => amqprs::connect(url, connections).await?,
-            false => Vec::new(),
+        let amqprs = if on_amqprs {
+            amqprs::connect(url, connections).await?
+        } else {
+            Vec::new()
         };
         Ok(Self {
             connections: opened,
