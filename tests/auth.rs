@@ -27,6 +27,7 @@ on_both_buses!(
     the_server_api_needs_its_key,
     a_flooder_is_limited_and_a_quiet_client_is_not,
     connections_per_address_are_limited,
+    a_direct_message_before_any_session_is_user_not_found,
 );
 
 fn now() -> u64 {
@@ -586,4 +587,34 @@ async fn public_keys_from_a_file_and_from_a_jwks_endpoint() {
     );
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A direct message posted to a node no session has ever opened on (a fresh
+/// prefix: on RabbitMQ its direct exchange was never declared, or the last node
+/// to close deleted it) gets the answer it would get at any other time.
+async fn a_direct_message_before_any_session_is_user_not_found(bus: BusKind) {
+    let server = start(secured(bus, "authidle")).await;
+    let addr = server.local_addr();
+    let alice = token("alice", 600);
+    post_refused(
+        addr,
+        "/users/nobody/messages",
+        Some(&alice),
+        json!({"text":"anyone?"}),
+        (404, "user_not_found"),
+    )
+    .await;
+    // And the channel it went out on still carries the next one.
+    let mut bob = connect_with(addr, &format!("token={}", token("bob", 600))).await;
+    let (status, _) = post(
+        addr,
+        "/users/bob/messages",
+        Some(&alice),
+        json!({"text":"hi"}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let got = next_matching(&mut bob.socket, |f| f["type"] == "direct").await;
+    assert_eq!(got["text"], "hi");
+    server.shutdown().await;
 }

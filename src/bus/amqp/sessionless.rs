@@ -166,13 +166,29 @@ impl AmqpBus {
         }
     }
 
+    /// The node's channel for HTTP publishes, in confirm mode, with the direct
+    /// exchange declared: sessions' opens declare it, but a direct message
+    /// may be posted before any session opened (or after the last node to close
+    /// deleted it), and a publish to a missing exchange closes the channel
+    /// (404) instead of returning the message as unroutable (`user_not_found`).
     async fn open_http_channel(&self) -> Result<OpenHttpChannel, BusError> {
         let conn = self.connection()?;
         let channel = conn.open_channel().await.map_err(unavailable)?;
-        if let Err(e) = channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-        {
+        let direct = self.names.direct_exchange();
+        let ready = async {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            channel
+                .exchange_declare(
+                    direct.as_str().into(),
+                    ExchangeKind::Direct,
+                    ExchangeDeclareOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+        };
+        if let Err(e) = ready.await {
             debug!(error = %e, "the channel for HTTP publishes failed to open");
             let _ = channel.close(200, "failed".into()).await;
             conn.channel_closed();
