@@ -145,8 +145,41 @@ async fn no_queue_is_left_after_disconnects_or_shutdown() {
     shutdown.await.unwrap();
     assert!(!queue_exists(&queues[4].0).await);
     assert!(!queue_exists(&queues[4].1).await);
-    // The room's exchange is auto-deleted with its last queue.
+    // The room's exchange is auto-deleted with its last queue, and the direct
+    // exchange by the last node to close.
     assert!(!exchange_exists(&format!("{prefix}.room.leaky")).await);
+    assert!(!exchange_exists(&format!("{prefix}.direct")).await);
+}
+
+#[tokio::test]
+async fn the_direct_exchange_stays_while_another_node_has_sessions() {
+    let prefix = unique_prefix("direct");
+    let first = start(config(BusKind::Amqp, &prefix)).await;
+    let second = start(config(BusKind::Amqp, &prefix)).await;
+    let mut alice = connect_user(first.local_addr(), "alice").await;
+    let mut bob = connect_user(second.local_addr(), "bob").await;
+    let direct = format!("{prefix}.direct");
+    assert!(exchange_exists(&direct).await);
+    // The first node closes (alice with it); bob's queue on the second is
+    // still bound, so the exchange stays and direct messages still reach him.
+    let shutdown = tokio::spawn(first.shutdown());
+    assert_eq!(close_code(&mut alice.socket).await, Some(1001));
+    shutdown.await.unwrap();
+    assert!(exchange_exists(&direct).await, "deleted under bob's queue");
+    let mut carol = connect_user(second.local_addr(), "carol").await;
+    send_json(
+        &mut carol.socket,
+        json!({"type": "direct", "to": "bob", "text": "still here"}),
+    )
+    .await;
+    let got = next_matching(&mut bob.socket, |f| f["type"] == "direct").await;
+    assert_eq!(got["text"], "still here");
+    // The last node out takes it.
+    let shutdown = tokio::spawn(second.shutdown());
+    assert_eq!(close_code(&mut bob.socket).await, Some(1001));
+    assert_eq!(close_code(&mut carol.socket).await, Some(1001));
+    shutdown.await.unwrap();
+    assert!(!exchange_exists(&direct).await);
 }
 
 #[tokio::test]

@@ -23,7 +23,8 @@
 //! - `<prefix>.direct`: one direct exchange; every connection's queue is bound
 //!   to it with its user id as the routing key, so a direct message published
 //!   with the recipient's id reaches all of the recipient's connections on every
-//!   node, and `mandatory` returns it when the recipient has none.
+//!   node, and `mandatory` returns it when the recipient has none. The last node
+//!   to close deletes it (`if-unused`).
 //! - `<prefix>.slot.<user>.<n>`: an exclusive queue with no bindings, held by
 //!   one session of `user`. At most `--sessions-per-user` slots exist per user,
 //!   and the broker refuses a second holder of a slot anywhere in the cluster
@@ -49,7 +50,7 @@ use std::time::Duration;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicQosOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer, ExchangeKind};
@@ -317,8 +318,39 @@ impl AmqpBus {
         self.pool.connected()
     }
 
+    /// Close the broker connections, deleting the direct exchange first if
+    /// no queue is bound to it.
     pub async fn close(&self) {
+        self.delete_direct_exchange_if_unused().await;
         self.pool.close().await;
+    }
+
+    /// The direct exchange is the one name of a prefix that nothing else
+    /// deletes: rooms' and presence's exchanges go with their last binding,
+    /// but the direct one is declared without `auto_delete`, so that it never
+    /// disappears while sessions come and go. The last node to close takes it:
+    /// with `if-unused` the broker refuses (406, on a short channel) while any
+    /// session's queue on any node, or parked for a resume, is bound to it.
+    /// An open elsewhere that declared it just before, and binds just after,
+    /// fails that once (`404`) and is retried by its client.
+    async fn delete_direct_exchange_if_unused(&self) {
+        let Ok(conn) = self.connection() else {
+            return;
+        };
+        let exchange = self.names.direct_exchange();
+        let name = exchange.clone();
+        let delete = on_short_channel(&conn, |channel| async move {
+            let options = ExchangeDeleteOptions {
+                if_unused: true,
+                ..Default::default()
+            };
+            channel.exchange_delete(name.as_str().into(), options).await
+        });
+        match tokio::time::timeout(RELEASE_TIMEOUT, delete).await {
+            Ok(Ok(())) => debug!(%exchange, "deleted the direct exchange: nothing was bound to it"),
+            Ok(Err(e)) => debug!(%exchange, error = %e, "the direct exchange stays"),
+            Err(_) => debug!(%exchange, "the direct exchange stays: the broker did not answer"),
+        }
     }
 
     /// Open a session's place on the bus: hold the user's session slot,
