@@ -171,6 +171,8 @@ impl AmqpBus {
     /// may be posted before any session opened (or after the last node to close
     /// deleted it), and a publish to a missing exchange closes the channel
     /// (404) instead of returning the message as unroutable (`user_not_found`).
+    /// A channel opened before such a deletion fails its next direct publish
+    /// once (503; the client retries) and is opened again.
     async fn open_http_channel(&self) -> Result<OpenHttpChannel, BusError> {
         let conn = self.connection()?;
         let channel = conn.open_channel().await.map_err(unavailable)?;
