@@ -653,12 +653,7 @@ impl AmqpBus {
             return Ok(consumer);
         }
         let direct = self.names.direct_exchange();
-        let exchange = channel.exchange_declare(
-            direct.as_str().into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        );
+        let exchange = declare_direct(channel, &direct);
         let declare = match self.resume_grace {
             Some(grace) => declare_queue(
                 channel,
@@ -730,6 +725,20 @@ where
     let result = operation(channel.channel().clone()).await;
     channel.close("done").await;
     result
+}
+
+/// Declare the direct exchange (`<prefix>.direct`). Every declaration of it
+/// goes through here: the broker refuses one whose options differ from the
+/// existing exchange's (406), so opens and HTTP publishes must agree.
+async fn declare_direct(channel: &Channel, exchange: &str) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Declare a room-style fanout exchange, auto-deleted with its last binding.

@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::publisher::{AmqpConfirm, DirectCopy, numbered_to_exchange, publish_direct};
-use super::{AmqpBus, NOT_FOUND, RESOURCE_LOCKED, on_short_channel, reply_code, unavailable};
+use super::{
+    AmqpBus, NOT_FOUND, RESOURCE_LOCKED, declare_direct, on_short_channel, reply_code, unavailable,
+};
 use crate::bus::BusError;
 use crate::bus::gaps::Numbering;
 use crate::bus::pool::PooledConnection;
@@ -181,14 +183,7 @@ impl AmqpBus {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
-            channel
-                .exchange_declare(
-                    direct.as_str().into(),
-                    ExchangeKind::Direct,
-                    ExchangeDeclareOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
+            declare_direct(&channel, &direct).await
         };
         if let Err(e) = ready.await {
             debug!(error = %e, "the channel for HTTP publishes failed to open");

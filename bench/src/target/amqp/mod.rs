@@ -396,18 +396,14 @@ impl LapinInbox {
                 Ok(delivery) => Some(Ok(Bytes::from(delivery.data))),
                 Err(e) => Some(Err(e.into())),
             },
-            AmqpMode::Ack => self.next_acking().await,
+            // One `multiple` ack per ACK_EVERY deliveries (in `take`), no
+            // timer: with prefetch 256 the broker never waits on the (at most
+            // 63) unacked ones, and the queue dies with the run.
+            AmqpMode::Ack => match self.consumer.next().await? {
+                Ok(delivery) => Some(self.take(delivery)),
+                Err(e) => Some(Err(e.into())),
+            },
             AmqpMode::Warren => self.next_like_warren().await,
-        }
-    }
-
-    /// One `multiple` ack per ACK_EVERY deliveries, no timer: with prefetch
-    /// 256 the broker never waits on the (at most 63) unacked ones, and the
-    /// queue dies with the run.
-    async fn next_acking(&mut self) -> Option<Result<Bytes>> {
-        match self.consumer.next().await? {
-            Ok(delivery) => Some(self.take(delivery)),
-            Err(e) => Some(Err(e.into())),
         }
     }
 
