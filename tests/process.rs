@@ -37,6 +37,9 @@ fn spawn(args: &[&str], amqp: Option<String>) -> Process {
     .stderr(Stdio::null());
     if let Some(url) = amqp {
         cmd.env("AMQP_URL", url);
+        if let Some(at) = args.iter().position(|a| *a == "--prefix") {
+            on_broker(args[at + 1]);
+        }
     }
     let mut child = cmd.spawn().expect("warren starts");
     let stdout = child.stdout.take().unwrap();

@@ -16,6 +16,7 @@ pub mod resume;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -119,7 +120,46 @@ impl BusKind {
     }
 }
 
+/// The prefixes this test binary used on the shared broker.
+static ON_BROKER: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Note that `prefix` is used on the shared broker: when this test binary
+/// exits, its direct exchange (`<prefix>.direct`) is deleted. A node deletes it
+/// on shutdown when it is the last one, but tests that drop their servers, or
+/// kill their nodes, leave it (the rest goes with the nodes' connections:
+/// exclusive and expiring queues, auto-deleted exchanges).
+pub fn on_broker(prefix: &str) {
+    let mut prefixes = ON_BROKER.lock().unwrap();
+    if prefixes.is_empty() {
+        // SAFETY: registers a plain `extern "C" fn` that never unwinds.
+        let registered = unsafe { libc::atexit(delete_direct_exchanges) } == 0;
+        assert!(registered, "cannot register the broker clean-up");
+    }
+    prefixes.insert(prefix.to_owned());
+}
+
+/// Run once, as the test binary exits: one `rabbitmqctl eval` deletes every
+/// noted prefix's direct exchange (those already gone are skipped).
+extern "C" fn delete_direct_exchanges() {
+    let prefixes = ON_BROKER.lock().unwrap_or_else(|e| e.into_inner());
+    let names: Vec<String> = prefixes
+        .iter()
+        .map(|p| format!("<<\"{p}.direct\">>"))
+        .collect();
+    let expression = format!(
+        "[rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, N), false, <<\"tests\">>) \
+         || N <- [{}]], ok.",
+        names.join(",")
+    );
+    let _ = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "eval", &expression])
+        .output();
+}
+
 pub fn config(bus: BusKind, prefix: &str) -> Config {
+    if bus.is_amqp() {
+        on_broker(prefix);
+    }
     let mut c = Config::defaults();
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.amqp_url = match bus {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{WAIT, amqp_url};
+use super::{WAIT, amqp_url, on_broker};
 
 /// Where spawned processes' logs go, for reading after a failure.
 pub fn log_file(name: &str) -> PathBuf {
@@ -25,6 +25,7 @@ impl Node {
     /// Start `warren` listening on `listen` (port 0: any free port), on the
     /// test broker, with `args` after the common ones.
     pub fn spawn(prefix: &str, id: &str, listen: &str, args: &[&str]) -> Node {
+        on_broker(prefix);
         let log = std::fs::File::create(log_file(&format!("{prefix}.{id}"))).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
             .args(["--listen", listen])

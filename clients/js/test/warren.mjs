@@ -5,7 +5,7 @@
 // built), else target/debug/warren. RabbitMQ is $AMQP_URL, else the local
 // broker; every server gets its own name prefix, every test its own rooms.
 
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -20,7 +20,20 @@ const AMQP_URL = process.env.AMQP_URL || 'amqp://guest:guest@127.0.0.1:5672/%2f'
 
 /** Every server started and not yet gone: none may outlive the test process. */
 const live = new Set();
-process.on('exit', () => { for (const child of live) child.kill('SIGKILL'); });
+/**
+ * Prefixes used on the shared broker. A server deletes its direct exchange
+ * (`<prefix>.direct`) when it shuts down as the last node of its prefix, but
+ * the tests kill theirs: on exit, one `rabbitmqctl eval` deletes them all.
+ */
+const onBroker = new Set();
+process.on('exit', () => {
+  for (const child of live) child.kill('SIGKILL');
+  if (onBroker.size === 0) return;
+  const names = [...onBroker].map((p) => `<<"${p}.direct">>`).join(',');
+  spawnSync('rabbitmqctl', ['-q', 'eval',
+    `[rabbit_exchange:delete(rabbit_misc:r(<<"/">>, exchange, N), false, <<"tests">>) || N <- [${names}]], ok.`],
+  { stdio: 'ignore' });
+});
 for (const signal of ['SIGINT', 'SIGTERM']) {
   process.once(signal, () => process.exit(1)); // runs the 'exit' handler above
 }
@@ -65,7 +78,10 @@ export async function startWarren({ bus = 'memory', port = 0, prefix = unique('j
   // Only what the test says configures the server, not the caller's environment.
   const env = Object.fromEntries(Object.entries(process.env)
     .filter(([k]) => !k.startsWith('WARREN_') && k !== 'AMQP_URL'));
-  if (bus === 'amqp') env.AMQP_URL = AMQP_URL;
+  if (bus === 'amqp') {
+    env.AMQP_URL = AMQP_URL;
+    onBroker.add(prefix);
+  }
   const child = spawn(BIN, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
   const log = [];
   child.stderr.setEncoding('utf8');
