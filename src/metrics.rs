@@ -34,6 +34,17 @@ pub struct Metrics {
     pub broker_reconnects: Counter,
     broker_connections: Gauge,
     ready: Gauge,
+    history_reading: Gauge,
+}
+
+/// What `/metrics` reads off the node's state when it is asked, not counts.
+pub struct Readings {
+    /// Broker connections up (0 on the embedded bus).
+    pub broker_connections: usize,
+    /// Whether `/readyz` answers 200.
+    pub ready: bool,
+    /// Whether the node reads the history stream (RabbitMQ with history kept).
+    pub history_reading: bool,
 }
 
 /// Which transport a session or a message used.
@@ -127,6 +138,12 @@ impl Metrics {
         );
         let ready = Gauge::default();
         registry.register("ready", "1 when /readyz answers 200, else 0", ready.clone());
+        let history_reading = Gauge::default();
+        registry.register(
+            "history_reading",
+            "1 while this node reads the room history stream on RabbitMQ, else 0",
+            history_reading.clone(),
+        );
         Self {
             registry,
             connections,
@@ -141,6 +158,7 @@ impl Metrics {
             broker_reconnects,
             broker_connections,
             ready,
+            history_reading,
         }
     }
 
@@ -184,9 +202,12 @@ impl Metrics {
     }
 
     /// The text exposition, with the state-derived gauges refreshed first.
-    pub fn render(&self, broker_connections: usize, ready: bool) -> String {
-        self.broker_connections.set(broker_connections as i64);
-        self.ready.set(i64::from(ready));
+    pub fn render(&self, readings: &Readings) -> String {
+        self.broker_connections
+            .set(readings.broker_connections as i64);
+        self.ready.set(i64::from(readings.ready));
+        self.history_reading
+            .set(i64::from(readings.history_reading));
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -204,7 +225,11 @@ mod tests {
         m.error(ErrorCode::InvalidJson);
         m.connections(Transport::Sse).inc();
         m.dropped.inc_by(3);
-        let text = m.render(2, true);
+        let text = m.render(&Readings {
+            broker_connections: 2,
+            ready: true,
+            history_reading: true,
+        });
         assert!(
             text.contains(r#"warren_messages_received_total{kind="message",transport="ws"} 1"#),
             "{text}"
@@ -220,5 +245,6 @@ mod tests {
         assert!(text.contains("warren_broker_connections 2"), "{text}");
         assert!(text.contains("warren_dropped_messages_total 3"), "{text}");
         assert!(text.contains("warren_ready 1"), "{text}");
+        assert!(text.contains("warren_history_reading 1"), "{text}");
     }
 }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use crate::error::{ClientError, ErrorCode};
 use crate::listener::Peer;
+use crate::metrics::Readings;
 use crate::names::RoomName;
 use crate::node::{Node, NotReady};
 use crate::protocol::bodies::{ClusterBody, MembersBody, StatusBody};
@@ -202,8 +203,11 @@ pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Response,), Error = Inf
         .and(warp::get())
         .and(with_node.clone())
         .map(|node: Arc<Node>| {
-            let ready = node.readiness().is_ok();
-            let text = node.metrics.render(node.bus.broker_connections(), ready);
+            let text = node.metrics.render(&Readings {
+                broker_connections: node.bus.broker_connections(),
+                ready: node.readiness().is_ok(),
+                history_reading: node.bus.history_reading(),
+            });
             warp::reply::with_header(
                 text,
                 "content-type",

@@ -38,6 +38,17 @@ async fn send_acked(sender: &mut Client, from: usize, count: usize) {
     }
 }
 
+/// Subscribe `client` to `room` asking for its last `count` messages; the
+/// `history` frame that answers.
+async fn subscribe_with_history(client: &mut Client, room: &str, count: usize) -> Value {
+    send_json(
+        &mut client.socket,
+        json!({"type":"subscribe","room":room,"history":count}),
+    )
+    .await;
+    next_matching(&mut client.socket, |f| f["type"] == "history").await
+}
+
 fn texts(messages: &Value) -> Vec<String> {
     messages
         .as_array()
@@ -244,12 +255,7 @@ async fn on_rabbitmq_a_node_reads_a_long_stream_past_its_credit() {
 
     let second = start(with_history(BusKind::Amqp, &prefix)).await;
     let mut carol = connect_user(second.local_addr(), "carol").await;
-    send_json(
-        &mut carol.socket,
-        json!({"type":"subscribe","room":"long","history":50}),
-    )
-    .await;
-    let history = next_matching(&mut carol.socket, |f| f["type"] == "history").await;
+    let history = subscribe_with_history(&mut carol, "long", 50).await;
     assert_eq!(texts(&history["messages"]), numbered(2450..2500));
     assert_eq!(history["complete"], true);
     drop(alice);
@@ -291,4 +297,28 @@ async fn with_history_off_a_subscribe_asking_for_it_gets_an_empty_incomplete_pag
         history,
         json!({"type":"history","room":"off","complete":false,"messages":[]})
     );
+}
+
+/// RabbitMQ 3.10 answers a new stream's declaration before the stream can
+/// take messages, and a publish routed to it then closes the publisher's
+/// whole connection (541). So a node with a new history stream serves only
+/// once its reader consumes the stream, and says so in `/metrics`.
+#[tokio::test]
+async fn on_rabbitmq_a_node_serves_once_it_reads_a_new_history_stream() {
+    let prefix = unique_prefix("histready");
+    let _stream = HistoryStream::of(BusKind::Amqp, &prefix);
+    let server = start(with_history(BusKind::Amqp, &prefix)).await;
+    let (status, _, metrics) = get(server.local_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("\nwarren_history_reading 1\n"),
+        "the node serves before it reads its history stream:\n{metrics}"
+    );
+    // The first message, published at once, is kept and read back.
+    let mut alice = connect(server.local_addr(), "first", "alice").await;
+    send_acked(&mut alice, 0, 1).await;
+    let mut carol = connect_user(server.local_addr(), "carol").await;
+    let history = subscribe_with_history(&mut carol, "first", 10).await;
+    assert_eq!(texts(&history["messages"]), numbered(0..1));
+    server.shutdown().await;
 }

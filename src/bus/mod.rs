@@ -196,7 +196,7 @@ impl Bus {
             room_fanout: config.room_fanout,
         };
         let bus = amqp::AmqpBus::new(settings, pool, rings);
-        bus.start_history_reader();
+        bus.start_history_reader().await;
         Ok(Bus::Amqp(bus))
     }
 
@@ -344,6 +344,15 @@ impl Bus {
     }
 
     /// Broker connections up (0 on the embedded bus).
+    /// Whether this node reads the room history stream now (RabbitMQ with
+    /// history kept); the embedded bus records history as it publishes.
+    pub fn history_reading(&self) -> bool {
+        match self {
+            Bus::Memory(_) => false,
+            Bus::Amqp(bus) => bus.history_reading(),
+        }
+    }
+
     pub fn broker_connections(&self) -> usize {
         match self {
             Bus::Memory(_) => 0,

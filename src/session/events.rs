@@ -791,7 +791,11 @@ mod tests {
 
     /// `warren_messages_delivered_total` for WebSocket sessions.
     fn delivered(node: &Node) -> u64 {
-        let text = node.metrics.render(0, true);
+        let text = node.metrics.render(&crate::metrics::Readings {
+            broker_connections: 0,
+            ready: true,
+            history_reading: false,
+        });
         let line = text
             .lines()
             .find_map(|l| l.strip_prefix(r#"warren_messages_delivered_total{transport="ws"} "#));

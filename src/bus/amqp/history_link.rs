@@ -2,6 +2,13 @@
 //! to room exchanges, this node's reader of it (which fills the history
 //! rings), and the markers a session puts into it to learn that the reader
 //! has caught up.
+//!
+//! A node starts serving only once its reader is consuming (or after
+//! [`BROKER_TIMEOUT`]): RabbitMQ 3.10 answers a new stream's `declare-ok`
+//! before the stream's writer runs, and a publish routed to it meanwhile
+//! crashes the publishing channel, which closes its whole connection (541
+//! `INTERNAL_ERROR`, every session on it lost). A consume succeeds only once
+//! the stream has a running member on the broker's node.
 
 use std::time::Duration;
 
@@ -15,8 +22,8 @@ use tungstenite::Utf8Bytes;
 
 use super::publisher::publish_to_queue;
 use super::{AmqpBus, burst, unavailable};
-use crate::bus::BusError;
 use crate::bus::history::Rings;
+use crate::bus::{BROKER_TIMEOUT, BusError};
 use crate::protocol::frame_head;
 
 /// The history stream's name and its retention.
@@ -33,8 +40,12 @@ const READ_AHEAD: u16 = 1000;
 /// Deliveries recorded per wake-up before the reader acknowledges them (with
 /// `multiple`); under [`READ_AHEAD`], so the broker never waits for credit.
 const ACK_EVERY: usize = 256;
-/// How long the reader waits before trying again after losing the stream.
+/// How long the reader waits before trying again after losing the stream, at
+/// most; it starts at [`FIRST_RETRY`] and doubles, so that a stream whose
+/// writer is still starting (a node's first start) is read within
+/// milliseconds of it, not a second later.
 const RETRY: Duration = Duration::from_secs(1);
+const FIRST_RETRY: Duration = Duration::from_millis(25);
 
 impl StreamSpec {
     /// Declare the stream (durable, as streams must be) with its retention.
@@ -85,32 +96,62 @@ impl AmqpBus {
 
     /// Read the history stream into the rings until the pool closes: from its
     /// first offset, and after losing the broker from where the reader was.
-    pub(crate) fn start_history_reader(&self) {
+    /// Returns once the reader is consuming, or after [`BROKER_TIMEOUT`]
+    /// (the reader goes on trying): see the module doc for why a node waits.
+    pub(crate) async fn start_history_reader(&self) {
         let Some(stream) = self.history.clone() else {
             return;
         };
         let bus = self.clone();
         let rings = self.rings.clone();
         let stop = self.pool.stopping();
+        let reading_tx = self.history_reading.clone();
+        let mut reading = reading_tx.subscribe();
         tokio::spawn(async move {
             let mut next: Option<i64> = None;
+            let mut retry = FIRST_RETRY;
             loop {
                 match bus.open_reader(&stream, next).await {
                     Ok((channel, consumer)) => {
                         debug!(stream = %stream.name, ?next, "reading history");
+                        reading_tx.send_replace(true);
+                        retry = FIRST_RETRY;
                         next = read(consumer, &rings, &stop, next).await;
+                        reading_tx.send_replace(false);
                         if channel.status().connected() {
                             let _ = channel.close(200, "history reader done".into()).await;
                         }
+                    }
+                    // Quick first retries are a stream still starting; a
+                    // warning once they are spent.
+                    Err(e) if retry < RETRY => {
+                        debug!(error = %e, "cannot read the history stream yet")
                     }
                     Err(e) => warn!(error = %e, "cannot read the history stream; will retry"),
                 }
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = tokio::time::sleep(RETRY) => {}
+                    () = tokio::time::sleep(retry) => {}
                 }
+                retry = (retry * 2).min(RETRY);
             }
         });
+        if self.readiness().is_err() {
+            // No broker yet: the reader starts with the connections.
+            return;
+        }
+        let started = tokio::time::timeout(BROKER_TIMEOUT, reading.wait_for(|on| *on)).await;
+        if started.is_err() {
+            warn!(
+                stream = %self.names.history_stream(),
+                "the history stream has no reader yet; serving anyway"
+            );
+        }
+    }
+
+    /// Whether this node's reader is consuming the history stream now.
+    pub fn history_reading(&self) -> bool {
+        *self.history_reading.borrow()
     }
 
     async fn open_reader(

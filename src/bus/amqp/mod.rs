@@ -246,6 +246,8 @@ pub struct AmqpBus {
     resume_grace: Option<Duration>,
     /// The history stream, when history is kept, and what its reader fills.
     history: Option<Arc<StreamSpec>>,
+    /// Whether the stream's reader is consuming ([`Self::history_reading`]).
+    history_reading: Arc<tokio::sync::watch::Sender<bool>>,
     rings: Arc<Rings>,
     /// Turns to open a session ([`OPENS_AT_ONCE`]).
     opening: Arc<Semaphore>,
@@ -279,6 +281,7 @@ impl AmqpBus {
             queue_max_length: settings.queue_max_length,
             resume_grace: settings.resume_grace,
             history,
+            history_reading: Arc::new(tokio::sync::watch::channel(false).0),
             names,
             rings,
             opening: Arc::new(Semaphore::new(OPENS_AT_ONCE)),
