@@ -7,8 +7,8 @@
 //! [`BROKER_TIMEOUT`]): RabbitMQ 3.10 answers a new stream's `declare-ok`
 //! before the stream's writer runs, and a publish routed to it meanwhile
 //! crashes the publishing channel, which closes its whole connection (541
-//! `INTERNAL_ERROR`, every session on it lost). A consume succeeds only once
-//! the stream has a running member on the broker's node.
+//! `INTERNAL_ERROR`, every session on it lost). RabbitMQ accepts a stream
+//! consumer only once the stream has a running member on its node.
 
 use std::time::Duration;
 
