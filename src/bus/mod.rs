@@ -154,8 +154,9 @@ pub enum Bus {
 impl Bus {
     /// The bus `config` asks for: RabbitMQ at `--amqp-url` (a comma-separated
     /// list fails over in order), or the embedded bus when it is unset. Waits for
-    /// each pooled connection's first attempt; a broker that is down is not an
-    /// error (the pool keeps trying), an empty URL list is.
+    /// each pooled connection's first attempt, then (with a broker, and history
+    /// kept) up to [`BROKER_TIMEOUT`] for the history reader; a broker that is
+    /// down is not an error (the pool keeps trying), an empty URL list is.
     pub async fn connect(
         config: &Config,
         node_id: &str,
@@ -343,7 +344,6 @@ impl Bus {
         }
     }
 
-    /// Broker connections up (0 on the embedded bus).
     /// Whether this node reads the room history stream now (RabbitMQ with
     /// history kept); the embedded bus records history as it publishes.
     pub fn history_reading(&self) -> bool {
@@ -353,6 +353,7 @@ impl Bus {
         }
     }
 
+    /// Broker connections up (0 on the embedded bus).
     pub fn broker_connections(&self) -> usize {
         match self {
             Bus::Memory(_) => 0,

@@ -124,11 +124,19 @@ impl BusKind {
 static ON_BROKER: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
 /// Note that `prefix` is used on the shared broker: when this test binary
-/// exits, its direct exchange (`<prefix>.direct`) is deleted. A node deletes it
-/// on shutdown when it is the last one, but tests that drop their servers, or
-/// kill their nodes, leave it (the rest goes with the nodes' connections:
-/// exclusive and expiring queues, auto-deleted exchanges).
+/// exits, its direct and presence exchanges (`<prefix>.direct`,
+/// `<prefix>.presence`) are deleted. A node deletes them on shutdown when it
+/// is the last one, but tests that drop their servers, or kill their nodes,
+/// can leave them (the rest goes with the nodes' connections: exclusive and
+/// expiring queues, auto-deleted exchanges with their last binding).
 pub fn on_broker(prefix: &str) {
+    // Quoted into an Erlang binary at exit: nothing that needs escaping.
+    assert!(
+        prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
+        "prefix {prefix:?}"
+    );
     let mut prefixes = ON_BROKER.lock().unwrap();
     if prefixes.is_empty() {
         // SAFETY: registers a plain `extern "C" fn` that never unwinds.
@@ -139,21 +147,47 @@ pub fn on_broker(prefix: &str) {
 }
 
 /// Run once, as the test binary exits: one `rabbitmqctl eval` deletes every
-/// noted prefix's direct exchange (those already gone are skipped).
+/// noted prefix's direct and presence exchanges (those already gone are
+/// skipped).
 extern "C" fn delete_direct_exchanges() {
     let prefixes = ON_BROKER.lock().unwrap_or_else(|e| e.into_inner());
     let names: Vec<String> = prefixes
         .iter()
-        .map(|p| format!("<<\"{p}.direct\">>"))
+        .flat_map(|p| {
+            [
+                format!("<<\"{p}.direct\">>"),
+                format!("<<\"{p}.presence\">>"),
+            ]
+        })
         .collect();
     let expression = format!(
         "[rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, N), false, <<\"tests\">>) \
          || N <- [{}]], ok.",
         names.join(",")
     );
-    let _ = std::process::Command::new("rabbitmqctl")
+    let Ok(mut ctl) = std::process::Command::new("rabbitmqctl")
         .args(["-q", "eval", &expression])
-        .output();
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    else {
+        eprintln!("cannot run rabbitmqctl: the tests' exchanges stay on the broker");
+        return;
+    };
+    // Bounded: a CLI that hangs must not hang the test binary's exit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match ctl.try_wait() {
+            Ok(Some(status)) if status.success() => return,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            _ => {
+                let _ = ctl.kill();
+                eprintln!("rabbitmqctl eval failed: the tests' exchanges stay on the broker");
+                return;
+            }
+        }
+    }
 }
 
 pub fn config(bus: BusKind, prefix: &str) -> Config {

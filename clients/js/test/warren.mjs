@@ -21,18 +21,19 @@ const AMQP_URL = process.env.AMQP_URL || 'amqp://guest:guest@127.0.0.1:5672/%2f'
 /** Every server started and not yet gone: none may outlive the test process. */
 const live = new Set();
 /**
- * Prefixes used on the shared broker. A server deletes its direct exchange
- * (`<prefix>.direct`) when it shuts down as the last node of its prefix, but
- * the tests kill theirs: on exit, one `rabbitmqctl eval` deletes them all.
+ * Prefixes used on the shared broker. A server deletes its direct and presence
+ * exchanges when it shuts down as the last node of its prefix, but the tests
+ * kill theirs: on exit, one `rabbitmqctl eval` deletes them all.
  */
 const onBroker = new Set();
 process.on('exit', () => {
   for (const child of live) child.kill('SIGKILL');
   if (onBroker.size === 0) return;
-  const names = [...onBroker].map((p) => `<<"${p}.direct">>`).join(',');
-  spawnSync('rabbitmqctl', ['-q', 'eval',
+  const names = [...onBroker].flatMap((p) => [`<<"${p}.direct">>`, `<<"${p}.presence">>`]).join(',');
+  const ctl = spawnSync('rabbitmqctl', ['-q', 'eval',
     `[rabbit_exchange:delete(rabbit_misc:r(<<"/">>, exchange, N), false, <<"tests">>) || N <- [${names}]], ok.`],
-  { stdio: 'ignore' });
+  { stdio: 'ignore', timeout: 30_000 });
+  if (ctl.status !== 0) console.error('rabbitmqctl eval failed: the tests\' exchanges stay on the broker');
 });
 for (const signal of ['SIGINT', 'SIGTERM']) {
   process.once(signal, () => process.exit(1)); // runs the 'exit' handler above
@@ -80,6 +81,8 @@ export async function startWarren({ bus = 'memory', port = 0, prefix = unique('j
     .filter(([k]) => !k.startsWith('WARREN_') && k !== 'AMQP_URL'));
   if (bus === 'amqp') {
     env.AMQP_URL = AMQP_URL;
+    // Quoted into an Erlang binary at exit: nothing that needs escaping.
+    if (!/^[A-Za-z0-9._-]+$/.test(prefix)) throw new Error(`prefix ${prefix}`);
     onBroker.add(prefix);
   }
   const child = spawn(BIN, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });

@@ -3,12 +3,17 @@
 //! rings), and the markers a session puts into it to learn that the reader
 //! has caught up.
 //!
-//! A node starts serving only once its reader is consuming (or after
-//! [`BROKER_TIMEOUT`]): RabbitMQ 3.10 answers a new stream's `declare-ok`
-//! before the stream's writer runs, and a publish routed to it meanwhile
-//! crashes the publishing channel, which closes its whole connection (541
-//! `INTERNAL_ERROR`, every session on it lost). RabbitMQ accepts a stream
-//! consumer only once the stream has a running member on its node.
+//! Nothing binds a room to the stream, or opens a session whose rooms are
+//! bound to it, until this node's reader consumes it ([`StreamSpec::readable`]),
+//! and a node starts serving only once it does (at most [`BROKER_TIMEOUT`]
+//! later): RabbitMQ 3.10 answers a new stream's `declare-ok` before the
+//! stream's writer runs, and a publish routed to it meanwhile crashes the
+//! publishing channel, which closes its whole connection (541
+//! `INTERNAL_ERROR`, every session on it lost). RabbitMQ's source (a later
+//! version than 3.10) refuses a stream consumer until the stream has a
+//! running member on the broker's node; in a cluster that member may be a
+//! replica, not the writer, so there the wait narrows the window rather than
+//! closing it.
 
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Acker, Channel, Consumer};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use tungstenite::Utf8Bytes;
@@ -26,12 +32,15 @@ use crate::bus::history::Rings;
 use crate::bus::{BROKER_TIMEOUT, BusError};
 use crate::protocol::frame_head;
 
-/// The history stream's name and its retention.
-#[derive(Clone, Debug)]
+/// The history stream's name and its retention, and whether this node reads it.
+#[derive(Debug)]
 pub struct StreamSpec {
     pub name: String,
     pub max_age: Duration,
     pub max_bytes: u64,
+    /// True while this node's reader consumes the stream: the broker has a
+    /// running member of it, so publishes routed to it are safe.
+    pub reading: watch::Sender<bool>,
 }
 
 /// Stream deliveries the reader may hold unacknowledged (streams need acks
@@ -45,9 +54,35 @@ const ACK_EVERY: usize = 256;
 /// writer is still starting (a node's first start) is read within
 /// milliseconds of it, not a second later.
 const RETRY: Duration = Duration::from_secs(1);
+/// The reader's first wait before trying again.
 const FIRST_RETRY: Duration = Duration::from_millis(25);
+/// How long a bind or an open waits for the reader ([`StreamSpec::readable`])
+/// before going on without it: under a second, so a node whose stream cannot
+/// be read slows its opens by that much and no more.
+const READABLE_WAIT: Duration = Duration::from_millis(800);
 
 impl StreamSpec {
+    pub fn new(name: String, max_age: Duration, max_bytes: u64) -> Self {
+        Self {
+            name,
+            max_age,
+            max_bytes,
+            reading: watch::channel(false).0,
+        }
+    }
+
+    /// Return once this node's reader consumes the stream, at once when it
+    /// already does, or after [`READABLE_WAIT`] (see the module doc).
+    pub(super) async fn readable(&self) {
+        let mut reading = self.reading.subscribe();
+        if tokio::time::timeout(READABLE_WAIT, reading.wait_for(|on| *on))
+            .await
+            .is_err()
+        {
+            debug!(stream = %self.name, "binding to the history stream before it is read");
+        }
+    }
+
     /// Declare the stream (durable, as streams must be) with its retention.
     pub(super) async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         let mut args = FieldTable::default();
@@ -97,7 +132,9 @@ impl AmqpBus {
     /// Read the history stream into the rings until the pool closes: from its
     /// first offset, and after losing the broker from where the reader was.
     /// Returns once the reader is consuming, or after [`BROKER_TIMEOUT`]
-    /// (the reader goes on trying): see the module doc for why a node waits.
+    /// (the reader goes on trying), or at once with no broker connected (opens
+    /// and binds then wait for the reader themselves, [`StreamSpec::readable`]):
+    /// see the module doc for why.
     pub(crate) async fn start_history_reader(&self) {
         let Some(stream) = self.history.clone() else {
             return;
@@ -105,8 +142,7 @@ impl AmqpBus {
         let bus = self.clone();
         let rings = self.rings.clone();
         let stop = self.pool.stopping();
-        let reading_tx = self.history_reading.clone();
-        let mut reading = reading_tx.subscribe();
+        let mut reading = stream.reading.subscribe();
         tokio::spawn(async move {
             let mut next: Option<i64> = None;
             let mut retry = FIRST_RETRY;
@@ -114,10 +150,15 @@ impl AmqpBus {
                 match bus.open_reader(&stream, next).await {
                     Ok((channel, consumer)) => {
                         debug!(stream = %stream.name, ?next, "reading history");
-                        reading_tx.send_replace(true);
-                        retry = FIRST_RETRY;
+                        stream.reading.send_replace(true);
+                        let since = tokio::time::Instant::now();
                         next = read(consumer, &rings, &stop, next).await;
-                        reading_tx.send_replace(false);
+                        stream.reading.send_replace(false);
+                        // A reader that read for a while starts its retries
+                        // quick again; one that ends at once keeps backing off.
+                        if since.elapsed() >= RETRY {
+                            retry = FIRST_RETRY;
+                        }
                         if channel.status().connected() {
                             let _ = channel.close(200, "history reader done".into()).await;
                         }
@@ -151,7 +192,7 @@ impl AmqpBus {
 
     /// Whether this node's reader is consuming the history stream now.
     pub fn history_reading(&self) -> bool {
-        *self.history_reading.borrow()
+        self.history.as_ref().is_some_and(|s| *s.reading.borrow())
     }
 
     async fn open_reader(

@@ -246,8 +246,6 @@ pub struct AmqpBus {
     resume_grace: Option<Duration>,
     /// The history stream, when history is kept, and what its reader fills.
     history: Option<Arc<StreamSpec>>,
-    /// Whether the stream's reader is consuming ([`Self::history_reading`]).
-    history_reading: Arc<tokio::sync::watch::Sender<bool>>,
     rings: Arc<Rings>,
     /// Turns to open a session ([`OPENS_AT_ONCE`]).
     opening: Arc<Semaphore>,
@@ -261,11 +259,7 @@ impl AmqpBus {
     pub fn new(settings: AmqpSettings<'_>, pool: Pool, rings: Arc<Rings>) -> Self {
         let names = Names::new(settings.prefix);
         let history = settings.history.map(|(max_age, max_bytes)| {
-            Arc::new(StreamSpec {
-                name: names.history_stream(),
-                max_age,
-                max_bytes,
-            })
+            Arc::new(StreamSpec::new(names.history_stream(), max_age, max_bytes))
         });
         let node_fanout = (settings.room_fanout == RoomFanout::PerNode).then(|| {
             Arc::new(NodeFanout::new(
@@ -281,7 +275,6 @@ impl AmqpBus {
             queue_max_length: settings.queue_max_length,
             resume_grace: settings.resume_grace,
             history,
-            history_reading: Arc::new(tokio::sync::watch::channel(false).0),
             names,
             rings,
             opening: Arc::new(Semaphore::new(OPENS_AT_ONCE)),
@@ -321,26 +314,30 @@ impl AmqpBus {
         self.pool.connected()
     }
 
-    /// Close the broker connections, deleting the direct exchange first if
-    /// no queue is bound to it.
+    /// Close the broker connections, deleting the direct and presence
+    /// exchanges first if no queue is bound to them.
     pub async fn close(&self) {
-        self.delete_direct_exchange_if_unused().await;
+        for exchange in [self.names.direct_exchange(), self.names.presence_exchange()] {
+            self.delete_exchange_if_unused(exchange).await;
+        }
         self.pool.close().await;
     }
 
     /// The direct exchange is the one name of a prefix that nothing else
-    /// deletes: rooms' and presence's exchanges go with their last binding,
-    /// but the direct one is declared without `auto_delete`, so that it never
-    /// disappears while sessions come and go. The last node to close takes it:
-    /// with `if-unused` the broker refuses (406, on a short channel) while any
-    /// session's queue on any node, or parked for a resume, is bound to it.
-    /// An open elsewhere that declared it just before, and binds just after,
-    /// fails that once (`404`) and is retried by its client.
-    async fn delete_direct_exchange_if_unused(&self) {
+    /// deletes: rooms' exchanges go with their last binding, but the direct
+    /// one is declared without `auto_delete`, so that it never disappears
+    /// while sessions come and go. The presence exchange is auto-deleted, but
+    /// a node closed between declaring it and binding its queue to it (its
+    /// presence link opening as it shuts down) leaves it with no binding to
+    /// lose. The last node to close takes them: with `if-unused` the broker
+    /// refuses (406, on a short channel) while any queue on any node (a
+    /// session's, parked for a resume, or a node's presence queue) is bound.
+    /// An open elsewhere that declared the exchange just before, and binds
+    /// just after, fails that once (`404`) and is retried by its client.
+    async fn delete_exchange_if_unused(&self, exchange: String) {
         let Ok(conn) = self.connection() else {
             return;
         };
-        let exchange = self.names.direct_exchange();
         let name = exchange.clone();
         let delete = on_short_channel(&conn, |channel| async move {
             let options = ExchangeDeleteOptions {
@@ -350,9 +347,9 @@ impl AmqpBus {
             channel.exchange_delete(name.as_str().into(), options).await
         });
         match tokio::time::timeout(RELEASE_TIMEOUT, delete).await {
-            Ok(Ok(())) => debug!(%exchange, "deleted the direct exchange: nothing was bound to it"),
-            Ok(Err(e)) => debug!(%exchange, error = %e, "the direct exchange stays"),
-            Err(_) => debug!(%exchange, "the direct exchange stays: the broker did not answer"),
+            Ok(Ok(())) => debug!(%exchange, "deleted the exchange: nothing was bound to it"),
+            Ok(Err(e)) => debug!(%exchange, error = %e, "the exchange stays"),
+            Err(_) => debug!(%exchange, "the exchange stays: the broker did not answer"),
         }
     }
 
@@ -646,6 +643,11 @@ impl AmqpBus {
         resuming: bool,
         room_exchange: Option<&str>,
     ) -> lapin::Result<Consumer> {
+        if let Some(stream) = &self.history {
+            // Its rooms (a resumed queue's too) are bound to the stream, and
+            // its first publish must not find the stream without its writer.
+            stream.readable().await;
+        }
         let slot = declare_exclusive(channel, slot_queue, FieldTable::default());
         let qos = channel.basic_qos(PREFETCH, BasicQosOptions { global: false });
         if resuming {

@@ -312,6 +312,9 @@ pub(super) async fn bind_room(
     exchange: &str,
     history: Option<&StreamSpec>,
 ) -> Result<(), BusError> {
+    if let Some(stream) = history {
+        stream.readable().await;
+    }
     let mut attempts = 0;
     loop {
         attempts += 1;
