@@ -322,3 +322,80 @@ async fn on_rabbitmq_a_node_serves_once_it_reads_a_new_history_stream() {
     assert_eq!(texts(&history["messages"]), numbered(0..1));
     server.shutdown().await;
 }
+
+/// `warren_history_reading` as `/metrics` shows it now.
+async fn history_reading(addr: SocketAddr) -> bool {
+    let (status, _, metrics) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    metrics.contains("\nwarren_history_reading 1\n")
+}
+
+/// Take the history stream away from the node and put a classic queue of the
+/// same name in its place, which the node's reader can neither declare as a
+/// stream nor consume: the reader keeps trying and failing.
+async fn replace_stream_with_a_classic_queue(name: &str) {
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("test broker connection");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .queue_delete(name.into(), Default::default())
+            .await
+            .unwrap();
+        let durable = lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        // The reader may declare the stream again between the two: then the
+        // classic declare is refused (406) and the swap is tried again.
+        if channel
+            .queue_declare(name.into(), durable, Default::default())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cannot put a classic queue in the stream's place"
+        );
+    }
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// A node whose history stream cannot be read says so, and goes on serving:
+/// opens and subscribes wait for the reader only briefly, then go ahead.
+#[tokio::test]
+async fn on_rabbitmq_a_node_that_cannot_read_its_history_says_so_and_serves() {
+    let prefix = unique_prefix("histgone");
+    // Deletes whatever queue holds the stream's name at the end.
+    let _stream = HistoryStream::of(BusKind::Amqp, &prefix);
+    let server = start(with_history(BusKind::Amqp, &prefix)).await;
+    let addr = server.local_addr();
+    assert!(history_reading(addr).await);
+
+    replace_stream_with_a_classic_queue(&format!("{prefix}.history")).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while history_reading(addr).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "warren_history_reading stayed 1 with no stream to read"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // polling a condition, with a deadline
+    }
+
+    let mut alice = connect(addr, "on", "alice").await;
+    let mut bob = connect(addr, "on", "bob").await;
+    send_json(
+        &mut alice.socket,
+        json!({"type":"message","text":"still here","ref":"r"}),
+    )
+    .await;
+    let got = next_matching(&mut bob.socket, |f| f["type"] == "message").await;
+    assert_eq!(got["text"], "still here");
+    assert!(!history_reading(addr).await);
+    drop((alice, bob));
+    server.shutdown().await;
+}

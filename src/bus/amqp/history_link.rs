@@ -3,8 +3,8 @@
 //! rings), and the markers a session puts into it to learn that the reader
 //! has caught up.
 //!
-//! Nothing binds a room to the stream, or opens a session whose rooms are
-//! bound to it, until this node's reader consumes it ([`StreamSpec::readable`]),
+//! Nothing binds a room to the stream, opens a session whose rooms are bound
+//! to it, or publishes a POST to a room, until this node's reader consumes it ([`StreamSpec::readable`]),
 //! and a node starts serving only once it does (at most [`BROKER_TIMEOUT`]
 //! later): RabbitMQ 3.10 answers a new stream's `declare-ok` before the
 //! stream's writer runs, and a publish routed to it meanwhile crashes the

@@ -317,8 +317,17 @@ impl AmqpBus {
     /// Close the broker connections, deleting the direct and presence
     /// exchanges first if no queue is bound to them.
     pub async fn close(&self) {
-        for exchange in [self.names.direct_exchange(), self.names.presence_exchange()] {
-            self.delete_exchange_if_unused(exchange).await;
+        // At once and bounded together: a broker that stops answering must
+        // hold a shutdown up once, not once per exchange.
+        let deletes = futures_util::future::join(
+            self.delete_exchange_if_unused(self.names.direct_exchange()),
+            self.delete_exchange_if_unused(self.names.presence_exchange()),
+        );
+        if tokio::time::timeout(RELEASE_TIMEOUT, deletes)
+            .await
+            .is_err()
+        {
+            debug!("the shared exchanges stay: the broker did not answer");
         }
         self.pool.close().await;
     }
@@ -346,10 +355,9 @@ impl AmqpBus {
             };
             channel.exchange_delete(name.as_str().into(), options).await
         });
-        match tokio::time::timeout(RELEASE_TIMEOUT, delete).await {
-            Ok(Ok(())) => debug!(%exchange, "deleted the exchange: nothing was bound to it"),
-            Ok(Err(e)) => debug!(%exchange, error = %e, "the exchange stays"),
-            Err(_) => debug!(%exchange, "the exchange stays: the broker did not answer"),
+        match delete.await {
+            Ok(()) => debug!(%exchange, "deleted the exchange: nothing was bound to it"),
+            Err(e) => debug!(%exchange, error = %e, "the exchange stays"),
         }
     }
 

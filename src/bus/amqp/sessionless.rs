@@ -80,6 +80,10 @@ impl AmqpBus {
             Err(e) => return Err(unavailable(e)),
             Ok(()) => {}
         }
+        if let Some(stream) = &self.history {
+            // The room is bound to the stream: see `history_link` on why.
+            stream.readable().await;
+        }
         self.publish_http(HttpPublish::Room { exchange }, payload)
             .await
     }
