@@ -40,7 +40,7 @@ pub struct StreamSpec {
     pub max_bytes: u64,
     /// True while this node's reader consumes the stream: the broker has a
     /// running member of it, so publishes routed to it are safe.
-    pub reading: watch::Sender<bool>,
+    pub(super) reading: watch::Sender<bool>,
 }
 
 /// Stream deliveries the reader may hold unacknowledged (streams need acks
@@ -74,13 +74,17 @@ impl StreamSpec {
     /// Return once this node's reader consumes the stream, at once when it
     /// already does, or after [`READABLE_WAIT`] (see the module doc).
     pub(super) async fn readable(&self) {
-        let mut reading = self.reading.subscribe();
-        if tokio::time::timeout(READABLE_WAIT, reading.wait_for(|on| *on))
-            .await
-            .is_err()
-        {
+        if !self.read_within(READABLE_WAIT).await {
             debug!(stream = %self.name, "binding to the history stream before it is read");
         }
+    }
+
+    /// Whether this node's reader consumes the stream within `limit`.
+    async fn read_within(&self, limit: Duration) -> bool {
+        let mut reading = self.reading.subscribe();
+        tokio::time::timeout(limit, reading.wait_for(|on| *on))
+            .await
+            .is_ok()
     }
 
     /// Declare the stream (durable, as streams must be) with its retention.
@@ -142,7 +146,7 @@ impl AmqpBus {
         let bus = self.clone();
         let rings = self.rings.clone();
         let stop = self.pool.stopping();
-        let mut reading = stream.reading.subscribe();
+        let started = stream.clone();
         tokio::spawn(async move {
             let mut next: Option<i64> = None;
             let mut retry = FIRST_RETRY;
@@ -181,12 +185,8 @@ impl AmqpBus {
             // No broker yet: the reader starts with the connections.
             return;
         }
-        let started = tokio::time::timeout(BROKER_TIMEOUT, reading.wait_for(|on| *on)).await;
-        if started.is_err() {
-            warn!(
-                stream = %self.names.history_stream(),
-                "the history stream has no reader yet; serving anyway"
-            );
+        if !started.read_within(BROKER_TIMEOUT).await {
+            warn!(stream = %started.name, "the history stream has no reader yet; serving anyway");
         }
     }
 

@@ -652,8 +652,8 @@ impl AmqpBus {
         room_exchange: Option<&str>,
     ) -> lapin::Result<Consumer> {
         if let Some(stream) = &self.history {
-            // Its rooms (a resumed queue's too) are bound to the stream, and
-            // its first publish must not find the stream without its writer.
+            // Its rooms are bound to the stream: its first publish must not
+            // find the stream without its writer.
             stream.readable().await;
         }
         let slot = declare_exclusive(channel, slot_queue, FieldTable::default());
