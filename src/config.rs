@@ -18,6 +18,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// What reads a session's queue on RabbitMQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum AmqpConsumer {
+    /// lapin, which also declares, binds and publishes.
+    Lapin,
+    /// A consuming connection of Warren's own beside each pooled lapin
+    /// connection: about half of Warren's CPU per delivery, one more channel
+    /// per session on the broker. Plain `amqp://` only: a TLS broker keeps
+    /// lapin's consumers.
+    #[default]
+    Own,
+}
+
 /// How a room's messages reach the sessions in it on RabbitMQ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum RoomFanout {
@@ -86,6 +99,13 @@ pub struct Config {
     /// process). The embedded bus always fans out in process.
     #[arg(long, env = "WARREN_ROOM_FANOUT", value_enum, default_value_t = RoomFanout::PerConnection)]
     pub room_fanout: RoomFanout,
+
+    /// What reads sessions' queues on RabbitMQ: `own` (a consuming
+    /// connection of Warren's own per pooled connection: about half the CPU
+    /// per delivery, one more channel per session on the broker; plain
+    /// `amqp://` only) or `lapin`.
+    #[arg(long, env = "WARREN_AMQP_CONSUMER", value_enum, default_value_t = AmqpConsumer::Own)]
+    pub amqp_consumer: AmqpConsumer,
 
     /// Seconds a connection's queue outlives its socket, so the client can
     /// reconnect (to any node) with `?resume=<session>` and get what it missed.

@@ -390,6 +390,71 @@ async fn a_url_list_fails_over_to_the_next_broker() {
 }
 
 #[tokio::test]
+async fn losing_only_the_consumer_connection_closes_its_sessions_and_recovers() {
+    // Each pooled lapin connection has a consuming connection of Warren's
+    // own beside it; the two live and die together. The broker closes only
+    // the consuming one (as an operator's `close_connection` would).
+    let prefix = unique_prefix("ownlost");
+    let node = format!("{prefix}-node");
+    let mut cfg = config(BusKind::Amqp, &prefix);
+    cfg.node_id = Some(node.clone());
+    cfg.amqp_connections = 1;
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let mut c = connect(addr, "ownlost", "ivan").await;
+
+    let slot_connections = |kind: &str| {
+        broker_list(
+            &["list_connections", "pid", "client_properties"],
+            &format!("\"warren {node} #0{kind}\""),
+        )
+    };
+    let consumers = slot_connections(" consumers");
+    assert_eq!(consumers.len(), 1, "{consumers:?}");
+    let pid = consumers[0].split('\t').next().unwrap().to_owned();
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", &pid, "test closes the consumers"])
+        .status()
+        .unwrap();
+    assert!(closed.success());
+
+    let frame = next_json(&mut c.socket).await;
+    assert_eq!(frame["type"], "error");
+    assert_eq!(frame["code"], "unavailable");
+    assert_eq!(close_code(&mut c.socket).await, Some(1013));
+
+    // The pair is replaced: one lapin and one consuming connection again,
+    // and a new session chats.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (lapin, own) = (
+            slot_connections("").len(),
+            slot_connections(" consumers").len(),
+        );
+        if (lapin, own) == (1, 1)
+            && slot_connections(" consumers")[0].split('\t').next() != Some(&pid)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never one pair again: {lapin} lapin, {own} own"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    wait_ready(addr, 200).await;
+    let mut again = connect(addr, "ownlost", "ivan").await;
+    send_json(
+        &mut again.socket,
+        json!({"type":"message","text":"back","ref":"r"}),
+    )
+    .await;
+    let echoed = next_matching(&mut again.socket, |f| f["type"] == "message").await;
+    assert_eq!(echoed["text"], "back");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn channel_errors_from_probes_and_posts_leave_other_sessions_alone() {
     // Probing a free name (a passive declare that fails with 404) and posting to
     // an empty room close only their own short-lived channels.

@@ -184,6 +184,7 @@ impl Bus {
             config.amqp_connections,
             &format!("warren {node_id}"),
             reconnects,
+            config.amqp_consumer,
         )
         .await;
         let settings = amqp::AmqpSettings {

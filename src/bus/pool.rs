@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::amqp::consumer_connection::ConsumerConnection;
+use crate::config::AmqpConsumer;
+
 /// Channels a pooled connection carries at most (RabbitMQ's default limit is 2,047).
 pub const MAX_CHANNELS_PER_CONNECTION: usize = 2000;
 
@@ -49,6 +52,10 @@ pub fn backoff(attempt: u32) -> Duration {
 /// One live AMQP connection and how many session channels ride on it.
 pub struct PooledConnection {
     pub connection: Connection,
+    /// With `--amqp-consumer own`: the consuming connection of Warren's own
+    /// beside it, where this connection's sessions read their queues. The
+    /// two live and die together.
+    pub consumers: Option<ConsumerConnection>,
     /// Channels counted on this connection, from the start of their open to
     /// the end of their close; picks the least loaded one.
     channels: AtomicUsize,
@@ -190,6 +197,8 @@ pub struct Pool {
 }
 
 struct PoolInner {
+    /// Whether each slot opens a consuming connection of Warren's own too.
+    own_consumers: bool,
     /// The current connection of each slot, `None` while (re)connecting. A std
     /// RwLock: held only to clone or swap an `Arc`.
     slots: Vec<RwLock<Option<Arc<PooledConnection>>>>,
@@ -212,8 +221,10 @@ impl Pool {
         size: usize,
         name: &str,
         reconnects: prometheus_client::metrics::counter::Counter,
+        consumer: AmqpConsumer,
     ) -> Self {
         let inner = Arc::new(PoolInner {
+            own_consumers: consumer == AmqpConsumer::Own,
             slots: (0..size.max(1)).map(|_| RwLock::new(None)).collect(),
             urls,
             name: name.to_owned(),
@@ -301,15 +312,17 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
             connected = connect_any(&pool, slot) => connected,
         };
         match connected {
-            Ok(conn) => {
+            Ok((conn, consumers)) => {
                 attempt = 0;
                 // A channel_max of 0 would mean no limit but lapin's own.
                 let channel_max = match conn.configuration().channel_max() {
                     0 => usize::from(u16::MAX),
                     max => usize::from(max),
                 };
+                let consumers_lost = consumers.as_ref().map(ConsumerConnection::lost);
                 let conn = Arc::new(PooledConnection {
                     connection: conn,
+                    consumers,
                     channels: AtomicUsize::new(0),
                     capacity: MAX_CHANNELS_PER_CONNECTION.min(channel_max),
                     lost: CancellationToken::new(),
@@ -328,9 +341,21 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
                         _ = pool.stop.cancelled() => {
                             pool.slots[slot].write().unwrap().take();
                             let close = conn.connection.close(200, "node shutting down".into());
-                            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+                            let close_consumers = async {
+                                if let Some(consumers) = &conn.consumers {
+                                    consumers.close().await;
+                                }
+                            };
+                            let closing = futures_util::future::join(close, close_consumers);
+                            let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
                             return;
                         }
+                        () = async {
+                            match &consumers_lost {
+                                Some(lost) => lost.cancelled().await,
+                                None => std::future::pending().await,
+                            }
+                        } => break "the consumer connection was lost".to_string(),
                         event = events.next() => match event {
                             // Channel errors (a passive declare's 404, a taken
                             // user's 405) are reported here too, as AMQP "soft"
@@ -359,6 +384,21 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
                 };
                 pool.slots[slot].write().unwrap().take();
                 conn.lost.cancel();
+                // Whichever of the two died, the other goes too (a slot's
+                // sessions need both), in the background: a broker that
+                // stopped answering must not hold up the reconnect.
+                if conn.consumers.is_some() {
+                    let conn = conn.clone();
+                    tokio::spawn(async move {
+                        if let Some(consumers) = &conn.consumers {
+                            consumers.close().await;
+                        }
+                        if conn.is_connected() {
+                            let close = conn.connection.close(200, "reconnecting".into());
+                            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+                        }
+                    });
+                }
                 pool.reconnects.inc();
                 warn!(slot, %reason, "lost the broker connection; reconnecting");
                 *pool.last_error.lock().unwrap() =
@@ -381,12 +421,16 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, first_attempt: oneshot::Se
     }
 }
 
-/// Connect to the first of the pool's URLs that answers.
-async fn connect_any(pool: &PoolInner, slot: usize) -> Result<Connection, String> {
+/// Connect to the first of the pool's URLs that answers, with the consuming
+/// connection beside it when the pool opens those (none for a TLS broker).
+async fn connect_any(
+    pool: &PoolInner,
+    slot: usize,
+) -> Result<(Connection, Option<ConsumerConnection>), String> {
     let mut last = String::from("no broker URL configured");
     for url in &pool.urls {
-        let props = ConnectionProperties::default()
-            .with_connection_name(format!("{} #{slot}", pool.name).into());
+        let name = format!("{} #{slot}", pool.name);
+        let props = ConnectionProperties::default().with_connection_name(name.clone().into());
         let uri = match broker_uri(url) {
             Ok(uri) => uri,
             Err(e) => {
@@ -394,11 +438,27 @@ async fn connect_any(pool: &PoolInner, slot: usize) -> Result<Connection, String
                 continue;
             }
         };
-        let connect = Connection::connect_uri(uri, props);
+        let connect = Connection::connect_uri(uri.clone(), props);
         match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(Ok(conn)) if pool.own_consumers => {
+                match ConsumerConnection::open(&uri, &format!("{name} consumers")).await {
+                    Some(Ok(consumers)) => {
+                        info!(slot, url = %redact(url), "connected to the broker (own consumers)");
+                        return Ok((conn, Some(consumers)));
+                    }
+                    Some(Err(e)) => {
+                        let _ = conn.close(200, "consumer connection failed".into()).await;
+                        last = format!("{}: {e}", redact(url));
+                    }
+                    None => {
+                        info!(slot, url = %redact(url), "connected to the broker (TLS: lapin consumes)");
+                        return Ok((conn, None));
+                    }
+                }
+            }
             Ok(Ok(conn)) => {
                 info!(slot, url = %redact(url), "connected to the broker");
-                return Ok(conn);
+                return Ok((conn, None));
             }
             Ok(Err(e)) => last = format!("{}: {e}", redact(url)),
             Err(_) => last = format!("{}: connect timed out", redact(url)),
@@ -483,7 +543,14 @@ mod tests {
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
         let url = format!("{url}?channel_max={MAX}");
         let counter = prometheus_client::metrics::counter::Counter::default();
-        let pool = Pool::start(vec![url], 1, "warren pool test", counter).await;
+        let pool = Pool::start(
+            vec![url],
+            1,
+            "warren pool test",
+            counter,
+            AmqpConsumer::Lapin,
+        )
+        .await;
         let conn = pool.pick().expect("the broker at AMQP_URL is up");
         assert_eq!(conn.capacity, MAX, "capped at the broker's channel_max");
 

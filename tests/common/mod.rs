@@ -60,9 +60,11 @@ pub fn unique_prefix(test: &str) -> String {
     format!("t{:08x}.{test}", rand::random::<u32>())
 }
 
-/// Run each named `async fn(BusKind)` as three tests: one on the embedded
-/// bus, and two on RabbitMQ, one in each room fanout mode. The session code
-/// does not know which bus it talks to, nor how rooms reach it, and these
+/// Run each named `async fn(BusKind)` as four tests: one on the embedded
+/// bus, and three on RabbitMQ: one in each room fanout mode, and one with
+/// lapin reading the sessions' queues (`--amqp-consumer lapin`) instead of
+/// Warren's own consumer connection. The session code does not know which
+/// bus it talks to, how rooms reach it, nor what reads its queue, and these
 /// tests hold it to that.
 #[macro_export]
 macro_rules! on_both_buses {
@@ -75,6 +77,9 @@ macro_rules! on_both_buses {
         mod amqp_bus_queue_per_connection {
             $( #[tokio::test] async fn $name() { super::$name(super::BusKind::Amqp).await; } )*
         }
+        mod amqp_lapin_consumer_queue_per_connection {
+            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::AmqpLapinConsumer).await; } )*
+        }
     };
     ($($name:ident),* $(,)?) => {
         mod memory_bus {
@@ -85,6 +90,9 @@ macro_rules! on_both_buses {
         }
         mod amqp_per_node {
             $( #[tokio::test] async fn $name() { super::$name(super::BusKind::AmqpPerNode).await; } )*
+        }
+        mod amqp_lapin_consumer {
+            $( #[tokio::test] async fn $name() { super::$name(super::BusKind::AmqpLapinConsumer).await; } )*
         }
     };
 }
@@ -112,6 +120,9 @@ pub enum BusKind {
     Amqp,
     /// RabbitMQ with `--room-fanout per-node`.
     AmqpPerNode,
+    /// RabbitMQ, a queue per connection, read through lapin
+    /// (`--amqp-consumer lapin`).
+    AmqpLapinConsumer,
 }
 
 impl BusKind {
@@ -198,10 +209,13 @@ pub fn config(bus: BusKind, prefix: &str) -> Config {
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.amqp_url = match bus {
         BusKind::Memory => None,
-        BusKind::Amqp | BusKind::AmqpPerNode => Some(amqp_url()),
+        BusKind::Amqp | BusKind::AmqpPerNode | BusKind::AmqpLapinConsumer => Some(amqp_url()),
     };
     if bus == BusKind::AmqpPerNode {
         c.room_fanout = warren::config::RoomFanout::PerNode;
+    }
+    if bus == BusKind::AmqpLapinConsumer {
+        c.amqp_consumer = warren::config::AmqpConsumer::Lapin;
     }
     c.prefix = prefix.to_owned();
     // Nodes of one test cluster share the posting-token secret, as a real one must.

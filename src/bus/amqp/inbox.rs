@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 use tungstenite::Utf8Bytes;
 
+use super::consumer_connection::{ConsumerError, Delivered, QueueConsumer};
 use super::node_fanout::RoomFrame;
 use super::{Names, PREFETCH, delivered_text, unavailable};
 use crate::bus::acks::{AckError, ClientAcks, Receipt, Settled};
@@ -53,10 +54,90 @@ const ACK_DELAY: Duration = Duration::from_millis(250);
 /// means the id is not among them.
 const REPLAY_PAUSE: Duration = Duration::from_millis(100);
 
+/// Where a session's deliveries come from.
+pub(super) enum Source {
+    /// lapin's consumer, and the session's channel its acks go out on (see
+    /// [`Source::ack`]).
+    Lapin {
+        consumer: Consumer,
+        channel: Channel,
+    },
+    /// A consumer on the connection of Warren's own (`--amqp-consumer own`).
+    Own(QueueConsumer),
+}
+
+impl Source {
+    async fn next(&mut self) -> Result<Delivered, BusError> {
+        match self {
+            Source::Lapin { consumer, .. } => from_lapin(consumer.next().await),
+            Source::Own(consumer) => consumer.next().await.map_err(from_own),
+        }
+    }
+
+    /// The next delivery if one is here already.
+    fn try_next(&mut self) -> Option<Result<Delivered, BusError>> {
+        match self {
+            Source::Lapin { consumer, .. } => consumer.next().now_or_never().map(from_lapin),
+            Source::Own(consumer) => consumer.try_next().map(|next| next.map_err(from_own)),
+        }
+    }
+
+    /// Queue a `basic.ack` on the session's channel, in call order, without
+    /// waiting for it to be written: nothing a session does after an ack
+    /// depends on it, and an ack awaited inside a future that is dropped
+    /// (`recv` is one branch of the session's `select!`) must still go out
+    /// before any later one.
+    ///
+    /// Not through a lapin delivery's `Acker`: lapin hands an acker's ack to
+    /// a task of its own, and two such tasks may run in either order (tokio
+    /// runs the newest spawned first). A `multiple` ack of a lower tag
+    /// arriving after one of a higher tag names an unknown tag, and the
+    /// broker closes the channel (`406 PRECONDITION_FAILED`); that happened
+    /// to the bench's lapin client whenever an ack's future was dropped. The
+    /// channel queues its frames at the first poll, in order.
+    fn ack(&self, tag: DeliveryTag, multiple: bool) {
+        match self {
+            Source::Lapin { channel, .. } => {
+                let ack = channel.basic_ack(tag, BasicAckOptions { multiple });
+                if let Some(Err(e)) = ack.now_or_never() {
+                    debug!(error = %e, "ack failed; the channel is gone");
+                }
+            }
+            Source::Own(consumer) => consumer.channel().ack(tag, multiple),
+        }
+    }
+}
+
+fn from_lapin(
+    next: Option<lapin::Result<lapin::message::Delivery>>,
+) -> Result<Delivered, BusError> {
+    match next {
+        Some(Ok(delivery)) => Ok(Delivered {
+            tag: delivery.delivery_tag,
+            redelivered: delivery.redelivered,
+            exchange: delivery.exchange,
+            routing_key: delivery.routing_key,
+            properties: delivery.properties,
+            data: delivery.data,
+        }),
+        Some(Err(e)) => Err(unavailable(e)),
+        None => Err(cancelled()),
+    }
+}
+
+fn from_own(e: ConsumerError) -> BusError {
+    match e {
+        ConsumerError::Cancelled => cancelled(),
+        e => BusError::Unavailable(e.to_string()),
+    }
+}
+
+fn cancelled() -> BusError {
+    BusError::Unavailable("the broker cancelled the subscription".into())
+}
+
 pub struct AmqpInbox {
-    consumer: Consumer,
-    /// The session's channel, which its acks go out on (see [`Self::send_ack`]).
-    channel: Channel,
+    source: Source,
     /// With per-node fanout: the room frames the node's feed hands this
     /// session (the consumer then carries only direct messages).
     room_frames: Option<(mpsc::Receiver<RoomFrame>, Arc<Dropped>)>,
@@ -128,10 +209,8 @@ enum Taken {
 }
 
 impl AmqpInbox {
-    /// The first argument is the session's consumer and the channel it
-    /// consumes on (its acks go out there).
     pub(super) fn new(
-        (consumer, channel): (Consumer, Channel),
+        source: Source,
         room_frames: Option<(mpsc::Receiver<RoomFrame>, Arc<Dropped>)>,
         lost: tokio_util::sync::CancellationToken,
         names: &Names,
@@ -140,8 +219,7 @@ impl AmqpInbox {
         user: &UserId,
     ) -> Self {
         Self {
-            consumer,
-            channel,
+            source,
             room_frames,
             told_missed: 0,
             client_acks: (acks == AckMode::Client).then(|| ClientAcks::new(user)),
@@ -229,7 +307,7 @@ impl AmqpInbox {
                 }
             };
             tokio::select! {
-                next = self.consumer.next() => match self.take(next)? {
+                next = self.source.next() => match self.take(next)? {
                     Taken::Frame(frame) => return Ok(frame),
                     Taken::Skipped => {}
                 },
@@ -274,7 +352,7 @@ impl AmqpInbox {
                     }
                 }
             }
-            let next = self.consumer.next().now_or_never()?;
+            let next = self.source.try_next()?;
             match self.take(next) {
                 Ok(Taken::Frame(frame)) => return Some(Ok(frame)),
                 Ok(Taken::Skipped) => {}
@@ -283,21 +361,10 @@ impl AmqpInbox {
         }
     }
 
-    fn take(
-        &mut self,
-        next: Option<lapin::Result<lapin::message::Delivery>>,
-    ) -> Result<Taken, BusError> {
-        let delivery = match next {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(e)) => return Err(unavailable(e)),
-            None => {
-                return Err(BusError::Unavailable(
-                    "the broker cancelled the subscription".into(),
-                ));
-            }
-        };
+    fn take(&mut self, next: Result<Delivered, BusError>) -> Result<Taken, BusError> {
+        let delivery = next?;
         if !self.wanted(&delivery.exchange, &delivery.properties) {
-            self.skip(delivery.delivery_tag);
+            self.skip(delivery.tag);
             return Ok(Taken::Skipped);
         }
         let observed = self.gaps.observe(
@@ -312,7 +379,7 @@ impl AmqpInbox {
                     frame_head(&text).and_then(|(_, id)| id) == Some(replay.last_id.as_str());
                 replay.held.push(Held {
                     text,
-                    tag: delivery.delivery_tag,
+                    tag: delivery.tag,
                     observed,
                     exchange: delivery.exchange,
                 });
@@ -333,13 +400,13 @@ impl AmqpInbox {
         }
         if observed.missed > 0 || !self.ready.is_empty() {
             self.tell_missed(delivery.exchange.as_str(), observed.missed);
-            let frame = self.hand_out(text, delivery.delivery_tag, observed.number);
+            let frame = self.hand_out(text, delivery.tag, observed.number);
             self.ready.push_back(frame);
             return Ok(Taken::Skipped);
         }
         Ok(Taken::Frame(self.hand_out(
             text,
-            delivery.delivery_tag,
+            delivery.tag,
             observed.number,
         )))
     }
@@ -461,27 +528,7 @@ impl AmqpInbox {
     /// `ack_upto`'s `multiple` ack: a tag acked twice closes the channel.
     fn ack_skipped(&mut self) {
         for tag in std::mem::take(&mut self.skipped) {
-            self.send_ack(tag, false);
-        }
-    }
-
-    /// Queue a `basic.ack` on the session's channel, in call order, without
-    /// waiting for it to be written: nothing a session does after an ack
-    /// depends on it, and an ack awaited inside a future that is dropped
-    /// (`recv` is one branch of the session's `select!`) must still go out
-    /// before any later one.
-    ///
-    /// Not through the delivery's `Acker`: lapin hands an acker's ack to a
-    /// task of its own, and two such tasks may run in either order (tokio runs
-    /// the newest spawned first). A `multiple` ack of a lower tag arriving after
-    /// one of a higher tag names an unknown tag, and the broker closes the
-    /// channel (`406 PRECONDITION_FAILED`); that happened to the bench's lapin
-    /// client whenever an ack's future was dropped. The channel queues its
-    /// frames at the first poll, in order.
-    fn send_ack(&self, tag: DeliveryTag, multiple: bool) {
-        let ack = self.channel.basic_ack(tag, BasicAckOptions { multiple });
-        if let Some(Err(e)) = ack.now_or_never() {
-            debug!(error = %e, "ack failed; the channel is gone");
+            self.source.ack(tag, false);
         }
     }
 
@@ -500,7 +547,7 @@ impl AmqpInbox {
         // The newest broker delivery settles every one before it; room frames
         // of the node's feed have nothing to settle here.
         if let Some(tag) = kept.drain(..).rev().flatten().next() {
-            self.send_ack(tag, true);
+            self.source.ack(tag, true);
         }
         Ok(receipts)
     }
@@ -544,7 +591,7 @@ impl AmqpInbox {
             unacked.clear();
         }
         if let Some(tag) = self.unsettled.take() {
-            self.send_ack(tag, true);
+            self.source.ack(tag, true);
         }
     }
 }

@@ -13,10 +13,11 @@ use lapin::options::QueueDeleteOptions;
 use lapin::{Channel, Consumer};
 use tracing::{debug, warn};
 
+use super::consumer_connection::ConsumerChannel;
 use super::inbox::ParkSlot;
 use super::node_fanout::NodeFanout;
 use super::publisher::publish_to_queue;
-use super::{RELEASE_TIMEOUT, declare_queue};
+use super::{QueueLife, RELEASE_TIMEOUT, declare_queue};
 use crate::bus::Release;
 use crate::bus::pool::PooledConnection;
 use crate::names::SessionId;
@@ -40,6 +41,11 @@ pub(super) struct LeaseState {
     /// sees no consumer then consumes newer messages before those come back.
     /// Boxed: a consumer is large, and every session's task holds its lease.
     pub(super) consumer: Option<Box<Consumer>>,
+    /// With Warren's own consumer connection: the session's channel there.
+    /// Closed after the park note is left and before the queue is deleted:
+    /// its close puts back what the client had not acknowledged, and only
+    /// then does a resume see the queue without a consumer.
+    pub(super) own_channel: Option<ConsumerChannel>,
 }
 
 pub(super) struct Parking {
@@ -68,6 +74,14 @@ impl AmqpLease {
     pub(super) fn hold_consumer(&mut self, consumer: Consumer) {
         if let Some(state) = &mut self.state {
             state.consumer = Some(Box::new(consumer));
+        }
+    }
+
+    /// Hold the session's channel on Warren's own consumer connection, to
+    /// close at release (see [`LeaseState::own_channel`]).
+    pub(super) fn hold_own_channel(&mut self, channel: ConsumerChannel) {
+        if let Some(state) = &mut self.state {
+            state.own_channel = Some(channel);
         }
     }
 
@@ -123,7 +137,7 @@ async fn leave_note(channel: &Channel, parking: Parking) {
     };
     let queue = parking.note_queue.as_str();
     let left = async {
-        declare_queue(channel, queue, false, parking.note_args).await?;
+        declare_queue(channel, queue, QueueLife::Kept, parking.note_args).await?;
         publish_to_queue(channel, queue, &note.to_bytes()).await
     }
     .await;
@@ -143,6 +157,7 @@ pub(super) async fn release(state: LeaseState) {
         parking,
         node_fanout,
         consumer,
+        own_channel,
     } = state;
     if let Some((fanout, session)) = node_fanout {
         fanout.forget(&session).await;
@@ -157,6 +172,9 @@ pub(super) async fn release(state: LeaseState) {
     }
     if let Some(parking) = parking {
         leave_note(&channel, parking).await;
+    }
+    if let Some(own_channel) = own_channel {
+        own_channel.close().await;
     }
     let mut channel = Some(channel);
     for queue in queues.iter().rev() {

@@ -7,8 +7,10 @@
 //!   consumer at a time (an exclusive consumer). With `--resume-grace-secs`
 //!   above 0 it outlives a dropped socket by that long (`x-expires`), holding
 //!   what the client missed, until the client resumes it from any node (the
-//!   user in its name ties the resume handle to the user); at 0 it is an
-//!   exclusive queue deleted with the session. It is bounded (`x-max-length`,
+//!   user in its name ties the resume handle to the user); at 0 it is
+//!   deleted with the session: exclusive, or, when Warren's own consumer
+//!   connection reads it ([`consumer_connection`]), auto-deleted with its
+//!   consumer. It is bounded (`x-max-length`,
 //!   `x-overflow: drop-head`): a client too slow to keep up loses its oldest
 //!   messages instead of growing the broker's memory.
 //! - `<prefix>.note.<user>.<session>`: while a session is parked for a resume,
@@ -32,14 +34,18 @@
 //!
 //! Each session gets its own channel, for its consumer and its publishes:
 //! publisher confirms and per-channel ordering make acks meaningful and keep
-//! each sender's messages in order. Anything that can fail with a channel-level
+//! each sender's messages in order. With `--amqp-consumer own` (the default)
+//! its consumer is on a second channel, on the consuming connection of
+//! Warren's own that pairs each pooled lapin connection
+//! ([`consumer_connection`]): lapin then declares, binds and publishes, and
+//! the session's deliveries skip lapin's I/O thread. Anything that can fail with a channel-level
 //! error (a taken slot, an exchange deleted under our feet) runs on a channel
 //! that may die: a short-lived one, never a session's.
 //!
 //! This file declares the topology and opens sessions; a session's side of it
 //! is in [`publisher`] (publish with confirms, bind to rooms), [`inbox`]
 //! (consume, ack in batches, skip what it does not follow) and [`lease`] (queue
-//! deletion); [`sessionless`] publishes for HTTP POSTs and asks about slots;
+//! deletion, and the close of the consumer's channel); [`sessionless`] publishes for HTTP POSTs and asks about slots;
 //! [`presence_link`] is the node's gossip queue.
 
 use std::future::Future;
@@ -57,6 +63,7 @@ use lapin::{Channel, Consumer, ExchangeKind};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+pub mod consumer_connection;
 pub mod history_link;
 pub mod inbox;
 pub mod lease;
@@ -72,8 +79,9 @@ pub use publisher::{AmqpConfirm, AmqpLink};
 
 use super::gaps::ParkNote;
 use super::history::Rings;
+use consumer_connection::ConsumerError;
 use history_link::StreamSpec;
-use inbox::ParkSlot;
+use inbox::{ParkSlot, Source};
 use lease::{LeaseState, Parking};
 use sessionless::HttpChannel;
 
@@ -93,6 +101,11 @@ pub const PREFETCH: u16 = super::acks::ACK_WINDOW;
 
 /// How long deleting a session's queue may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A session's queue consumed from Warren's own connection at
+/// `--resume-grace-secs 0` is auto-deleted when its consumer goes; should the
+/// node die between its declare and its consume, it expires after this long
+/// unused instead of staying forever.
+const ORPHAN_EXPIRY: Duration = Duration::from_secs(60);
 
 /// Sessions a node opens on the broker at once. Each open is a handful of
 /// round trips (slot, channel, confirm mode, queue, bind, consume); thousands
@@ -475,6 +488,7 @@ impl AmqpBus {
                     .as_ref()
                     .map(|fanout| (fanout.clone(), session.clone())),
                 consumer: None,
+                own_channel: None,
             }),
         };
         // A new queue is the lease's from its declare on. A resumed one only
@@ -486,19 +500,38 @@ impl AmqpBus {
             lease.add_queue(queue.clone());
         }
         let slot_queue = lease.queues()[0].clone();
+        let own_consumers = conn.consumers.as_ref();
         match self
             .declare_session(
                 &channel,
-                &slot_queue,
-                &queue,
+                (&slot_queue, &queue),
                 user,
                 resume.is_some(),
                 room_exchange,
+                own_consumers.is_none(),
             )
             .await
         {
             Ok(consumer) => {
-                lease.hold_consumer(consumer.clone());
+                let source = match (consumer, own_consumers) {
+                    (Some(consumer), _) => {
+                        lease.hold_consumer(consumer.clone());
+                        Source::Lapin {
+                            consumer,
+                            channel: channel.clone(),
+                        }
+                    }
+                    (None, Some(own)) => match own.consume(&queue, PREFETCH, true).await {
+                        Ok(consumer) => {
+                            lease.hold_own_channel(consumer.channel().clone());
+                            Source::Own(consumer)
+                        }
+                        Err(e) => return Err(unconsumed(e, &queue, resume.is_some(), lease).await),
+                    },
+                    (None, None) => {
+                        unreachable!("declare_session consumes without a consumer connection")
+                    }
+                };
                 // The last await of a resume: only then is the queue the
                 // lease's (see above).
                 let note = match resume {
@@ -520,7 +553,7 @@ impl AmqpBus {
                     None => (None, None),
                 };
                 let mut inbox = AmqpInbox::new(
-                    (consumer, channel.clone()),
+                    source,
                     room_frames.map(|frames| {
                         let dropped = member.as_ref().map(|(_, m)| m.dropped.clone());
                         (frames, dropped.unwrap_or_default())
@@ -627,6 +660,8 @@ impl AmqpBus {
     /// `channel` (or, resuming, consume the old one), bound to
     /// `room_exchange` when one is given, the methods sent in batches of at
     /// most four, so an open waits three round trips, not one per method.
+    /// The queue is consumed here only when `consume_here`; otherwise
+    /// Warren's own consumer connection consumes it next (`None`).
     ///
     /// Not all at once: lapin keeps a queue of expected replies per channel
     /// (260 bytes each) that keeps, for the channel's life, the capacity of
@@ -645,36 +680,62 @@ impl AmqpBus {
     async fn declare_session(
         &self,
         channel: &Channel,
-        slot_queue: &str,
-        queue: &str,
+        (slot_queue, queue): (&str, &str),
         user: &UserId,
         resuming: bool,
         room_exchange: Option<&str>,
-    ) -> lapin::Result<Consumer> {
+        consume_here: bool,
+    ) -> lapin::Result<Option<Consumer>> {
         if let Some(stream) = &self.history {
             // Its rooms are bound to the stream: its first publish must not
             // find the stream without its writer.
             stream.readable().await;
         }
         let slot = declare_exclusive(channel, slot_queue, FieldTable::default());
-        let qos = channel.basic_qos(PREFETCH, BasicQosOptions { global: false });
+        let qos = async {
+            if consume_here {
+                channel
+                    .basic_qos(PREFETCH, BasicQosOptions { global: false })
+                    .await?;
+            }
+            Ok(())
+        };
         if resuming {
             // The queue, its bindings to its rooms and to the direct exchange
             // are all still there.
-            let consume = consume(channel, queue, false, true);
+            let consume = async {
+                match consume_here {
+                    true => consume(channel, queue, false, true).await.map(Some),
+                    false => Ok(None),
+                }
+            };
             let ((), (), consumer) = futures_util::try_join!(slot, qos, consume)?;
             return Ok(consumer);
         }
         let direct = self.names.direct_exchange();
         let exchange = declare_direct(channel, &direct);
-        let declare = match self.resume_grace {
-            Some(grace) => declare_queue(
+        let declare = match (self.resume_grace, consume_here) {
+            (Some(grace), _) => declare_queue(
                 channel,
                 queue,
-                false,
+                QueueLife::Kept,
                 resumable_queue(self.queue_max_length, grace),
             ),
-            None => declare_queue(channel, queue, true, bounded_queue(self.queue_max_length)),
+            (None, true) => declare_queue(
+                channel,
+                queue,
+                QueueLife::Exclusive,
+                bounded_queue(self.queue_max_length),
+            ),
+            // Consumed from Warren's own connection, so not exclusive to
+            // this one: deleted when that consumer goes, and after
+            // ORPHAN_EXPIRY should the node die before it consumes.
+            (None, false) => declare_queue(
+                channel,
+                queue,
+                QueueLife::WithItsConsumer,
+                resumable_queue(self.queue_max_length, ORPHAN_EXPIRY),
+            ),
         };
         let bind_direct = bind(channel, queue, &direct, user.as_str());
         let room = async {
@@ -693,7 +754,12 @@ impl AmqpBus {
         };
         futures_util::try_join!(slot, qos, exchange, declare)?;
         futures_util::try_join!(bind_direct, room)?;
-        consume(channel, queue, false, self.resume_grace.is_some()).await
+        if !consume_here {
+            return Ok(None);
+        }
+        consume(channel, queue, false, self.resume_grace.is_some())
+            .await
+            .map(Some)
     }
 
     /// Declare this node's presence queue, bound to `<prefix>.presence`.
@@ -776,23 +842,34 @@ async fn declare_exclusive(
     queue: &str,
     arguments: FieldTable,
 ) -> lapin::Result<()> {
-    declare_queue(channel, queue, true, arguments).await
+    declare_queue(channel, queue, QueueLife::Exclusive, arguments).await
 }
 
-/// Declare a queue: exclusive (and auto-deleted), or shared and left to its
-/// arguments (`x-expires`) and its lease to delete.
-async fn declare_queue(
+/// How long a queue lives, besides its lease's delete.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum QueueLife {
+    /// Exclusive to the declaring connection, deleted with it.
+    Exclusive,
+    /// Deleted when its consumer goes (`auto-delete`): a session's queue
+    /// consumed from another connection (Warren's own consumer connection).
+    WithItsConsumer,
+    /// Left to its arguments (`x-expires`) and its lease.
+    Kept,
+}
+
+/// Declare a queue that lives as `life` says.
+pub(super) async fn declare_queue(
     channel: &Channel,
     queue: &str,
-    exclusive: bool,
+    life: QueueLife,
     arguments: FieldTable,
 ) -> lapin::Result<()> {
     channel
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
-                exclusive,
-                auto_delete: exclusive,
+                exclusive: life == QueueLife::Exclusive,
+                auto_delete: life != QueueLife::Kept,
                 ..Default::default()
             },
             arguments,
@@ -833,6 +910,19 @@ async fn consume(
             FieldTable::default(),
         )
         .await
+}
+
+/// A session's queue that Warren's own consumer connection could not
+/// consume: gone or taken by another resume since we looked
+/// ([`BusError::SessionGone`]), or the broker failed. The lease holds only
+/// what this open declared, and is released.
+async fn unconsumed(e: ConsumerError, queue: &str, resuming: bool, lease: AmqpLease) -> Unopened {
+    lease.release(Release::Delete).await;
+    if resuming && matches!(e.reply_code(), Some(NOT_FOUND | ACCESS_REFUSED)) {
+        return BusError::SessionGone.into();
+    }
+    warn!(%queue, error = %e, "consuming a session's queue failed");
+    BusError::Unavailable(e.to_string()).into()
 }
 
 fn reply_code(e: &lapin::Error) -> Option<u16> {
