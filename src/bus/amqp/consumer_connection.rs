@@ -113,9 +113,8 @@ enum Incoming {
 /// A delivery whose header or body frames are still to come.
 struct Partial {
     delivered: Delivered,
-    size: u64,
-    /// Set once its content header arrived.
-    header_seen: bool,
+    /// The body's size, once its content header arrived.
+    size: Option<u64>,
 }
 
 /// One open channel, as the reader sees it.
@@ -125,9 +124,8 @@ struct Route {
     partial: Option<Box<Partial>>,
     /// This read's completed deliveries, handed over when the read is done.
     batch: Vec<Delivered>,
-    /// Told when our `channel.close` is answered.
+    /// Set when we sent `channel.close`; told when it is answered.
     closed: Option<oneshot::Sender<()>>,
-    closing: bool,
 }
 
 impl Route {
@@ -402,7 +400,6 @@ impl ConsumerConnection {
             partial: None,
             batch: Vec::new(),
             closed: None,
-            closing: false,
         })?;
         let channel = ConsumerChannel {
             shared: self.shared.clone(),
@@ -521,10 +518,9 @@ impl ConsumerChannel {
         {
             let mut channels = self.shared.channels.lock().unwrap();
             let route = channels.route(self.id)?;
-            if route.closing {
+            if route.closed.is_some() {
                 return None;
             }
-            route.closing = true;
             route.closed = Some(tx);
         }
         let close = channel::Close {
@@ -789,8 +785,7 @@ fn on_frame(
                 return Err("a content header without a delivery".into());
             };
             partial.delivered.properties = header.properties;
-            partial.size = header.body_size;
-            partial.header_seen = true;
+            partial.size = Some(header.body_size);
             partial
                 .delivered
                 .data
@@ -802,7 +797,7 @@ fn on_frame(
             let Some(route) = channels.route(id) else {
                 return Ok(());
             };
-            let Some(partial) = route.partial.as_mut().filter(|p| p.header_seen) else {
+            let Some(partial) = route.partial.as_mut().filter(|p| p.size.is_some()) else {
                 return Err("a content body without a header".into());
             };
             partial.delivered.data.extend_from_slice(&payload);
@@ -814,10 +809,10 @@ fn on_frame(
 }
 
 fn complete_if_whole(route: &mut Route, touched: &mut Vec<u16>, id: u16) {
-    let whole = route
-        .partial
-        .as_ref()
-        .is_some_and(|p| p.header_seen && p.delivered.data.len() as u64 >= p.size);
+    let whole = route.partial.as_ref().is_some_and(|p| {
+        p.size
+            .is_some_and(|size| p.delivered.data.len() as u64 >= size)
+    });
     if whole && let Some(partial) = route.partial.take() {
         if route.batch.is_empty() {
             touched.push(id);
@@ -860,8 +855,7 @@ fn on_channel_method(shared: &Shared, channels: &mut Channels, id: u16, method: 
                         properties: BasicProperties::default(),
                         data: Vec::new(),
                     },
-                    size: 0,
-                    header_seen: false,
+                    size: None,
                 }));
             }
         }
@@ -944,9 +938,6 @@ async fn write_loop(
                 }
             }
             None => woken.await,
-        }
-        if shared.lost.is_cancelled() && shared.outgoing.lock().unwrap().frames.is_empty() {
-            return "closed".into();
         }
     }
 }
